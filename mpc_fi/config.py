@@ -1,0 +1,351 @@
+"""Typed, validated description of a federation.
+
+A federation is described once: as a :class:`FederationConfig` object, or as a YAML/TOML file
+with the same keys (see ``docs/federation.md``). Every validation error names the exact key at
+fault (``owners[1].model.weights``) and, for a misspelt key, the closest valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import ipaddress
+import json
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+MODES = ("output", "full")
+DEALERS = ("ttp", "insecure-party-dealer")
+_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
+_FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+def _check_keys(data: Mapping[str, Any], allowed: tuple[str, ...], where: str) -> None:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"expected a mapping, got {type(data).__name__}", key=where or None)
+    for key in data:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(allowed)}"
+            raise ConfigError(f"unknown key{hint}", key=f"{where}.{key}" if where else str(key))
+
+
+def _check_name(name: Any, key: str) -> str:
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ConfigError(
+            "a party name must start with a letter and use only letters, digits, '_', '.', '-' "
+            f"(at most 64 characters), got {name!r}", key=key)
+    return name
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where an owner's model comes from; only that owner's process ever reads it.
+
+    Either ``factory`` (``package.module:function`` building a ``torch.nn.Module``, with
+    ``kwargs``) plus ``weights`` (a ``state_dict`` file, loaded with ``weights_only=True``),
+    or ``onnx`` (an ONNX file).
+    """
+
+    factory: str | None = None
+    weights: str | None = None
+    onnx: str | None = None
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    def validate(self, key: str) -> None:
+        if self.onnx is not None:
+            if self.factory is not None or self.weights is not None:
+                raise ConfigError("give either 'onnx' or 'factory' + 'weights', not both", key=key)
+            if not isinstance(self.onnx, str) or not self.onnx:
+                raise ConfigError("must be a path to an ONNX file", key=f"{key}.onnx")
+            return
+        if self.factory is None:
+            raise ConfigError("missing: give 'factory' (package.module:function) and 'weights', "
+                              "or 'onnx'", key=f"{key}.factory")
+        if not isinstance(self.factory, str) or not _FACTORY_RE.match(self.factory):
+            raise ConfigError(f"must look like 'package.module:function', got {self.factory!r}",
+                              key=f"{key}.factory")
+        if self.weights is not None and (not isinstance(self.weights, str) or not self.weights):
+            raise ConfigError("must be a path to a state_dict file", key=f"{key}.weights")
+        if not isinstance(self.kwargs, Mapping):
+            raise ConfigError("must be a mapping of keyword arguments for the factory",
+                              key=f"{key}.kwargs")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], key: str) -> "ModelSource":
+        _check_keys(data, ("factory", "weights", "onnx", "kwargs"), key)
+        src = cls(factory=data.get("factory"), weights=data.get("weights"),
+                  onnx=data.get("onnx"), kwargs=dict(data.get("kwargs") or {}))
+        src.validate(key)
+        return src
+
+    def resolved(self, base: Path) -> "ModelSource":
+        """Paths relative to the federation file's folder."""
+        def fix(p: str | None) -> str | None:
+            return None if p is None else str((base / os.path.expanduser(p)).resolve())
+        return dataclasses.replace(self, weights=fix(self.weights), onnx=fix(self.onnx))
+
+
+@dataclass(frozen=True)
+class OwnerConfig:
+    """A model owner: one CrypTen party that holds one private model."""
+
+    name: str
+    model: ModelSource
+    host: str | None = None
+    weight: float = 1.0  # public voting weight (used by weighted protocols)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], key: str) -> "OwnerConfig":
+        _check_keys(data, ("name", "model", "host", "weight"), key)
+        if "name" not in data:
+            raise ConfigError("missing", key=f"{key}.name")
+        if "model" not in data:
+            raise ConfigError("missing", key=f"{key}.model")
+        weight = data.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+            raise ConfigError(f"must be a positive number, got {weight!r}", key=f"{key}.weight")
+        return cls(name=_check_name(data["name"], f"{key}.name"),
+                   model=ModelSource.from_dict(data["model"], f"{key}.model"),
+                   host=data.get("host"), weight=float(weight))
+
+
+@dataclass(frozen=True)
+class QuerierConfig:
+    """The querier: holds the queries, receives the aggregate and nothing else."""
+
+    name: str = "querier"
+    data: str | None = None  # .npy / .pt / .csv file of queries (optional for the Python API)
+    host: str | None = None
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], key: str) -> "QuerierConfig":
+        _check_keys(data, ("name", "data", "host"), key)
+        return cls(name=_check_name(data.get("name", "querier"), f"{key}.name"),
+                   data=data.get("data"), host=data.get("host"))
+
+
+@dataclass(frozen=True)
+class ProtocolConfig:
+    """Which aggregation protocol runs on the shares, and its parameters."""
+
+    name: str = "soft_vote"
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_value(cls, value: Any, key: str) -> "ProtocolConfig":
+        if isinstance(value, str):
+            return cls(name=value)
+        if not isinstance(value, Mapping):
+            raise ConfigError("must be a protocol name or a mapping with 'name'", key=key)
+        params = {k: v for k, v in value.items() if k != "name"}
+        if "name" not in value:
+            raise ConfigError("missing", key=f"{key}.name")
+        return cls(name=str(value["name"]), params=params)
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """Rendezvous of the parties (torch.distributed over gloo, TCP)."""
+
+    address: str = "127.0.0.1"
+    port: int | None = None  # None: the local launcher picks a free port per run
+    acknowledge_plaintext_network: bool = False
+    timeout_s: float = 120.0  # bound on start-up rendezvous and on any single wait
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], key: str) -> "NetworkConfig":
+        _check_keys(data, ("address", "port", "acknowledge_plaintext_network", "timeout_s"), key)
+        port = data.get("port")
+        if port is not None and (isinstance(port, bool) or not isinstance(port, int)
+                                 or not 1 <= port <= 65535):
+            raise ConfigError(f"must be an integer in 1..65535, got {port!r}", key=f"{key}.port")
+        ack = data.get("acknowledge_plaintext_network", False)
+        if not isinstance(ack, bool):
+            raise ConfigError("must be true or false", key=f"{key}.acknowledge_plaintext_network")
+        timeout = data.get("timeout_s", 120.0)
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+            raise ConfigError(f"must be a positive number of seconds, got {timeout!r}",
+                              key=f"{key}.timeout_s")
+        return cls(address=str(data.get("address", "127.0.0.1")), port=port,
+                   acknowledge_plaintext_network=ack, timeout_s=float(timeout))
+
+    def is_loopback(self) -> bool:
+        if self.address == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.address).is_loopback
+        except ValueError:
+            return False
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """A whole federation: owners, querier, dealer, mode, protocol and release policy.
+
+    ``reveal`` says what reaches the querier: ``"label"`` (default) or ``"scores"`` (the
+    protocol's aggregate: averaged distribution, vote counts, ...), where the protocol allows it.
+    """
+
+    owners: tuple[OwnerConfig, ...]
+    querier: QuerierConfig = field(default_factory=QuerierConfig)
+    mode: str = "output"
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+    reveal: str = "label"
+    dealer: str = "ttp"
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    batch_size: int = 256
+    precision_bits: int = 16
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # -- validation ---------------------------------------------------------------------
+    def validate(self) -> None:
+        if not isinstance(self.owners, tuple):
+            object.__setattr__(self, "owners", tuple(self.owners))
+        if len(self.owners) < 2:
+            raise ConfigError(f"a federation needs at least two owners, got {len(self.owners)} "
+                              "(with one owner, its prediction is the aggregate)", key="owners")
+        for i, owner in enumerate(self.owners):
+            if not isinstance(owner, OwnerConfig):
+                raise ConfigError("must be an OwnerConfig", key=f"owners[{i}]")
+            owner.model.validate(f"owners[{i}].model")
+        names = [o.name for o in self.owners] + [self.querier.name]
+        seen: set[str] = set()
+        for i, name in enumerate(names):
+            key = f"owners[{i}].name" if i < len(self.owners) else "querier.name"
+            if name in seen:
+                raise ConfigError(f"duplicate party name {name!r}: every party needs its own name",
+                                  key=key)
+            seen.add(name)
+        if self.mode not in MODES:
+            raise ConfigError(f"must be one of {', '.join(MODES)}, got {self.mode!r}", key="mode")
+        if self.dealer not in DEALERS:
+            raise ConfigError(f"must be one of {', '.join(DEALERS)}, got {self.dealer!r}",
+                              key="dealer")
+        if self.reveal not in ("label", "scores"):
+            raise ConfigError(f"must be 'label' or 'scores', got {self.reveal!r}", key="reveal")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) \
+                or not 1 <= self.batch_size <= 65536:
+            raise ConfigError(f"must be an integer in 1..65536, got {self.batch_size!r}",
+                              key="batch_size")
+        if isinstance(self.precision_bits, bool) or not isinstance(self.precision_bits, int) \
+                or not 8 <= self.precision_bits <= 16:
+            raise ConfigError("must be an integer in 8..16 (CrypTen is wrong above 16 fractional "
+                              f"bits), got {self.precision_bits!r}", key="precision_bits")
+        if not self.network.is_loopback() and not self.network.acknowledge_plaintext_network:
+            raise ConfigError(
+                f"address {self.network.address} is not loopback: gloo traffic between hosts is "
+                "not encrypted. Run the parties over a protected network (WireGuard, an SSH or "
+                "stunnel tunnel; see docs/multihost.md) and set "
+                "network.acknowledge_plaintext_network: true", key="network.address")
+
+    # -- derived facts ------------------------------------------------------------------
+    @property
+    def num_owners(self) -> int:
+        return len(self.owners)
+
+    @property
+    def party_names(self) -> tuple[str, ...]:
+        """Names by rank: owners 0..N-1, querier N, dealer N+1 (when there is one)."""
+        names = tuple(o.name for o in self.owners) + (self.querier.name,)
+        return names + (("dealer",) if self.dealer == "ttp" else ())
+
+    @property
+    def querier_rank(self) -> int:
+        return len(self.owners)
+
+    @property
+    def compute_world_size(self) -> int:
+        """Parties that hold shares (owners and querier); a TTP dealer comes on top."""
+        return len(self.owners) + 1
+
+    def rank_of(self, name: str) -> int:
+        try:
+            return self.party_names.index(name)
+        except ValueError:
+            raise ConfigError(f"no party named {name!r}; parties: {', '.join(self.party_names)}",
+                              key="party") from None
+
+    def role_of(self, rank: int) -> str:
+        if rank < len(self.owners):
+            return "owner"
+        return "querier" if rank == len(self.owners) else "dealer"
+
+    def to_dict(self) -> dict[str, Any]:
+        def plain(obj: Any) -> Any:
+            if dataclasses.is_dataclass(obj):
+                return {f.name: plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+            if isinstance(obj, Mapping):
+                return {str(k): plain(v) for k, v in obj.items()}
+            if isinstance(obj, (list, tuple)):
+                return [plain(v) for v in obj]
+            return obj
+        return plain(self)
+
+    def fingerprint(self) -> str:
+        """Hash of everything the parties must agree on (not of any secret: paths are local)."""
+        public = self.to_dict()
+        for owner in public["owners"]:
+            owner["model"] = {"kind": "onnx" if owner["model"]["onnx"] else "torch"}
+            owner.pop("host", None)
+        public["querier"].pop("data", None)
+        public["querier"].pop("host", None)
+        text = json.dumps(public, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    # -- construction -------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, base: Path | None = None) -> "FederationConfig":
+        _check_keys(data, ("owners", "querier", "mode", "protocol", "reveal", "dealer", "network",
+                           "batch_size", "precision_bits"), "")
+        if "owners" not in data:
+            raise ConfigError("missing: list the model owners", key="owners")
+        if not isinstance(data["owners"], list):
+            raise ConfigError("must be a list of owners", key="owners")
+        owners = tuple(OwnerConfig.from_dict(o, f"owners[{i}]") for i, o in enumerate(data["owners"]))
+        querier = QuerierConfig.from_dict(data.get("querier") or {}, "querier")
+        if base is not None:
+            owners = tuple(dataclasses.replace(o, model=o.model.resolved(base)) for o in owners)
+            if querier.data:
+                querier = dataclasses.replace(
+                    querier, data=str((base / os.path.expanduser(querier.data)).resolve()))
+        return cls(
+            owners=owners, querier=querier, mode=data.get("mode", "output"),
+            protocol=ProtocolConfig.from_value(data.get("protocol", "soft_vote"), "protocol"),
+            reveal=data.get("reveal", "label"), dealer=data.get("dealer", "ttp"),
+            network=NetworkConfig.from_dict(data.get("network") or {}, "network"),
+            batch_size=data.get("batch_size", 256), precision_bits=data.get("precision_bits", 16),
+        )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> "FederationConfig":
+        """Read a federation from a ``.yaml``/``.yml`` or ``.toml`` file."""
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read federation file: {exc.strerror}", key=str(path)) from None
+        try:
+            if path.suffix == ".toml":
+                data = tomllib.loads(text)
+            elif path.suffix in (".yaml", ".yml"):
+                data = yaml.safe_load(text)
+            else:
+                raise ConfigError("federation files end in .yaml, .yml or .toml", key=str(path))
+        except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"not valid {path.suffix[1:].upper()}: {exc}", key=str(path)) from None
+        if not isinstance(data, Mapping):
+            raise ConfigError("the federation file must hold a mapping at top level", key=str(path))
+        return cls.from_dict(data, base=path.parent.resolve())

@@ -1,0 +1,87 @@
+"""Exception hierarchy: one root, a few meaningful subclasses.
+
+Every check a user can trigger raises one of these (never ``assert``). Each class carries an
+exit code used by the CLI; ``mpc-fi --help`` prints the table.
+"""
+
+from __future__ import annotations
+
+
+class MpcFiError(Exception):
+    """Root of every error mpc-fi raises on purpose."""
+
+    exit_code = 1
+
+
+class ConfigError(MpcFiError):
+    """A federation description (object or file) is invalid; the message names the key."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, *, key: str | None = None):
+        self.key = key
+        super().__init__(f"{key}: {message}" if key else message)
+
+
+class UnsupportedModelError(MpcFiError):
+    """A model cannot run on shares (or cannot be loaded); lists every offending layer."""
+
+    exit_code = 3
+
+
+class InputError(MpcFiError):
+    """A query or a model output has the wrong shape, or holds NaN/inf or out-of-range values."""
+
+    exit_code = 4
+
+
+class ProtocolError(MpcFiError):
+    """A protocol was misconfigured or cannot produce the requested release."""
+
+    exit_code = 5
+
+
+class BudgetExceededError(MpcFiError):
+    """A query would overspend the querier's differential-privacy budget."""
+
+    exit_code = 6
+
+
+class PartyFailedError(MpcFiError):
+    """A party crashed, hung, or reported an error; the run was stopped everywhere."""
+
+    exit_code = 7
+
+    def __init__(self, message: str, *, party: str | None = None, rank: int | None = None,
+                 log_tail: str = ""):
+        self.party = party
+        self.rank = rank
+        self.log_tail = log_tail
+        text = message
+        if log_tail:
+            text += "\n--- last log lines of " + (party or "the party") + " ---\n" + log_tail
+        super().__init__(text)
+
+
+class HandshakeError(MpcFiError):
+    """Parties disagree at start-up: federation fingerprint, package versions, or I/O shapes."""
+
+    exit_code = 8
+
+
+EXIT_CODES: dict[int, str] = {
+    0: "success",
+    1: "unexpected error (a bug: please report it with the party logs)",
+    ConfigError.exit_code: "invalid federation or option (the message names the key)",
+    UnsupportedModelError.exit_code: "model cannot be loaded or run on shares",
+    InputError.exit_code: "bad query or model output (shape, NaN/inf, range)",
+    ProtocolError.exit_code: "protocol misconfigured or release not allowed",
+    BudgetExceededError.exit_code: "privacy budget would be exceeded; nothing was computed",
+    PartyFailedError.exit_code: "a party failed or timed out; every party was stopped",
+    HandshakeError.exit_code: "parties disagree at start-up (fingerprint, versions, shapes)",
+    130: "interrupted (Ctrl-C); every party was stopped",
+}
+
+
+class InsecureSettingWarning(UserWarning):
+    """A setting weakens security (own-party dealer, plaintext links, fixed seeds, debug checks)."""
