@@ -1,0 +1,351 @@
+"""Owner models: loading (owner process only), the supported-layer registry, and the
+architecture that other parties may learn.
+
+A model runs on shares as a chain of supported layers (``torch.nn.Sequential``, nested is fine).
+Other parties receive only :class:`Architecture`: layer kinds, hyper-parameters and parameter
+shapes, never values. In ``full`` mode every party evaluates the same chain with
+:func:`secure_forward`, the owner being the source of the parameter shares.
+
+Only the owner's process calls :func:`load_owner_model`; each load is recorded in
+:data:`LOAD_AUDIT` so that tests can check which process read which file.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import ModelSource
+from .errors import UnsupportedModelError
+
+#: (pid, path) of every weights/ONNX file read by this process.
+LOAD_AUDIT: list[tuple[int, str]] = []
+
+
+# ---------------------------------------------------------------------------------------
+# Architecture: what other parties learn
+# ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LayerSpec:
+    """One layer: its kind, public hyper-parameters, and the shapes of its secret parameters."""
+
+    path: str
+    op: str
+    args: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """The public description of a model: layers without weights, input shape, class count."""
+
+    layers: tuple[LayerSpec, ...]
+    input_shape: tuple[int, ...]  # per example, without the batch dimension
+    num_classes: int
+
+    def describe(self) -> str:
+        return " -> ".join(layer.op for layer in self.layers)
+
+
+# ---------------------------------------------------------------------------------------
+# Supported-layer registry: torch module type -> converter to (op, args, parameter tensors)
+# ---------------------------------------------------------------------------------------
+Converter = Callable[[nn.Module], tuple[str, dict[str, Any], dict[str, torch.Tensor]]]
+
+
+def _pair(v: Any) -> tuple[int, int]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (int(v), int(v))  # type: ignore[return-value]
+
+
+def _linear(m: nn.Linear):
+    params = {"weight": m.weight.detach()}
+    if m.bias is not None:
+        params["bias"] = m.bias.detach()
+    return "linear", {}, params
+
+
+def _conv2d(m: nn.Conv2d):
+    if m.padding_mode != "zeros":
+        raise ValueError(f"padding_mode={m.padding_mode!r}; use padding_mode='zeros'")
+    if isinstance(m.padding, str):
+        raise ValueError(f"padding={m.padding!r}; give the padding as integers")
+    params = {"weight": m.weight.detach()}
+    if m.bias is not None:
+        params["bias"] = m.bias.detach()
+    return "conv2d", {"stride": _pair(m.stride), "padding": _pair(m.padding),
+                      "dilation": _pair(m.dilation), "groups": m.groups}, params
+
+
+def _batchnorm(m: nn.modules.batchnorm._BatchNorm):
+    # Evaluation-mode batch norm is an affine map per channel. The owner folds it locally so
+    # that no square root or reciprocal runs on shares; scale and shift stay secret.
+    if m.running_mean is None or m.running_var is None:
+        raise ValueError("track_running_stats=False; evaluation needs running statistics")
+    scale = 1.0 / torch.sqrt(m.running_var.detach() + m.eps)
+    if m.weight is not None:
+        scale = scale * m.weight.detach()
+    shift = -m.running_mean.detach() * scale
+    if m.bias is not None:
+        shift = shift + m.bias.detach()
+    return "affine", {"channel_dim": 1}, {"scale": scale, "shift": shift}
+
+
+def _maxpool2d(m: nn.MaxPool2d):
+    if m.ceil_mode or m.return_indices or _pair(m.dilation) != (1, 1):
+        raise ValueError("ceil_mode, return_indices and dilation are not supported; use the defaults")
+    return "max_pool2d", {"kernel_size": _pair(m.kernel_size), "stride": _pair(m.stride or m.kernel_size),
+                          "padding": _pair(m.padding)}, {}
+
+
+def _avgpool2d(m: nn.AvgPool2d):
+    if m.ceil_mode or (m.padding not in (0, (0, 0)) and not m.count_include_pad) \
+            or m.divisor_override is not None:
+        raise ValueError("ceil_mode, divisor_override and count_include_pad=False with padding "
+                         "are not supported; use the defaults")
+    return "avg_pool2d", {"kernel_size": _pair(m.kernel_size), "stride": _pair(m.stride or m.kernel_size),
+                          "padding": _pair(m.padding)}, {}
+
+
+def _adaptive_avgpool2d(m: nn.AdaptiveAvgPool2d):
+    return "adaptive_avg_pool2d", {"output_size": _pair(m.output_size)}, {}
+
+
+def _flatten(m: nn.Flatten):
+    return "flatten", {"start_dim": m.start_dim, "end_dim": m.end_dim}, {}
+
+
+def _softmax(m: nn.Softmax):
+    return "softmax", {"dim": -1 if m.dim is None else m.dim}, {}
+
+
+def _log_softmax(m: nn.LogSoftmax):
+    return "log_softmax", {"dim": -1 if m.dim is None else m.dim}, {}
+
+
+SUPPORTED_LAYERS: dict[type, Converter] = {
+    nn.Linear: _linear,
+    nn.Conv2d: _conv2d,
+    nn.ReLU: lambda m: ("relu", {}, {}),
+    nn.Sigmoid: lambda m: ("sigmoid", {}, {}),
+    nn.Tanh: lambda m: ("tanh", {}, {}),
+    nn.BatchNorm1d: _batchnorm,
+    nn.BatchNorm2d: _batchnorm,
+    nn.MaxPool2d: _maxpool2d,
+    nn.AvgPool2d: _avgpool2d,
+    nn.AdaptiveAvgPool2d: _adaptive_avgpool2d,
+    nn.Flatten: _flatten,
+    nn.Dropout: lambda m: ("identity", {}, {}),
+    nn.Identity: lambda m: ("identity", {}, {}),
+    nn.Softmax: _softmax,
+    nn.LogSoftmax: _log_softmax,
+}
+
+#: What to use instead of common layers that cannot run on shares.
+ALTERNATIVES: dict[str, str] = {
+    "GELU": "ReLU", "SiLU": "ReLU", "ELU": "ReLU", "LeakyReLU": "ReLU", "PReLU": "ReLU",
+    "Mish": "ReLU", "Hardswish": "ReLU", "Softplus": "ReLU",
+    "LayerNorm": "BatchNorm1d/BatchNorm2d (folded into an affine map at evaluation)",
+    "GroupNorm": "BatchNorm2d", "InstanceNorm2d": "BatchNorm2d",
+    "LSTM": "a feed-forward (Linear/Conv2d) model", "GRU": "a feed-forward (Linear/Conv2d) model",
+    "RNN": "a feed-forward (Linear/Conv2d) model", "Embedding": "one-hot inputs and Linear",
+    "MultiheadAttention": "a feed-forward (Linear/Conv2d) model",
+    "Conv1d": "Conv2d with a kernel of height 1", "Conv3d": "Conv2d",
+    "MaxPool1d": "MaxPool2d", "AvgPool1d": "AvgPool2d", "AdaptiveMaxPool2d": "AdaptiveAvgPool2d",
+    "Upsample": "a fixed-size model without upsampling", "Dropout2d": "Dropout",
+}
+
+
+def _walk(module: nn.Module, prefix: str, out: list[tuple[str, nn.Module]],
+          problems: list[str]) -> None:
+    if isinstance(module, nn.Sequential):
+        for name, child in module.named_children():
+            _walk(child, f"{prefix}.{name}" if prefix else name, out, problems)
+        return
+    kind = type(module).__name__
+    where = prefix or "<model>"
+    if type(module) in SUPPORTED_LAYERS:
+        out.append((where, module))
+    elif kind in ALTERNATIVES:
+        problems.append(f"{where} ({kind}): not supported on shares; use {ALTERNATIVES[kind]}")
+    elif list(module.children()) or type(module).forward is not nn.Module.forward:
+        problems.append(
+            f"{where} ({kind}): a module with its own forward() cannot be converted; express the "
+            "model as torch.nn.Sequential of supported layers "
+            f"({', '.join(sorted(t.__name__ for t in SUPPORTED_LAYERS))})")
+    else:
+        problems.append(f"{where} ({kind}): not supported on shares")
+
+
+def extract_architecture(model: nn.Module, input_shape: tuple[int, ...]
+                         ) -> tuple[Architecture, dict[str, torch.Tensor]]:
+    """Convert ``model`` into its public architecture plus its secret parameter tensors.
+
+    Raises :class:`UnsupportedModelError` listing every unsupported layer with its path and what
+    to use instead; checks that the output is ``(batch, classes)``.
+    """
+    model = model.eval()
+    found: list[tuple[str, nn.Module]] = []
+    problems: list[str] = []
+    _walk(model, "", found, problems)
+    layers: list[LayerSpec] = []
+    params: dict[str, torch.Tensor] = {}
+    for path, module in found:
+        try:
+            op, args, tensors = SUPPORTED_LAYERS[type(module)](module)
+        except ValueError as exc:
+            problems.append(f"{path} ({type(module).__name__}): {exc}")
+            continue
+        layers.append(LayerSpec(path=path, op=op, args=args,
+                                params={k: tuple(v.shape) for k, v in tensors.items()}))
+        for k, v in tensors.items():
+            params[f"{path}/{k}"] = v.detach().to(torch.float64).clone()
+    if problems:
+        raise UnsupportedModelError(
+            "the model cannot run on shares (mode 'full'):\n  - " + "\n  - ".join(problems)
+            + "\n(mode 'output' runs any PyTorch model locally at its owner)")
+    num_classes = output_classes(model, input_shape)
+    return Architecture(tuple(layers), tuple(input_shape), num_classes), params
+
+
+def output_classes(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Run one zero example through ``model`` and return its class count (checks the shape)."""
+    with torch.no_grad():
+        try:
+            out = model(torch.zeros((2, *input_shape)))
+        except Exception as exc:  # the user's model: any failure is a model error
+            raise UnsupportedModelError(
+                f"the model fails on input of shape (batch, {', '.join(map(str, input_shape))}): "
+                f"{type(exc).__name__}: {exc}") from None
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 2:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise UnsupportedModelError(
+            f"the model must return (batch, classes) scores, got {shape} for a batch of 2")
+    if out.shape[1] < 2:
+        raise UnsupportedModelError(f"the model returns {out.shape[1]} class score(s); need >= 2")
+    return int(out.shape[1])
+
+
+# ---------------------------------------------------------------------------------------
+# Loading (owner process only)
+# ---------------------------------------------------------------------------------------
+def _import_factory(spec: str) -> Callable[..., nn.Module]:
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UnsupportedModelError(f"cannot import model factory module {module_name!r}: {exc}") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise UnsupportedModelError(f"{spec!r}: {module_name} has no callable {attr!r}")
+    return factory
+
+
+def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
+    """Load a ``state_dict`` with ``weights_only=True``; refuse pickled code and corrupt files."""
+    if not os.path.isfile(path):
+        raise UnsupportedModelError(f"weights file not found: {path}")
+    LOAD_AUDIT.append((os.getpid(), os.path.abspath(path)))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle.UnpicklingError, RuntimeError (zip), EOFError, ...
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            raise UnsupportedModelError(
+                f"refused {path}: it is not a plain state_dict (it holds pickled objects, which "
+                f"could run code when loaded). Save it with torch.save(model.state_dict(), path). "
+                f"Detail: {text}") from None
+        raise UnsupportedModelError(f"cannot read weights file {path} (corrupt or truncated?): "
+                                    f"{type(exc).__name__}: {text}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UnsupportedModelError(f"{path} does not hold a state_dict (a mapping of name to tensor)")
+    return state
+
+
+def load_owner_model(source: ModelSource) -> nn.Module:
+    """Build an owner's model from its source, in evaluation mode. Owner process only."""
+    if source.onnx is not None:
+        from .onnx_import import load_onnx_model  # noqa: PLC0415 - only ONNX owners need it
+
+        if not os.path.isfile(source.onnx):
+            raise UnsupportedModelError(f"ONNX file not found: {source.onnx}")
+        LOAD_AUDIT.append((os.getpid(), os.path.abspath(source.onnx)))
+        return load_onnx_model(source.onnx).eval()
+    factory = _import_factory(source.factory or "")
+    try:
+        model = factory(**dict(source.kwargs))
+    except TypeError as exc:
+        raise UnsupportedModelError(f"model factory {source.factory} rejected its kwargs: {exc}") from None
+    if not isinstance(model, nn.Module):
+        raise UnsupportedModelError(f"{source.factory} returned {type(model).__name__}, not a torch.nn.Module")
+    if source.weights is not None:
+        state = load_state_dict_file(source.weights)
+        missing, unexpected = [], []
+        try:
+            result = model.load_state_dict(state, strict=False)
+            missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
+        except RuntimeError as exc:  # shape mismatch
+            raise UnsupportedModelError(f"weights in {source.weights} do not fit {source.factory}: "
+                                        f"{str(exc).splitlines()[-1].strip()}") from None
+        if missing or unexpected:
+            raise UnsupportedModelError(
+                f"weights in {source.weights} do not fit {source.factory}: missing keys "
+                f"{missing or 'none'}, unexpected keys {unexpected or 'none'}")
+    for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+        if p.is_floating_point() and not torch.isfinite(p).all():
+            raise UnsupportedModelError(f"parameter {name} holds NaN or inf")
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------
+# Secure forward pass: the same chain on shares
+# ---------------------------------------------------------------------------------------
+def secure_forward(arch: Architecture, x: Any, params: dict[str, Any]) -> Any:
+    """Evaluate ``arch`` on the shared input ``x`` with shared ``params`` (CrypTen MPCTensors)."""
+    for layer in arch.layers:
+        p = {k: params[f"{layer.path}/{k}"] for k in layer.params}
+        a = layer.args
+        if layer.op == "linear":
+            x = x.matmul(p["weight"].t())
+            if "bias" in p:
+                x = x + p["bias"]
+        elif layer.op == "conv2d":
+            x = x.conv2d(p["weight"], stride=a["stride"], padding=a["padding"],
+                         dilation=a["dilation"], groups=a["groups"])
+            if "bias" in p:
+                x = x + p["bias"].view(1, -1, 1, 1)
+        elif layer.op == "affine":
+            shape = [1] * x.dim()
+            shape[a["channel_dim"]] = -1
+            x = x * p["scale"].view(*shape) + p["shift"].view(*shape)
+        elif layer.op == "relu":
+            x = x.relu()
+        elif layer.op == "sigmoid":
+            x = x.sigmoid()
+        elif layer.op == "tanh":
+            x = x.tanh()
+        elif layer.op == "max_pool2d":
+            x = x.max_pool2d(a["kernel_size"], padding=a["padding"], stride=a["stride"])
+        elif layer.op == "avg_pool2d":
+            x = x.avg_pool2d(a["kernel_size"], stride=a["stride"], padding=a["padding"])
+        elif layer.op == "adaptive_avg_pool2d":
+            x = x.adaptive_avg_pool2d(a["output_size"])
+        elif layer.op == "flatten":
+            x = x.flatten(start_dim=a["start_dim"], end_dim=a["end_dim"])
+        elif layer.op == "softmax":
+            x = x.softmax(a["dim"])
+        elif layer.op == "log_softmax":
+            x = x.log_softmax(a["dim"])
+        elif layer.op != "identity":
+            raise UnsupportedModelError(f"{layer.path}: unknown op {layer.op!r} in architecture")
+    return x
+
+
+def param_count(arch: Architecture) -> int:
+    return sum(math.prod(shape) for layer in arch.layers for shape in layer.params.values())
