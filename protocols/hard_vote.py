@@ -1,0 +1,45 @@
+"""Hard voting: plurality of the owners' predicted labels."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from mpc_fi import plain, secure
+from mpc_fi.result import Prediction
+
+from .base import Protocol
+
+
+class HardVote(Protocol):
+    """Each owner casts one vote (its own argmax); the label with most votes wins.
+
+    Tie rule: an owner's own argmax and the plurality both go to the lowest class index among
+    equals, so results are deterministic (CrypTen's argmax alone would break ties at random).
+    ``output`` mode: owners share one-hot votes. ``full`` mode: each owner's vote is an argmax
+    on shared logits.
+    """
+
+    name = "hard_vote"
+    summary = "each owner votes for its top class; the plurality wins."
+    releases = {"label": "the plurality label", "scores": "the vote count of every class"}
+    cost = "output mode: one argmax over C counts; full mode: + one argmax per owner on shares"
+
+    def local_contribution(self, logits: torch.Tensor) -> torch.Tensor:
+        votes = plain.argmax_lowest(logits)
+        return torch.nn.functional.one_hot(votes, self.num_classes).to(torch.float64)
+
+    def secure_contribution(self, logits: Any) -> Any:
+        return secure.argmax_one_hot(logits, self.num_classes)
+
+    def scores_from_aggregate(self, aggregate: torch.Tensor) -> np.ndarray:
+        return aggregate.round().long().numpy()
+
+    def plaintext(self, logits: Sequence[torch.Tensor]) -> Prediction:
+        counts = sum(self.local_contribution(lg) for lg in logits)
+        labels = plain.argmax_lowest(counts).numpy()
+        return Prediction(labels=labels,
+                          scores=counts.long().numpy() if self.reveal == "scores" else None)

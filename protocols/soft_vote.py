@@ -1,0 +1,45 @@
+"""Soft voting: the average of the owners' class distributions (softmax outputs)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from mpc_fi import plain
+from mpc_fi.result import Prediction
+
+from .base import Protocol
+
+
+class SoftVote(Protocol):
+    """Average of softmax probabilities; the label is its argmax (lowest index on ties).
+
+    ``output`` mode: each owner applies softmax locally and shares its probabilities; the sum on
+    shares is local, so the only interactive step is the argmax (or nothing, if the scores are
+    revealed). ``full`` mode: softmax runs on shares (``exp`` and a reciprocal: costly).
+    Tie rule: classes whose summed fixed-point probabilities are equal go to the lowest index.
+    """
+
+    name = "soft_vote"
+    summary = "average the owners' softmax distributions and take the most likely class."
+    releases = {"label": "the label of the averaged distribution",
+                "scores": "the averaged class distribution"}
+    cost = "output mode: one argmax over C classes; full mode: + one softmax per owner on shares"
+
+    def local_contribution(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(logits.to(torch.float64), dim=-1)
+
+    def secure_contribution(self, logits: Any) -> Any:
+        return logits.softmax(-1)
+
+    def scores_from_aggregate(self, aggregate: torch.Tensor) -> np.ndarray:
+        return (aggregate / self.num_owners).numpy()
+
+    def plaintext(self, logits: Sequence[torch.Tensor]) -> Prediction:
+        total = sum(plain.encode(self.local_contribution(lg), self.precision_bits) for lg in logits)
+        labels = plain.argmax_lowest(total).numpy()
+        scores = (total.to(torch.float64) / (1 << self.precision_bits) / self.num_owners).numpy()
+        return Prediction(labels=labels, scores=scores if self.reveal == "scores" else None)
