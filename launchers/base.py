@@ -1,0 +1,97 @@
+"""The launcher interface: start the parties, wait with a timeout, terminate, results by rank."""
+
+from __future__ import annotations
+
+import pickle
+import tempfile
+import time
+import warnings
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mpc_fi.config import FederationConfig
+from mpc_fi.errors import InsecureSettingWarning
+
+
+class Launcher(ABC):
+    """Starts every party of ``federation`` and collects their results by rank.
+
+    ``run_dir`` receives one log per party (``party-<rank>-<name>.log``, every line tagged with
+    rank, role and name) and the result files; a fresh temporary folder by default.
+    """
+
+    def __init__(self, federation: FederationConfig, *, run_dir: str | Path | None = None,
+                 stop_grace_s: float = 10.0) -> None:
+        self.federation = federation
+        self.run_dir = Path(run_dir) if run_dir else Path(tempfile.mkdtemp(prefix="mpc-fi-run-"))
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.stop_grace_s = stop_grace_s
+        warn_insecure(federation)
+
+    @abstractmethod
+    def start(self, *, query: np.ndarray | None = None) -> None:
+        """Start the parties; ``query`` goes to the querier's process only."""
+
+    @abstractmethod
+    def wait(self, timeout_s: float | None = None) -> dict[int, dict[str, Any]]:
+        """Block until every party finished; stop them all and raise if one fails or time runs out."""
+
+    @abstractmethod
+    def terminate(self) -> None:
+        """Stop every party still running (idempotent)."""
+
+    def run(self, *, query: np.ndarray | None = None, timeout_s: float | None = None
+            ) -> dict[int, dict[str, Any]]:
+        self.start(query=query)
+        try:
+            return self.wait(timeout_s)
+        finally:
+            self.terminate()
+
+    def log_path(self, rank: int) -> Path:
+        return self.run_dir / f"party-{rank}-{self.federation.party_names[rank]}.log"
+
+    def log_tail(self, rank: int, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log_path(rank).read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+def warn_insecure(federation: FederationConfig) -> None:
+    """Loud warnings for settings that weaken security (also written to every party log)."""
+    for message in insecure_settings(federation):
+        warnings.warn(message, InsecureSettingWarning, stacklevel=3)
+
+
+def insecure_settings(federation: FederationConfig) -> list[str]:
+    out = []
+    if federation.dealer == "insecure-party-dealer":
+        out.append(
+            f"dealer 'insecure-party-dealer': party {federation.party_names[0]} generates every "
+            "Beaver triple and could recover any value opened during the protocol, including other "
+            "owners' predictions and (in full mode) the query. Use dealer: ttp outside development.")
+    if not federation.network.is_loopback():
+        out.append(f"parties talk to {federation.network.address} over plaintext TCP (gloo): shares "
+                   "are readable on the wire unless the network is protected (WireGuard, SSH or "
+                   "stunnel tunnel).")
+    return out
+
+
+def write_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "wb") as fh:
+        pickle.dump(obj, fh)
+    tmp.replace(path)
+
+
+def wait_until(predicate, timeout_s: float, step_s: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step_s)
+    return predicate()

@@ -1,0 +1,22 @@
+"""mpc-fi: secure multiparty computation for federated inference.
+
+Independently owned classifiers answer a query together on secret shares (CrypTen); only the
+agreed aggregate reaches the querier. Public API: :class:`Federation`, the configuration
+classes, the result types and the errors.
+"""
+
+from .config import FederationConfig, ModelSource, NetworkConfig, OwnerConfig, ProtocolConfig, \
+    QuerierConfig
+from .errors import ConfigError, InputError, InsecureSettingWarning, MpcFiError, \
+    PartyFailedError, ProtocolError, UnsupportedModelError
+from .federation import Federation
+from .result import ABSTAIN, PartyCost, Prediction, RunResult
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Federation", "FederationConfig", "OwnerConfig", "QuerierConfig", "ModelSource",
+    "ProtocolConfig", "NetworkConfig", "Prediction", "RunResult", "PartyCost", "ABSTAIN",
+    "MpcFiError", "ConfigError", "UnsupportedModelError", "InputError", "ProtocolError",
+    "PartyFailedError", "InsecureSettingWarning",
+]

@@ -1,0 +1,310 @@
+"""One party of a federation: what runs inside each process, whatever started it.
+
+Ranks: owners ``0..N-1``, the querier ``N``, and (with the ``ttp`` dealer) the dealer ``N+1``.
+Phases, identical on every computing party so that none is left waiting:
+
+1. **handshake** — every party publishes the federation fingerprint and package versions; any
+   disagreement stops all of them with the same :class:`HandshakeError`.
+2. **setup** — the querier publishes the number and shape of its queries (public); each owner
+   loads its own model (nobody else reads its files) and publishes its class count, and in
+   ``full`` mode its :class:`~mpc_fi.models.Architecture` (no weights). Local failures are
+   gathered and re-raised identically everywhere. In ``full`` mode the owners then secret-share
+   their parameters.
+3. **inference**, batch by batch — contributions are secret-shared, combined on shares, and the
+   protocol's one release is opened to the querier alone.
+
+Errors a party raises locally are exchanged first (``_agree``), so every party raises the same
+exception at the same point and the communication pattern never diverges.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import math
+import os
+import resource
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import errors
+from ._crypten import load_crypten
+from .config import FederationConfig
+from .errors import HandshakeError, InputError, MpcFiError
+from .logs import party_logger
+from .models import LOAD_AUDIT, Architecture, extract_architecture, load_owner_model, \
+    output_classes, secure_forward
+from .plugins import build_protocol
+from .result import PartyCost
+
+#: Largest |value| accepted in a query or model output before sharing. Fixed-point products are
+#: formed at scale 2**(2*precision) inside 64-bit integers; this keeps them far from overflow.
+MAX_ABS_VALUE = 2.0 ** 15
+
+
+@dataclass(frozen=True)
+class PartyContext:
+    """Everything a party process needs; the launcher builds it."""
+
+    federation: FederationConfig
+    rank: int
+    query: np.ndarray | None = None  # the querier's queries (Python API); else querier.data
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": f"{sys.version_info.major}.{sys.version_info.minor}"}
+    for pkg in ("mpc-fi", "crypten", "torch"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = "missing"
+    return out
+
+
+def configure_crypten(fed: FederationConfig) -> Any:
+    crypten = load_crypten()
+    crypten.cfg.mpc.provider = "TTP" if fed.dealer == "ttp" else "TFP"
+    crypten.cfg.encoder.precision_bits = fed.precision_bits
+    crypten.cfg.communicator.verbose = True  # count rounds and bytes
+    return crypten
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def run_dealer(fed: FederationConfig) -> dict[str, Any]:
+    """The trusted dealer: generates correlated randomness, sees no input and no output."""
+    crypten = configure_crypten(fed)
+    # CrypTen's TTPServer seeds the per-party generators from torch's global RNG, whose default
+    # seed is a constant: seed it from OS entropy first, or the "random" triples are predictable.
+    torch.manual_seed(int.from_bytes(os.urandom(8), "big") >> 1)
+    start = time.perf_counter()
+    crypten.mpc.provider.TTPServer()
+    return {"cost": asdict(PartyCost(party="dealer", role="dealer", wall_s=time.perf_counter() - start,
+                                     rounds=0, bytes_sent=0, peak_rss_mb=_peak_rss_mb()))}
+
+
+class _Party:
+    def __init__(self, ctx: PartyContext):
+        self.ctx = ctx
+        self.fed = ctx.federation
+        self.rank = ctx.rank
+        self.role = self.fed.role_of(self.rank)
+        self.name = self.fed.party_names[self.rank]
+        self.log = party_logger()
+        self.crypten = configure_crypten(self.fed)
+        self.crypten.init()
+        self.comm = self.crypten.communicator.get()
+        self.q = self.fed.querier_rank
+        self.owner_ranks = list(range(self.fed.num_owners))
+
+    # -- collective helpers -------------------------------------------------------------
+    def _gather(self, obj: Any) -> list[Any]:
+        out: list[Any] = [None] * self.fed.compute_world_size
+        torch.distributed.all_gather_object(out, obj, group=self.comm.main_group)
+        return out
+
+    def _agree(self, step: Callable[[], Any]) -> tuple[Any, list[Any]]:
+        """Run ``step`` locally, then exchange outcomes; raise the same error on every party."""
+        value, failure = None, None
+        try:
+            value = step()
+        except MpcFiError as exc:
+            failure = (type(exc).__name__, str(exc))
+        except Exception as exc:  # a bug or a user's model: still stop everyone together
+            self.log.exception("local failure")
+            failure = ("MpcFiError", f"{type(exc).__name__}: {exc}")
+        outcomes = self._gather((failure, value))
+        for rank, (fail, _) in enumerate(outcomes):
+            if fail is not None:
+                cls = getattr(errors, fail[0], MpcFiError)
+                party = self.fed.party_names[rank]
+                exc = cls(f"[{party}] {fail[1]}") if cls is not errors.PartyFailedError \
+                    else cls(fail[1], party=party, rank=rank)
+                raise exc
+        return value, [v for _, v in outcomes]
+
+    # -- phases -------------------------------------------------------------------------
+    def handshake(self) -> None:
+        mine = {"name": self.name, "fingerprint": self.fed.fingerprint(),
+                "versions": package_versions()}
+        hellos = self._gather(mine)
+        for rank, hello in enumerate(hellos):
+            expected = self.fed.party_names[rank]
+            if hello["name"] != expected:
+                raise HandshakeError(f"rank {rank} is {hello['name']!r} but this federation file "
+                                     f"puts {expected!r} there: the parties use different files")
+            if hello["fingerprint"] != mine["fingerprint"]:
+                raise HandshakeError(
+                    f"party {hello['name']} was started with a different federation "
+                    f"(fingerprint {hello['fingerprint']} != {mine['fingerprint']}): every party "
+                    "must use the same federation file")
+            if hello["versions"] != mine["versions"]:
+                raise HandshakeError(f"party {hello['name']} runs {hello['versions']}, party "
+                                     f"{self.name} runs {mine['versions']}: install the same versions")
+        self.log.info("handshake ok: fingerprint %s, %d parties", mine["fingerprint"], len(hellos))
+
+    def _load_queries(self) -> np.ndarray:
+        data = self.ctx.query
+        if data is None:
+            from .data import load_queries  # noqa: PLC0415
+
+            if not self.fed.querier.data:
+                raise InputError("the querier has no queries: pass X to the API or set querier.data")
+            data = load_queries(self.fed.querier.data)
+        x = np.asarray(data)
+        if x.dtype.kind not in "fiu":
+            raise InputError(f"queries must be numeric, got dtype {x.dtype}")
+        x = x.astype(np.float32)
+        if x.ndim < 2:
+            raise InputError(f"queries must be (batch, features...), got shape {x.shape}")
+        if x.shape[0] == 0:
+            raise InputError("empty query: no rows to answer")
+        if not np.isfinite(x).all():
+            bad = int((~np.isfinite(x)).any(axis=tuple(range(1, x.ndim))).sum())
+            raise InputError(f"{bad} query row(s) hold NaN or inf")
+        if np.abs(x).max() > MAX_ABS_VALUE:
+            raise InputError(f"query values up to {np.abs(x).max():.3g} exceed the fixed-point range "
+                             f"(|x| <= {MAX_ABS_VALUE:g}); rescale the inputs")
+        return x
+
+    def setup(self) -> None:
+        fed = self.fed
+        self.queries = None
+        meta, all_meta = self._agree(lambda: self._querier_meta() if self.role == "querier" else None)
+        n, shape = all_meta[self.q]
+        self.num_queries, self.input_shape = n, tuple(shape)
+        self.log.info("querier announced %d queries of shape %s", n, self.input_shape)
+
+        def owner_setup() -> Any:
+            if self.role != "owner":
+                return None
+            self.model = load_owner_model(fed.owners[self.rank].model)
+            self.log.info("loaded own model (%d weight file(s) read by this process)", len(LOAD_AUDIT))
+            if fed.mode == "full":
+                self.arch, self.params = extract_architecture(self.model, self.input_shape)
+                return {"classes": self.arch.num_classes, "arch": self.arch}
+            return {"classes": output_classes(self.model, self.input_shape)}
+
+        _, published = self._agree(owner_setup)
+        classes = {fed.party_names[r]: published[r]["classes"] for r in self.owner_ranks}
+        if len(set(classes.values())) != 1:
+            raise InputError("owners disagree on the number of classes: "
+                             + ", ".join(f"{k}={v}" for k, v in classes.items()))
+        self.num_classes = next(iter(classes.values()))
+        self.archs: list[Architecture] = [published[r].get("arch") for r in self.owner_ranks]
+        self.protocol = build_protocol(fed, num_classes=self.num_classes)
+        self.log.info("protocol %s, %d classes, mode %s", self.protocol.name, self.num_classes, fed.mode)
+        if fed.mode == "full":
+            self._share_parameters()
+
+    def _querier_meta(self) -> tuple[int, tuple[int, ...]]:
+        self.queries = self._load_queries()
+        return int(self.queries.shape[0]), tuple(self.queries.shape[1:])
+
+    def _share_parameters(self) -> None:
+        cryptensor = self.crypten.cryptensor
+        self.shared_params: list[dict[str, Any]] = []
+        for r, arch in zip(self.owner_ranks, self.archs):
+            shared = {}
+            for layer in arch.layers:
+                for pname, pshape in layer.params.items():
+                    key = f"{layer.path}/{pname}"
+                    value = self.params[key] if self.rank == r else torch.zeros(pshape, dtype=torch.float64)
+                    shared[key] = cryptensor(value, src=r)
+            self.shared_params.append(shared)
+        self.log.info("owners' parameters secret-shared")
+
+    def _status(self, problem: str | None) -> None:
+        """One tiny collective per batch so that an owner's failure stops everyone together."""
+        flags = self.comm.all_gather(torch.tensor([0 if problem is None else 1]))
+        if problem is not None:
+            raise InputError(f"[{self.name}] {problem}")
+        for rank, flag in enumerate(flags):
+            if int(flag.item()):
+                raise InputError(f"[{self.fed.party_names[rank]}] reported a bad model output "
+                                 "(see its log); the run was stopped everywhere")
+
+    def _owner_logits(self, x: torch.Tensor) -> tuple[torch.Tensor | None, str | None]:
+        with torch.no_grad():
+            logits = self.model(x)
+        want = (x.shape[0], self.num_classes)
+        if tuple(logits.shape) != want:
+            return None, f"model output has shape {tuple(logits.shape)}, expected {want}"
+        if not torch.isfinite(logits).all():
+            return None, "model output holds NaN or inf"
+        if logits.abs().max() > MAX_ABS_VALUE:
+            return None, f"model output exceeds the fixed-point range (|y| <= {MAX_ABS_VALUE:g})"
+        return logits, None
+
+    def infer(self) -> tuple[np.ndarray, np.ndarray | None]:
+        fed, cryptensor = self.fed, self.crypten.cryptensor
+        labels, scores = [], []
+        batches = math.ceil(self.num_queries / fed.batch_size)
+        for b in range(batches):
+            start = b * fed.batch_size
+            size = min(fed.batch_size, self.num_queries - start)
+            shape = (size, *self.input_shape)
+            if self.role == "querier":
+                x = torch.from_numpy(self.queries[start:start + size])
+            else:
+                x = torch.zeros(shape, dtype=torch.float32)
+            if fed.mode == "output":
+                # Output mode: the query goes to the owners in plaintext (documented release).
+                x = self.comm.broadcast(x, self.q)
+                contribution, problem = torch.zeros(size, self.num_classes, dtype=torch.float64), None
+                if self.role == "owner":
+                    logits, problem = self._owner_logits(x)
+                    if problem is None:
+                        contribution = self.protocol.local_contribution(logits)
+                self._status(problem)
+                shares = [cryptensor(contribution, src=r) for r in self.owner_ranks]
+            else:
+                x_enc = cryptensor(x.to(torch.float64), src=self.q)
+                shares = [self.protocol.secure_contribution(secure_forward(arch, x_enc, params))
+                          for arch, params in zip(self.archs, self.shared_params)]
+            opened = self.protocol.to_reveal(self.protocol.combine(shares)).get_plain_text(dst=self.q)
+            if self.role == "querier":
+                pred = self.protocol.decode(opened)
+                labels.append(pred.labels)
+                if pred.scores is not None:
+                    scores.append(pred.scores)
+            self.log.info("batch %d/%d done", b + 1, batches)
+        if self.role != "querier":
+            return np.empty(0, dtype=np.int64), None
+        return np.concatenate(labels), (np.concatenate(scores) if scores else None)
+
+
+def run_party(ctx: PartyContext) -> dict[str, Any]:
+    """Run one party to completion; return plain Python values (no live tensors)."""
+    fed = ctx.federation
+    role = fed.role_of(ctx.rank)
+    if role == "dealer":
+        return run_dealer(fed)
+    t0 = time.perf_counter()
+    party = _Party(ctx)
+    try:
+        party.handshake()
+        party.setup()
+        setup_s = time.perf_counter() - t0
+        party.comm.reset_communication_stats()
+        t1 = time.perf_counter()
+        labels, scores = party.infer()
+        stats = party.comm.get_communication_stats()
+        cost = PartyCost(party=party.name, role=role, wall_s=time.perf_counter() - t1,
+                         rounds=int(stats["rounds"]), bytes_sent=int(stats["bytes"]),
+                         peak_rss_mb=_peak_rss_mb())
+        party.log.info("done: %.3f s, %d rounds, %d bytes", cost.wall_s, cost.rounds, cost.bytes_sent)
+        out: dict[str, Any] = {"cost": asdict(cost), "setup_s": setup_s,
+                               "loaded_files": [p for _, p in LOAD_AUDIT]}
+        if role == "querier":
+            out.update(labels=labels, scores=scores)
+        return out
+    finally:
+        party.crypten.uninit()

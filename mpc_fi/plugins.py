@@ -1,0 +1,58 @@
+"""Explicit registries, found through package metadata.
+
+``mpc_fi`` never imports ``protocols`` or ``launchers``: each package publishes a mapping from
+name to class under an entry-point group (``mpc_fi.protocols``, ``mpc_fi.launchers``; see
+``setup.cfg``). Third-party packages can add their own mapping the same way.
+"""
+
+from __future__ import annotations
+
+import difflib
+from functools import cache
+from importlib.metadata import entry_points
+from typing import Any
+
+from .errors import ConfigError, MpcFiError
+
+PROTOCOLS = "mpc_fi.protocols"
+LAUNCHERS = "mpc_fi.launchers"
+
+
+@cache
+def registry(group: str) -> dict[str, Any]:
+    """Merged name -> class mapping of every entry point in ``group``."""
+    merged: dict[str, Any] = {}
+    for ep in entry_points(group=group):
+        mapping = ep.load()
+        if not isinstance(mapping, dict):
+            raise MpcFiError(f"entry point {ep.name} in {group} must name a dict, got {type(mapping)}")
+        merged.update(mapping)
+    if not merged:
+        raise MpcFiError(f"no {group} registered: is mpc-fi installed (pip install -e .)?")
+    return merged
+
+
+def lookup(group: str, name: str, *, key: str) -> Any:
+    """Class registered as ``name`` in ``group``; a ConfigError naming ``key`` otherwise."""
+    table = registry(group)
+    if name not in table:
+        close = difflib.get_close_matches(name, list(table), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"unknown {group.split('.')[-1][:-1]} {name!r}{hint} "
+                          f"(available: {', '.join(sorted(table))})", key=key)
+    return table[name]
+
+
+def build_protocol(federation: Any, *, num_classes: int) -> Any:
+    """Instantiate the federation's protocol with its validated parameters."""
+    cls = lookup(PROTOCOLS, federation.protocol.name, key="protocol.name")
+    params = dict(federation.protocol.params)
+    try:
+        return cls(num_classes=num_classes, num_owners=federation.num_owners,
+                   reveal=federation.reveal,
+                   owner_weights=[o.weight for o in federation.owners],
+                   precision_bits=federation.precision_bits, **params)
+    except TypeError as exc:
+        bad = [k for k in params if f"'{k}'" in str(exc)]
+        raise ConfigError(f"{federation.protocol.name} does not take this parameter ({exc})",
+                          key=f"protocol.{bad[0]}" if bad else "protocol") from None
