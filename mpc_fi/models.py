@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .config import ModelSource
-from .errors import UnsupportedModelError
+from .errors import InputError, UnsupportedModelError
 
 #: (pid, path) of every weights/ONNX file read by this process.
 LOAD_AUDIT: list[tuple[int, str]] = []
@@ -219,10 +219,10 @@ def output_classes(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     with torch.no_grad():
         try:
             out = model(torch.zeros((2, *input_shape)))
-        except Exception as exc:  # the user's model: any failure is a model error
-            raise UnsupportedModelError(
-                f"the model fails on input of shape (batch, {', '.join(map(str, input_shape))}): "
-                f"{type(exc).__name__}: {exc}") from None
+        except Exception as exc:  # the user's model on the querier's announced shape
+            raise InputError(
+                f"queries of shape ('batch', {', '.join(map(str, input_shape))}) do not fit this "
+                f"owner's model: {type(exc).__name__}: {exc}") from None
     if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 2:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise UnsupportedModelError(

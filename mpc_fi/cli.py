@@ -1,0 +1,223 @@
+"""``mpc-fi``: the command line.
+
+``mpc-fi run`` runs a local federated inference (the embedded digits demo by default, or a
+federation file), ``mpc-fi party`` runs one party of a multi-host federation, ``mpc-fi protocols``
+lists the aggregation protocols, ``mpc-fi validate`` checks a federation file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from .errors import EXIT_CODES, InsecureSettingWarning, MpcFiError
+
+EPILOG = "exit codes:\n" + "\n".join(f"  {code:>3}  {text}" for code, text in EXIT_CODES.items())
+
+
+def _step(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _print_costs(costs) -> None:
+    print(f"\n{'party':<12} {'role':<8} {'wall s':>8} {'rounds':>8} {'bytes sent':>12} {'peak RSS MB':>12}")
+    for c in costs:
+        print(f"{c.party:<12} {c.role:<8} {c.wall_s:>8.2f} {c.rounds:>8d} {c.bytes_sent:>12,d} "
+              f"{c.peak_rss_mb:>12.0f}")
+    print("(rounds = CrypTen collective calls; bytes = elements x 8 as CrypTen counts them; "
+          "inference phase only, after set-up)")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .federation import Federation  # noqa: PLC0415
+
+    if args.federation:
+        from .config import FederationConfig  # noqa: PLC0415
+
+        fed = FederationConfig.load(args.federation)
+        _step(f"running federation {args.federation}: {fed.num_owners} owners, mode {fed.mode}, "
+              f"protocol {fed.protocol.name}")
+        result = Federation(fed, timeout_s=args.timeout, run_dir=args.run_dir).run()
+        labels = result.prediction.labels
+        if args.output:
+            np.save(args.output, labels)
+            _step(f"labels written to {args.output}")
+        else:
+            print("labels:", " ".join(map(str, labels.tolist())))
+        _print_costs(result.costs)
+        return 0
+    return _run_demo(args, Federation)
+
+
+def _run_demo(args: argparse.Namespace, Federation) -> int:  # noqa: N803 - a class
+    from . import demo  # noqa: PLC0415
+    from .plugins import PROTOCOLS, lookup  # noqa: PLC0415
+
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="mpc-fi-demo-"))
+    _step(f"[1/4] training {args.owners} owners on {args.dataset} (non-IID Dirichlet alpha="
+          f"{args.alpha}, seed {args.seed}) ...")
+    t0 = time.perf_counter()
+    setup = demo.prepare(workdir, dataset=args.dataset, num_owners=args.owners, alpha=args.alpha,
+                         seed=args.seed, arch=args.arch, mode=args.mode, protocol=args.protocol,
+                         reveal=args.reveal, dealer=args.dealer, batch_size=args.batch_size)
+    x, y = setup.x_test, setup.y_test
+    if args.queries:
+        x, y = x[:args.queries], y[:args.queries]
+    logits = demo.owner_logits(setup.models, x)
+    _step(f"      done in {time.perf_counter() - t0:.1f} s; owners hold {setup.owner_sizes} "
+          f"training examples; weights in {workdir}")
+    for k, lg in enumerate(logits):
+        acc = float((lg.argmax(-1).numpy() == y).mean())
+        print(f"      owner{k} accuracy: {acc:.4f}")
+    mean_owner = float(np.mean([(lg.argmax(-1).numpy() == y).mean() for lg in logits]))
+
+    _step(f"[2/4] plaintext reference ({args.protocol}) ...")
+    cls = lookup(PROTOCOLS, args.protocol, key="--protocol")
+    twin = cls(num_classes=len(np.unique(setup.y_test)), num_owners=args.owners,
+               reveal=args.reveal, precision_bits=setup.federation.precision_bits)
+    ref = twin.plaintext(logits).labels
+    ref_acc = float((ref == y).mean())
+
+    _step(f"[3/4] secure federated inference on {len(x)} queries (mode {args.mode}, dealer "
+          f"{args.dealer}, {args.owners} owners + querier"
+          + (" + dealer" if args.dealer == "ttp" else "") + " as processes) ...")
+    t1 = time.perf_counter()
+    result = Federation(setup.federation, timeout_s=args.timeout, run_dir=args.run_dir).run(x)
+    secure = result.prediction.labels
+    _step(f"      done in {time.perf_counter() - t1:.1f} s (party logs in {result.run_dir})")
+
+    _step("[4/4] results")
+    answered = secure != -1
+    sec_acc = float((secure[answered] == y[answered]).mean()) if answered.any() else float("nan")
+    agree = float((secure == ref).mean())
+    print(f"      mean owner accuracy        {mean_owner:.4f}")
+    print(f"      plaintext ensemble         {ref_acc:.4f}")
+    print(f"      secure ensemble            {sec_acc:.4f}"
+          + ("" if answered.all() else f"  ({int((~answered).sum())} abstentions)"))
+    print(f"      secure/plaintext agreement {agree:.4f} ({int((secure == ref).sum())}/{len(x)} labels)")
+    _print_costs(result.costs)
+    return 0
+
+
+def cmd_party(args: argparse.Namespace) -> int:
+    from .config import FederationConfig  # noqa: PLC0415
+    from .plugins import LAUNCHERS, lookup  # noqa: PLC0415
+
+    fed = FederationConfig.load(args.federation)
+    launcher = lookup(LAUNCHERS, "host", key="launcher")(
+        fed, party=args.party, run_dir=args.run_dir, timeout_s=args.timeout)
+    results = launcher.run()
+    out = results.get(fed.querier_rank)
+    if out is not None and "labels" in out:
+        if args.output:
+            np.save(args.output, out["labels"])
+            print(f"labels written to {args.output}")
+        else:
+            print("labels:", " ".join(map(str, out["labels"].tolist())))
+    return 0
+
+
+def cmd_protocols(args: argparse.Namespace) -> int:
+    from .plugins import PROTOCOLS, registry  # noqa: PLC0415
+
+    for name, cls in sorted(registry(PROTOCOLS).items()):
+        print(f"{name:<22} {cls.summary}")
+        for kind, what in cls.releases.items():
+            print(f"{'':<22}   reveal={kind}: the querier learns {what}")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from .config import FederationConfig  # noqa: PLC0415
+
+    fed = FederationConfig.load(args.federation)
+    print(f"ok: {fed.num_owners} owners ({', '.join(o.name for o in fed.owners)}), querier "
+          f"{fed.querier.name}, mode {fed.mode}, protocol {fed.protocol.name}, reveal {fed.reveal}, "
+          f"dealer {fed.dealer}, fingerprint {fed.fingerprint()}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mpc-fi", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Secure multiparty computation for federated inference: owners' classifiers "
+                    "answer a query together on secret shares; only the aggregate reaches the querier.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser(
+        "run", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        help="run a local federated inference (the embedded digits demo by default)",
+        description="Run every party as a local process. Without --federation: the embedded demo "
+                    "(scikit-learn's bundled digits, owners trained at start-up on a non-IID split, "
+                    "the querier holding the held-out split); it prints each owner's accuracy, the "
+                    "plaintext and secure ensemble accuracies, their label agreement and the cost "
+                    "per party.")
+    run.add_argument("--federation", metavar="FILE", help="run this federation file instead of the demo")
+    run.add_argument("--output", metavar="FILE.npy", help="with --federation: save the labels here")
+    demo = run.add_argument_group("demo options (ignored with --federation)")
+    demo.add_argument("--dataset", default="digits", choices=["digits", "breast_cancer"])
+    demo.add_argument("--owners", type=int, default=3, help="number of model owners (default 3)")
+    demo.add_argument("--alpha", type=float, default=0.5,
+                      help="Dirichlet concentration of the non-IID split (default 0.5)")
+    demo.add_argument("--seed", type=int, default=0, help="data split and training seed (default 0)")
+    demo.add_argument("--arch", default="mlp", choices=["mlp", "cnn"], help="owner model (default mlp)")
+    demo.add_argument("--mode", default="output", choices=["output", "full"],
+                      help="output: owners see the query, predictions stay secret; full: the query "
+                           "and the owners' weights are secret-shared too (default output)")
+    demo.add_argument("--protocol", default="soft_vote", help="aggregation protocol (see `mpc-fi protocols`)")
+    demo.add_argument("--reveal", default="label", choices=["label", "scores"],
+                      help="what the querier learns (default: the label only)")
+    demo.add_argument("--dealer", default="ttp", choices=["ttp", "insecure-party-dealer"],
+                      help="source of correlated randomness (default: a separate trusted dealer)")
+    demo.add_argument("--queries", type=int, help="answer only the first N held-out queries")
+    demo.add_argument("--batch-size", type=int, default=256, help="queries per secure batch (default 256)")
+    demo.add_argument("--workdir", help="where owners' weight files go (default: a temporary folder)")
+    run.add_argument("--timeout", type=float, default=900.0, help="bound on the run in seconds (default 900)")
+    run.add_argument("--run-dir", help="folder for party logs (default: a temporary folder)")
+    run.set_defaults(func=cmd_run)
+
+    party = sub.add_parser(
+        "party", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        help="run one party of a multi-host federation on this host",
+        description="Run the named party of FILE on this host; every party runs the same command "
+                    "with its own --party. Rendezvous at network.address:network.port of the "
+                    "federation file, or at MASTER_ADDR/MASTER_PORT with RANK/WORLD_SIZE when "
+                    "started by torchrun or a scheduler.")
+    party.add_argument("--federation", metavar="FILE", required=True)
+    party.add_argument("--party", metavar="NAME", help="this host's party (default: from RANK)")
+    party.add_argument("--output", metavar="FILE.npy", help="querier only: save the labels here")
+    party.add_argument("--timeout", type=float, default=900.0, help="bound on the run in seconds (default 900)")
+    party.add_argument("--run-dir", help="folder for this party's log and result")
+    party.set_defaults(func=cmd_party)
+
+    protocols = sub.add_parser("protocols", help="list the aggregation protocols and what each reveals")
+    protocols.set_defaults(func=cmd_protocols)
+
+    validate = sub.add_parser("validate", help="check a federation file without starting anything")
+    validate.add_argument("federation", metavar="FILE")
+    validate.set_defaults(func=cmd_validate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.simplefilter("always", InsecureSettingWarning)
+    warnings.formatwarning = lambda msg, cat, *a, **k: f"WARNING ({cat.__name__}): {msg}\n"
+    try:
+        return args.func(args)
+    except MpcFiError as exc:
+        print(f"mpc-fi: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("mpc-fi: interrupted; every party was stopped", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""Federation files: valid ones load (YAML and TOML), bad ones name the key at fault."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from mpc_fi import ConfigError, FederationConfig
+from mpc_fi.plugins import build_protocol
+
+GOOD_YAML = """\
+mode: output
+protocol: {name: soft_vote}
+reveal: label
+owners:
+  - name: hospital_a
+    model: {factory: "mpc_fi.demo:mlp", weights: a.pt, kwargs: {in_features: 4}}
+  - name: hospital_b
+    model: {onnx: b.onnx}
+querier: {name: clinic, data: q.npy}
+"""
+
+
+def write(tmp_path, text, name="fed.yaml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_yaml_loads_and_resolves_paths_relative_to_the_file(tmp_path):
+    fed = FederationConfig.load(write(tmp_path, GOOD_YAML))
+    assert fed.party_names == ("hospital_a", "hospital_b", "clinic", "dealer")
+    assert fed.owners[0].model.weights == str(tmp_path / "a.pt")
+    assert fed.owners[1].model.onnx == str(tmp_path / "b.onnx")
+    assert fed.querier.data == str(tmp_path / "q.npy")
+    assert fed.dealer == "ttp" and fed.mode == "output" and fed.querier_rank == 2
+
+
+def test_toml_gives_the_same_federation(tmp_path):
+    toml = """\
+    mode = "output"
+    reveal = "label"
+    [protocol]
+    name = "soft_vote"
+    [[owners]]
+    name = "hospital_a"
+    model = {factory = "mpc_fi.demo:mlp", weights = "a.pt", kwargs = {in_features = 4}}
+    [[owners]]
+    name = "hospital_b"
+    model = {onnx = "b.onnx"}
+    [querier]
+    name = "clinic"
+    data = "q.npy"
+    """
+    a = FederationConfig.load(write(tmp_path, GOOD_YAML))
+    b = FederationConfig.load(write(tmp_path, toml, "fed.toml"))
+    assert a == b
+    assert a.fingerprint() == b.fingerprint()
+
+
+def test_fingerprint_ignores_local_paths_but_not_public_settings(tmp_path):
+    a = FederationConfig.load(write(tmp_path, GOOD_YAML))
+    sub = tmp_path / "elsewhere"
+    sub.mkdir()
+    b = FederationConfig.load(write(sub, GOOD_YAML))
+    c = FederationConfig.load(write(sub, GOOD_YAML.replace("mode: output", "mode: full"), "c.yaml"))
+    assert a.fingerprint() == b.fingerprint() != c.fingerprint()
+
+
+@pytest.mark.parametrize("edit, key, words", [
+    (("reveal: label", "revael: label"), "revael", "did you mean 'reveal'"),
+    (("mode: output", "mode: secret"), "mode", "output, full"),
+    (("name: hospital_b", "name: hospital_a"), "owners[1].name", "duplicate party name"),
+    (("name: clinic", "name: hospital_a"), "querier.name", "duplicate party name"),
+    (("weights: a.pt", "wieghts: a.pt"), "owners[0].model.wieghts", "did you mean 'weights'"),
+    (('factory: "mpc_fi.demo:mlp"', 'factory: "mpc_fi.demo.mlp"'), "owners[0].model.factory",
+     "package.module:function"),
+    (("{onnx: b.onnx}", "{onnx: b.onnx, factory: 'x:y'}"), "owners[1].model", "not both"),
+    (("reveal: label", "reveal: everything"), "reveal", "'label' or 'scores'"),
+    (("reveal: label", "reveal: label\ndealer: party0"), "dealer", "ttp, insecure-party-dealer"),
+    (("reveal: label", "reveal: label\nbatch_size: 0"), "batch_size", "1..65536"),
+    (("reveal: label", "reveal: label\nprecision_bits: 20"), "precision_bits", "above 16"),
+    (("reveal: label", "reveal: label\nnetwork: {address: 10.1.2.3, port: 29500}"),
+     "network.address", "acknowledge_plaintext_network"),
+    (("reveal: label", "reveal: label\nnetwork: {port: 70000}"), "network.port", "1..65535"),
+    (("reveal: label", "reveal: label\nnetwork: {prot: 29500}"), "network.prot", "did you mean 'port'"),
+])
+def test_bad_federation_file_names_the_key(tmp_path, edit, key, words):
+    with pytest.raises(ConfigError) as err:
+        FederationConfig.load(write(tmp_path, GOOD_YAML.replace(*edit)))
+    assert err.value.key == key
+    assert words in str(err.value)
+
+
+def test_fewer_than_two_owners(tmp_path):
+    text = GOOD_YAML.split("  - name: hospital_b")[0] + "querier: {name: clinic}\n"
+    with pytest.raises(ConfigError, match="at least two owners") as err:
+        FederationConfig.load(write(tmp_path, text))
+    assert err.value.key == "owners"
+
+
+@pytest.mark.parametrize("text, words", [
+    ("owners: [\n", "not valid YAML"),
+    ("- just\n- a list\n", "mapping at top level"),
+])
+def test_unparsable_files(tmp_path, text, words):
+    with pytest.raises(ConfigError, match=words):
+        FederationConfig.load(write(tmp_path, text))
+
+
+def test_missing_file_and_wrong_suffix(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        FederationConfig.load(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match=r"\.yaml, \.yml or \.toml"):
+        FederationConfig.load(write(tmp_path, GOOD_YAML, "fed.json"))
+
+
+def test_acknowledged_plaintext_network_is_accepted(tmp_path):
+    fed = FederationConfig.load(write(tmp_path, GOOD_YAML + "network: {address: 10.1.2.3, port: "
+                                      "29500, acknowledge_plaintext_network: true}\n"))
+    assert not fed.network.is_loopback()
+
+
+def test_unknown_protocol_and_parameter_name_the_key(tmp_path):
+    fed = FederationConfig.load(write(tmp_path, GOOD_YAML.replace("soft_vote", "soft_voet")))
+    with pytest.raises(ConfigError, match="did you mean 'soft_vote'") as err:
+        build_protocol(fed, num_classes=3)
+    assert err.value.key == "protocol.name"
+    fed = FederationConfig.load(write(tmp_path, GOOD_YAML.replace("{name: soft_vote}",
+                                                                  "{name: soft_vote, temprature: 2}")))
+    with pytest.raises(ConfigError) as err:
+        build_protocol(fed, num_classes=3)
+    assert err.value.key == "protocol.temprature"
