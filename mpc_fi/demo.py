@@ -74,10 +74,7 @@ def dirichlet_split(labels: np.ndarray, num_owners: int, alpha: float,
 def train(model: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int = 60, lr: float = 0.01,
           seed: int = 0) -> nn.Module:
     """Full-batch Adam with cross-entropy: a few seconds on CPU for these sizes."""
-    torch.manual_seed(seed)
-    for p in model.parameters():  # re-initialise under the seed for reproducible owners
-        if p.dim() > 1:
-            nn.init.kaiming_uniform_(p, a=5 ** 0.5)
+    torch.manual_seed(seed)  # the training order is fixed; build the model under a seed too
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=1e-4)
     model.train()
@@ -121,6 +118,7 @@ def prepare(workdir: str | Path, *, dataset: str = "digits", num_owners: int = 3
     parts = dirichlet_split(y_train, num_owners, alpha, rng)
     owners, models = [], []
     for k, idx in enumerate(parts):
+        torch.manual_seed(seed + k)  # reproducible initial weights for each owner
         if arch == "cnn":
             factory, kwargs = "mpc_fi.demo:cnn", {"num_classes": num_classes}
             model = cnn(num_classes)
