@@ -2,7 +2,8 @@
 
 ``mpc-fi run`` runs a local federated inference (the embedded digits demo by default, or a
 federation file), ``mpc-fi party`` runs one party of a multi-host federation, ``mpc-fi protocols``
-lists the aggregation protocols, ``mpc-fi validate`` checks a federation file.
+lists the aggregation protocols, ``mpc-fi validate`` checks a federation file, ``mpc-fi study``
+runs the collaboration-value, contribution and leakage experiments.
 """
 
 from __future__ import annotations
@@ -202,6 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="check a federation file without starting anything")
     validate.add_argument("federation", metavar="FILE")
     validate.set_defaults(func=cmd_validate)
+
+    from .study.cli import add_study_subcommand  # noqa: PLC0415
+
+    add_study_subcommand(sub)
     return parser
 
 

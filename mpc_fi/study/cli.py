@@ -1,0 +1,273 @@
+"""``mpc-fi study``: the collaboration studies from the command line.
+
+``study_main(argv)`` has its own parser so that ``mpc-fi`` can hand it the rest of the command
+line (``mpc-fi study shapley --owners 3 5``). Every subcommand writes a CSV, a Markdown table and
+PNG figures into ``--out`` and prints the Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, MpcFiError
+
+_EXAMPLES = """\
+examples:
+  mpc-fi study noniid                      # full plaintext grid, a small subset on shares
+  mpc-fi study noniid --full-secure        # every cell and protocol on shares (an hour or more)
+  mpc-fi study shapley --owners 3 5 8      # Shapley values on shares, label-free rewards
+  mpc-fi study leakage --seeds 0 1 2       # extraction and membership inference per policy
+  mpc-fi study all --out docs/study        # everything, with the default settings
+"""
+
+
+def _combo(text: str) -> tuple[str, str]:
+    from ..demo import DATASETS  # noqa: PLC0415
+
+    dataset, _, arch = text.partition(":")
+    if dataset not in DATASETS or arch not in ("mlp", "cnn") or \
+            (arch == "cnn" and dataset != "digits"):
+        raise argparse.ArgumentTypeError(
+            f"expected DATASET:ARCH with DATASET in {DATASETS} and ARCH mlp (or cnn for digits), "
+            f"got {text!r}")
+    return dataset, arch
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+def _owner_count(text: str) -> int:
+    value = int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"a federation needs at least 2 owners, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+_DESCRIPTION = ("Collaboration value, incentives and leakage of a federation. "
+                "Each study writes CSV + Markdown + PNG into --out.")
+
+
+def build_study_parser(prog: str = "mpc-fi study") -> argparse.ArgumentParser:
+    """The parser of :func:`study_main` (what follows ``mpc-fi study``)."""
+    parser = argparse.ArgumentParser(prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=_EXAMPLES, description=_DESCRIPTION)
+    _populate(parser)
+    return parser
+
+
+def add_study_subcommand(subparsers: Any) -> argparse.ArgumentParser:
+    """Attach ``study`` (with its STUDY subcommands) to a parent CLI's subparsers.
+
+    The parsed namespace gets ``func=run_study``, which returns the exit code; the parent's
+    ``main`` handles :class:`~mpc_fi.errors.MpcFiError` as for its other commands.
+    """
+    parser = subparsers.add_parser(
+        "study", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EXAMPLES,
+        help="collaboration value, incentives and leakage studies", description=_DESCRIPTION)
+    _populate(parser)
+    parser.set_defaults(func=run_study)
+    return parser
+
+
+def _populate(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="study", required=True, metavar="STUDY")
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--out", default="study-results", help="output folder (default ./study-results)")
+        p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    nid = sub.add_parser("noniid", help="owners vs every protocol against the Dirichlet alpha",
+                         description="Accuracy of each owner, the best and mean owner and every "
+                                     "registered protocol (plaintext twins) on a grid of data "
+                                     "sets, owner models, N and alpha; a subset also on shares.")
+    nid.add_argument("--combos", nargs="+", type=_combo, metavar="DATASET:ARCH",
+                     default=None, help="default: digits:mlp digits:cnn breast_cancer:mlp")
+    nid.add_argument("--owners", nargs="+", type=_owner_count, default=[3, 5, 8])
+    nid.add_argument("--alphas", nargs="+", type=_positive_float, default=[0.1, 0.3, 1.0, 10.0])
+    nid.add_argument("--seeds", nargs="+", type=int, default=[0])
+    nid.add_argument("--protocols", nargs="+", metavar="NAME",
+                     help="default: every protocol registered at run time")
+    nid.add_argument("--param", action="append", metavar="NAME.KEY=VALUE",
+                     help="protocol parameter (repeatable), e.g. gnmax.sigma=2")
+    sec = nid.add_mutually_exclusive_group()
+    sec.add_argument("--full-secure", action="store_true",
+                     help="run every cell and protocol on shares too (slow)")
+    sec.add_argument("--no-secure", action="store_true", help="plaintext twins only")
+    nid.add_argument("--secure-combos", nargs="+", type=_combo, metavar="DATASET:ARCH",
+                     default=[("digits", "mlp")], help="cells on shares (default digits:mlp)")
+    nid.add_argument("--secure-owners", nargs="+", type=_owner_count, default=[3])
+    nid.add_argument("--secure-alphas", nargs="+", type=_positive_float, default=[0.1, 10.0])
+    nid.add_argument("--secure-protocols", nargs="+", metavar="NAME",
+                     help="protocols on shares (default: all)")
+    nid.add_argument("--secure-queries", type=_positive_int,
+                     help="answer only the first N held-out queries on shares")
+    common(nid)
+
+    sh = sub.add_parser("shapley", help="Shapley contribution scores on shares, label-free rewards",
+                        description="Exact Shapley values (Monte-Carlo above 8 owners) of each "
+                                    "owner's contribution to ensemble accuracy on the querier's "
+                                    "labelled split, computed on shares: only coalition accuracies "
+                                    "reach the querier. Compared with equal, agreement and "
+                                    "entropy rewards (L1).")
+    sh.add_argument("--dataset", default="digits", choices=["digits", "breast_cancer"])
+    sh.add_argument("--arch", default="mlp", choices=["mlp", "cnn"])
+    sh.add_argument("--owners", nargs="+", type=_owner_count, default=[3, 5, 8])
+    sh.add_argument("--alphas", nargs="+", type=_positive_float, default=[0.1, 1.0])
+    sh.add_argument("--seed", type=int, default=0)
+    sh.add_argument("--protocol", default="soft_vote", help="an additive protocol (default soft_vote)")
+    sh.add_argument("--plaintext", action="store_true",
+                    help="compute coalition values with the plaintext twin only (no parties)")
+    sh.add_argument("--method", default="auto", choices=["auto", "exact", "permutation"])
+    sh.add_argument("--permutations", type=_positive_int, default=200,
+                    help="Monte-Carlo permutations (default 200)")
+    sh.add_argument("--empty", default="zero", choices=["zero", "chance"],
+                    help="value of the empty coalition: 0 (default) or 1/C")
+    sh.add_argument("--validation", type=_positive_int,
+                    help="use only the first N labelled held-out examples")
+    sh.add_argument("--timeout", type=float, default=900.0)
+    common(sh)
+
+    lk = sub.add_parser("leakage", help="model extraction and membership inference per release policy",
+                        description="Surrogate agreement and membership-inference advantage for "
+                                    "the release policies all_outputs, averaged, label and "
+                                    "dp_label (plaintext twins: the released values are those the "
+                                    "secure protocols open).")
+    lk.add_argument("--dataset", default="digits", choices=["digits", "breast_cancer"])
+    lk.add_argument("--owners", type=_owner_count, default=3)
+    lk.add_argument("--alpha", type=_positive_float, default=0.5)
+    lk.add_argument("--seeds", nargs="+", type=int, default=[0])
+    lk.add_argument("--budgets", nargs="+", type=_positive_int,
+                    default=[10, 25, 50, 100, 200, 400, 600])
+    lk.add_argument("--sigma", type=_positive_float, default=1.0,
+                    help="GNMax noise std per vote count (default 1)")
+    lk.add_argument("--queries-per-candidate", nargs="+", type=_positive_int,
+                    default=[1, 2, 4, 8, 16, 32])
+    common(lk)
+
+    al = sub.add_parser("all", help="the three studies with their defaults")
+    al.add_argument("--seeds", nargs="+", type=int, default=[0],
+                    help="seeds of the noniid and leakage studies (default 0)")
+    common(al)
+
+
+def _emit(name: str, text: str, out: Path) -> None:
+    (out / f"{name}.md").write_text(text)
+    print(text)
+
+
+def _noniid(args: argparse.Namespace, out: Path) -> None:
+    from .common import parse_param_overrides, write_csv  # noqa: PLC0415
+    from .noniid import COMBOS, FULL_SECURE, NoniidConfig, SecureCell, markdown_report, \
+        run_noniid  # noqa: PLC0415
+
+    secure = None if getattr(args, "no_secure", False) else (
+        FULL_SECURE if getattr(args, "full_secure", False) else SecureCell(
+            combos=tuple(getattr(args, "secure_combos", [("digits", "mlp")])),
+            owners=tuple(getattr(args, "secure_owners", [3])),
+            alphas=tuple(getattr(args, "secure_alphas", [0.1, 10.0])),
+            protocols=tuple(args.secure_protocols) if getattr(args, "secure_protocols", None)
+            else None))
+    cfg = NoniidConfig(combos=tuple(getattr(args, "combos", None) or COMBOS),
+                       owners=tuple(getattr(args, "owners", (3, 5, 8))),
+                       alphas=tuple(getattr(args, "alphas", (0.1, 0.3, 1.0, 10.0))),
+                       seeds=tuple(args.seeds),
+                       protocols=tuple(args.protocols) if getattr(args, "protocols", None) else None,
+                       params=parse_param_overrides(getattr(args, "param", None)),
+                       secure=secure, secure_queries=getattr(args, "secure_queries", None))
+    rows = run_noniid(cfg, show_progress=not args.quiet)
+    write_csv(rows, out / "noniid.csv")
+    _emit("noniid", markdown_report(rows), out)
+    if not args.no_plots:
+        from .plots import noniid_plots  # noqa: PLC0415
+
+        noniid_plots(rows, out)
+
+
+def _shapley(args: argparse.Namespace, out: Path) -> None:
+    from .common import write_csv  # noqa: PLC0415
+    from .contribution import ShapleyConfig, markdown_report, run_shapley  # noqa: PLC0415
+
+    cfg = ShapleyConfig()
+    if args.study == "shapley":
+        cfg = ShapleyConfig(dataset=args.dataset, arch=args.arch, owners=tuple(args.owners),
+                            alphas=tuple(args.alphas), seed=args.seed, protocol=args.protocol,
+                            secure=not args.plaintext, method=args.method,
+                            permutations=args.permutations, empty=args.empty,
+                            validation=args.validation, timeout_s=args.timeout)
+    rows, reports = run_shapley(cfg, show_progress=not args.quiet)
+    write_csv(rows, out / "shapley.csv")
+    _emit("shapley", markdown_report(reports), out)
+    if not args.no_plots:
+        from .plots import shapley_plot  # noqa: PLC0415
+
+        shapley_plot(reports, out)
+
+
+def _leakage(args: argparse.Namespace, out: Path) -> None:
+    from .common import write_csv  # noqa: PLC0415
+    from .leakage import LeakageConfig, markdown_report, run_leakage  # noqa: PLC0415
+
+    cfg = LeakageConfig(seeds=tuple(args.seeds))
+    if args.study == "leakage":
+        cfg = LeakageConfig(dataset=args.dataset, num_owners=args.owners, alpha=args.alpha,
+                            seeds=tuple(args.seeds), budgets=tuple(args.budgets),
+                            sigma=args.sigma,
+                            queries_per_candidate=tuple(args.queries_per_candidate))
+    rows = run_leakage(cfg, show_progress=not args.quiet)
+    write_csv(rows, out / "leakage.csv")
+    _emit("leakage", markdown_report(rows), out)
+    if not args.no_plots:
+        from .plots import leakage_plot  # noqa: PLC0415
+
+        leakage_plot(rows, out)
+
+
+def study_main(argv: list[str] | None = None) -> int:
+    """Entry point of ``mpc-fi study``; returns the process exit code.
+
+    ``argv`` is what follows ``study`` on the command line (``None``: ``sys.argv[1:]``).
+    """
+    args = build_study_parser().parse_args(argv)
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module="crypten")
+    try:
+        return run_study(args)
+    except MpcFiError as exc:
+        print(f"mpc-fi study: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("mpc-fi study: interrupted; every party was stopped", file=sys.stderr)
+        return 130
+
+
+def run_study(args: argparse.Namespace) -> int:
+    """Run the studies a parsed namespace asks for; raises MpcFiError on failure."""
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the output folder {out}: {exc}", key="--out") from None
+    if args.study in ("noniid", "all"):
+        _noniid(args, out)
+    if args.study in ("shapley", "all"):
+        _shapley(args, out)
+    if args.study in ("leakage", "all"):
+        _leakage(args, out)
+    print(f"results in {out}/", file=sys.stderr)
+    return 0
+

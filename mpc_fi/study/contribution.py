@@ -1,0 +1,663 @@
+"""Contribution scores: Shapley values of ensemble accuracy, computed on shares, and label-free
+rewards compared with them.
+
+The querier holds a labelled validation set; each owner holds its model. The value of a
+coalition ``S`` of owners is the accuracy of the ensemble of ``S`` on the validation set:
+
+    v(S) = (1/M) * #{q : argmax_j sum_{i in S} c_i(q)_j == y_q},    v(empty) = 0 by default
+
+where ``c_i`` is owner ``i``'s contribution under an *additive* protocol (soft voting: softmax
+probabilities; hard voting: one-hot votes), in CrypTen's fixed-point units, and the argmax breaks
+ties to the lowest class index (:mod:`mpc_fi.secure`). ``v(empty)`` is a definition, not a
+measurement: 0 (an empty ensemble answers nothing; then the Shapley values share out the whole
+grand-coalition accuracy) or, with ``empty="chance"``, ``1/C``.
+
+On shares (:func:`secure_coalition_values`), one run of owners + querier + TTP dealer:
+
+1. the querier sends the validation queries to the owners (as in ``output`` mode: owners see
+   queries, never labels); each owner evaluates its own model and checks its contribution
+   against the public range agreed from probes (:mod:`mpc_fi.bounds`);
+2. each owner secret-shares its contribution once (integer units, CrypTen precision 0);
+3. every coalition sum is a local sum of shares (no traffic);
+4. one batched argmax over all coalitions and queries (:func:`mpc_fi.secure.argmax_one_hot`)
+   gives shared one-hot labels;
+5. the querier secret-shares its labels one-hot; one Beaver product and a local sum give, per
+   coalition, the number of correct answers: **the only values opened, and only to the querier.**
+   No owner's prediction, no coalition's label and no single comparison is ever opened.
+
+The same run also computes label-free rewards (no labels needed), each opened as one number per
+owner to the querier: *agreement* (each query's unit of reward is split equally among the owners
+whose own label equals the federation's answer; computed on shares with one more argmax) and
+*entropy* (each owner's total certainty ``log C - H(p_i)`` over the queries, computed by the owner
+on its own outputs and shared; self-reported, so an owner can inflate it). *Equal* split needs no
+computation. Each reward is compared with the Shapley merit by the L1 distance between the two
+normalised reward vectors (0 = identical split, 2 = disjoint).
+
+Everything opened is an integer count (or an integer sum of public rational weights), so the
+plaintext twin (:func:`plaintext_coalition_values`) gives exactly the same numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import reduce
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import plain
+from ..errors import InputError, ProtocolError
+from .common import ProtocolSpec, protocol_specs
+
+#: Exact Shapley values up to this many owners (2**N - 1 coalitions on shares); sampling above.
+EXACT_MAX_OWNERS = 8
+EMPTY_VALUES = ("zero", "chance")
+#: Rows (coalitions x queries) per batched argmax on shares: bounds each party's memory.
+MAX_ARGMAX_ROWS = 1 << 17
+REWARDS = ("equal", "agreement", "entropy")
+
+
+# ---------------------------------------------------------------------------------------
+# Coalitions
+# ---------------------------------------------------------------------------------------
+def mask_of(members: Sequence[bool] | np.ndarray) -> int:
+    return int(sum(1 << i for i, m in enumerate(members) if m))
+
+
+def all_coalitions(num_owners: int) -> np.ndarray:
+    """Every non-empty coalition as a ``(2**N - 1, N)`` bool matrix, row ``m - 1`` = bitmask m."""
+    masks = np.arange(1, 1 << num_owners)
+    return ((masks[:, None] >> np.arange(num_owners)) & 1).astype(bool)
+
+
+def sample_permutations(num_owners: int, count: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.stack([rng.permutation(num_owners) for _ in range(count)])
+
+
+def permutation_coalitions(num_owners: int, permutations: np.ndarray) -> np.ndarray:
+    """The distinct non-empty prefixes of ``permutations``, plus every singleton (the agreement
+    reward needs them), as a bool membership matrix."""
+    masks = {1 << i for i in range(num_owners)}
+    for perm in permutations:
+        m = 0
+        for i in perm:
+            m |= 1 << int(i)
+            masks.add(m)
+    ordered = sorted(masks)
+    return np.array([[(m >> i) & 1 for i in range(num_owners)] for m in ordered], dtype=bool)
+
+
+# ---------------------------------------------------------------------------------------
+# Values and rewards
+# ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CoalitionValues:
+    """What the querier learns: per coalition, the number of correct answers; per owner, the
+    label-free reward totals."""
+
+    coalitions: np.ndarray  # (K, N) bool
+    correct: np.ndarray  # (K,) int
+    num_queries: int
+    num_classes: int
+    agreement_units: np.ndarray  # (N,) int: sum over queries of lcm(1..N) / #agreeing owners
+    agreement_scale: int  # lcm(1..N)
+    agreeing: np.ndarray  # (N,) int: queries where owner i's label equals the federation's
+    certainty_units: np.ndarray  # (N,) int: sum over queries of log C - H(p_i), fixed point
+    precision_bits: int
+
+    @property
+    def num_owners(self) -> int:
+        return int(self.coalitions.shape[1])
+
+    def accuracy(self) -> dict[int, float]:
+        """Coalition bitmask -> accuracy."""
+        return {mask_of(row): int(c) / self.num_queries
+                for row, c in zip(self.coalitions, self.correct)}
+
+    def empty_value(self, empty: str) -> float:
+        if empty not in EMPTY_VALUES:
+            raise ValueError(f"empty must be one of {EMPTY_VALUES}, got {empty!r}")
+        return 0.0 if empty == "zero" else 1.0 / self.num_classes
+
+
+def encoded_contributions(proto: Any, logits: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Each owner's contribution in fixed-point units (int64), as it is secret-shared."""
+    return [plain.encode(proto.local_contribution(lg), proto.precision_bits) for lg in logits]
+
+
+def certainty(logits: torch.Tensor) -> torch.Tensor:
+    """Per query ``log C - H(softmax(logits))`` in nats (>= 0): what the entropy reward pays."""
+    z = logits.to(torch.float64)
+    logp = torch.log_softmax(z, dim=-1)
+    h = -(logp.exp() * logp).sum(-1)
+    return math.log(z.shape[-1]) - h
+
+
+def _agreement_weights(num_owners: int) -> tuple[int, torch.Tensor]:
+    scale = reduce(math.lcm, range(1, num_owners + 1), 1)
+    return scale, torch.tensor([0] + [scale // k for k in range(1, num_owners + 1)],
+                               dtype=torch.long)
+
+
+def plaintext_coalition_values(units: Sequence[torch.Tensor], labels: np.ndarray,
+                               coalitions: np.ndarray, certainties: Sequence[torch.Tensor], *,
+                               precision_bits: int = 16) -> CoalitionValues:
+    """The twin of :func:`secure_coalition_values` from the owners' encoded contributions."""
+    stack = torch.stack([u.long() for u in units])  # (N, M, C)
+    n, m, c = stack.shape
+    y = torch.as_tensor(labels, dtype=torch.long)
+    memb = torch.as_tensor(coalitions, dtype=torch.long)
+    sums = torch.tensordot(memb, stack, dims=1)  # (K, M, C)
+    pred = plain.argmax_lowest(sums)  # (K, M)
+    correct = (pred == y).sum(-1).numpy()
+    own = plain.argmax_lowest(stack)  # (N, M)
+    final = plain.argmax_lowest(stack.sum(0))  # (M,)
+    agree = (own == final).long()  # (N, M)
+    count = agree.sum(0)
+    scale, weights = _agreement_weights(n)
+    agreement = (agree * weights[count]).sum(-1).numpy()
+    cert = torch.stack([plain.encode(ct.sum(), precision_bits) for ct in certainties]).numpy()
+    return CoalitionValues(np.asarray(coalitions, bool), correct.astype(np.int64), m, c,
+                           agreement.astype(np.int64), scale, agree.sum(-1).numpy(),
+                           cert.astype(np.int64), precision_bits)
+
+
+# ---------------------------------------------------------------------------------------
+# On shares
+# ---------------------------------------------------------------------------------------
+def _party(rank: int, payload: dict[str, Any]) -> dict[str, Any] | None:
+    """One computing party of the coalition-value computation (see the module docstring)."""
+    from .. import errors, secure  # noqa: PLC0415
+    from .._crypten import load_crypten  # noqa: PLC0415
+    from ..bounds import contribution_range  # noqa: PLC0415
+    from ..compare import ValueRange  # noqa: PLC0415
+    from ..models import load_owner_model  # noqa: PLC0415
+    from ..party import MAX_ABS_VALUE  # noqa: PLC0415
+    from ..plugins import PROTOCOLS, lookup  # noqa: PLC0415
+
+    crypten = load_crypten()  # already loaded and initialised by the runner
+    comm = crypten.communicator.get()
+    group = comm.main_group
+    n = payload["num_owners"]
+    q = n  # the querier's rank
+    bits = payload["precision_bits"]
+    coalitions = torch.as_tensor(payload["coalitions"], dtype=torch.long)  # public
+    role = "owner" if rank < n else "querier"
+
+    def agree(step: Callable[[], Any]) -> list[Any]:
+        """Run ``step``, exchange (failure, value); every party raises the same error."""
+        value, failure = None, None
+        try:
+            value = step()
+        except Exception as exc:  # noqa: BLE001 - stop every party together, never one alone
+            failure = (type(exc).__name__, str(exc))
+        outcomes: list[Any] = [None] * (n + 1)
+        torch.distributed.all_gather_object(outcomes, (failure, value), group=group)
+        for r, (fail, _) in enumerate(outcomes):
+            if fail is not None:
+                cls = getattr(errors, fail[0], errors.MpcFiError)
+                who = f"owner{r}" if r < n else "querier"
+                raise cls(f"[{who}] {fail[1]}") if issubclass(cls, errors.MpcFiError) \
+                    else errors.MpcFiError(f"[{who}] {fail[0]}: {fail[1]}")
+        return [v for _, v in outcomes]
+
+    # 1. the queries go to the owners (output mode); labels stay with the querier
+    box = [payload["x"] if role == "querier" else None]
+    torch.distributed.broadcast_object_list(box, src=q, group=group)
+    x = torch.as_tensor(box[0], dtype=torch.float32)
+    m = x.shape[0]
+
+    private: dict[str, Any] = {}  # this party's own values; never sent anywhere
+
+    def local() -> dict[str, Any]:
+        if role == "querier":
+            return {}
+        model = load_owner_model(payload["model"])
+        with torch.no_grad():
+            logits = model(x).to(torch.float64)
+        if logits.ndim != 2 or not torch.isfinite(logits).all() \
+                or logits.abs().max() > MAX_ABS_VALUE:
+            raise InputError("model output is not a finite (queries, classes) tensor within "
+                             f"|y| <= {MAX_ABS_VALUE:g}")
+        private["logits"] = logits
+        return {"classes": int(logits.shape[1])}  # public: the class count only
+
+    published = agree(local)
+    num_classes = {p["classes"] for p in published[:n]}
+    if len(num_classes) != 1:
+        raise InputError(f"owners disagree on the number of classes: {sorted(num_classes)}")
+    c = num_classes.pop()
+    spec = payload["protocol"]
+    proto = lookup(PROTOCOLS, spec["name"], key="protocol")(
+        num_classes=c, num_owners=n, owner_weights=[1.0] * n, precision_bits=bits,
+        **spec["params"])
+    crange = contribution_range(proto, c, logit_limit=MAX_ABS_VALUE)
+
+    def contribution() -> None:
+        if role == "querier":
+            y = np.asarray(payload["y"], dtype=np.int64)
+            if y.shape != (m,) or y.min() < 0 or y.max() >= c:
+                raise InputError(f"labels must be {m} class indices in 0..{c - 1}")
+            return None
+        logits = private["logits"]
+        contrib = proto.local_contribution(logits)
+        if crange is not None and (problem := crange.problem(contrib)) is not None:
+            raise InputError(problem)
+        private["units"] = plain.encode(contrib, bits)
+        private["certainty"] = plain.encode(certainty(logits).sum(), bits).reshape(1)
+        return None
+
+    agree(contribution)
+
+    # 2. each owner shares its contribution once (integer units at precision 0: exact)
+    zeros = torch.zeros(m, c, dtype=torch.long)
+    shares = [crypten.cryptensor(private["units"] if rank == i else zeros, src=i, precision=0)
+              for i in range(n)]
+    raw = torch.stack([s.share for s in shares])  # (N, M, C) raw int64 shares
+    value_range = None
+    if crange is not None:
+        scale = 1 << bits
+        # a coalition's sums lie in |S| * [lo, hi], inside N * [lo, hi] since lo <= 0 <= hi
+        value_range = ValueRange(n * int(crange.lo * scale), n * int(crange.hi * scale),
+                                 bits if crange.integer else 0)
+    y_onehot = torch.zeros(m, c, dtype=torch.long)
+    if role == "querier":
+        y_onehot[torch.arange(m), torch.as_tensor(payload["y"], dtype=torch.long)] = 1
+    y_raw = crypten.cryptensor(y_onehot, src=q, precision=0).share
+    # Blocks of coalitions bound the memory of the batched argmax (one argmax per block).
+    k = coalitions.shape[0]
+    masks = [mask_of(row) for row in coalitions.bool().tolist()]
+    singles = [masks.index(1 << i) for i in range(n)]
+    grand = masks.index((1 << n) - 1)
+    kept: dict[int, torch.Tensor] = {}  # raw one-hot shares: singletons, grand coalition
+    block = max(1, payload["max_argmax_rows"] // m)
+    correct_parts = []
+    for start in range(0, k, block):
+        memb = coalitions[start:start + block]
+        kb = memb.shape[0]
+        # 3. coalition sums: local
+        sums = torch.tensordot(memb, raw, dims=1).reshape(kb * m, c)
+        sums = crypten.mpc.MPCTensor.from_shares(sums, precision=0)
+        # 4. one batched argmax, lowest index on ties (0/1 integers at precision 0)
+        one_hot_raw = secure.argmax_one_hot(sums, c, value_range=value_range).share.view(kb, m, c)
+        kept.update({i: one_hot_raw[i - start] for i in (*singles, grand)
+                     if start <= i < start + kb})
+        # 5. the querier's one-hot labels times each coalition's one-hot answer: hits
+        y_wide = crypten.mpc.MPCTensor.from_shares(y_raw.expand(kb, m, c).contiguous(),
+                                                   precision=0)
+        hits = crypten.mpc.MPCTensor.from_shares(one_hot_raw.clone(), precision=0) * y_wide
+        correct_parts.append(hits.sum(2).sum(1))
+    correct = crypten.cat(correct_parts) if len(correct_parts) > 1 else correct_parts[0]
+
+    # label-free rewards: agreement of each owner's own label with the federation's answer
+    own = crypten.mpc.MPCTensor.from_shares(torch.stack([kept[i] for i in singles]), precision=0)
+    final = crypten.mpc.MPCTensor.from_shares(
+        kept[grand].unsqueeze(0).expand(n, m, c).contiguous(), precision=0)
+    agree_bits = (own * final).sum(2)  # (N, M) 0/1
+    count = agree_bits.sum(0)  # (M,) in 0..N
+    ks = torch.arange(n + 1, dtype=torch.long)
+    # f_k(a) = 2ka - k^2 is largest at k = a over integers: the one-hot of the count, linearly
+    votes_for = count.unsqueeze(1) * (2 * ks) - ks * ks
+    which = secure.argmax_one_hot(votes_for, n + 1, value_range=ValueRange(-n * n, n * n))
+    scale, weights = _agreement_weights(n)
+    per_query = (which * weights).sum(1)  # lcm / count, 0 when nobody agrees
+    wide = crypten.mpc.MPCTensor.from_shares(per_query.share.unsqueeze(0).expand(n, m)
+                                             .contiguous(), precision=0)
+    agreement = (agree_bits * wide).sum(1)
+    agreeing = agree_bits.sum(1)
+    zero = torch.zeros(1, dtype=torch.long)
+    cert = crypten.cat([crypten.cryptensor(private["certainty"] if rank == i else zero, src=i,
+                                           precision=0) for i in range(n)])
+    # the only openings, all to the querier
+    opened = {name: t.get_plain_text(dst=q) for name, t in
+              (("correct", correct), ("agreement", agreement), ("agreeing", agreeing),
+               ("certainty", cert))}
+    if role != "querier":
+        return None
+    out = {name: v.long().numpy() for name, v in opened.items()}
+    out.update(num_queries=m, num_classes=c, scale=scale)
+    return out
+
+
+
+def check_additive(proto: Any) -> None:
+    """Coalition sums need an additive protocol: one column per class, ``combine`` = plain sum,
+    no noise. Raise a :class:`ProtocolError` that says which protocols qualify otherwise."""
+    c = proto.num_classes
+    why = None
+    if getattr(proto, "differentially_private", False):
+        why = "its release is noisy (a coalition value would be random)"
+    elif getattr(proto, "contribution_width", c) != c:
+        why = f"its contributions have {proto.contribution_width} columns, not one per class"
+    else:
+        gen = torch.Generator().manual_seed(3)
+        parts = [torch.rand(4, c, generator=gen, dtype=torch.float64) for _ in range(proto.num_owners)]
+        try:
+            total = torch.as_tensor(proto.combine(parts)).to(torch.float64)
+            if not torch.allclose(total, sum(parts)):
+                why = "its combine is not the plain sum of contributions"
+        except Exception as exc:  # noqa: BLE001 - a combine that only works on shares
+            why = f"its combine does not run on plaintext ({type(exc).__name__})"
+    if why:
+        raise ProtocolError(f"{proto.name} cannot score coalitions: {why}; use an additive "
+                            "protocol such as soft_vote or hard_vote")
+
+
+def secure_coalition_values(model_sources: Sequence[Any], x: np.ndarray, y: np.ndarray,
+                            coalitions: np.ndarray, *, protocol: str = "soft_vote",
+                            params: Mapping[str, Any] | None = None, precision_bits: int = 16,
+                            timeout_s: float = 900.0, log_dir: str | None = None,
+                            max_argmax_rows: int = MAX_ARGMAX_ROWS) -> CoalitionValues:
+    """Coalition correct-counts and label-free reward totals, computed on shares.
+
+    ``model_sources[i]`` (a :class:`~mpc_fi.config.ModelSource`) goes to owner ``i``'s process
+    only; ``x`` and ``y`` go to the querier's only. ``coalitions`` (public) must contain every
+    singleton and the grand coalition. Coalitions are processed in blocks of at most
+    ``max_argmax_rows // len(x)`` (one batched argmax per block).
+    """
+    from .runner import run_parties  # noqa: PLC0415
+
+    n = len(model_sources)
+    coalitions = np.asarray(coalitions, dtype=bool)
+    masks = {mask_of(row) for row in coalitions}
+    if coalitions.shape[1] != n or not {1 << i for i in range(n)} | {(1 << n) - 1} <= masks:
+        raise ValueError("coalitions must have one column per owner and include every singleton "
+                         "and the grand coalition")
+    common = {"num_owners": n, "precision_bits": precision_bits, "coalitions": coalitions,
+              "max_argmax_rows": int(max_argmax_rows),
+              "protocol": {"name": protocol, "params": dict(params or {})}}
+    payloads = [{**common, "model": src} for src in model_sources]
+    payloads.append({**common, "x": np.asarray(x, dtype=np.float32),
+                     "y": np.asarray(y, dtype=np.int64)})
+    out = run_parties(_party, payloads, timeout_s=timeout_s, precision_bits=precision_bits,
+                      log_dir=log_dir)[n]
+    return CoalitionValues(coalitions, out["correct"], out["num_queries"], out["num_classes"],
+                           out["agreement"], out["scale"], out["agreeing"], out["certainty"],
+                           precision_bits)
+
+
+def shapley_exact(values: CoalitionValues, *, empty: str = "zero") -> np.ndarray:
+    """Exact Shapley values from every coalition's accuracy (needs all ``2**N - 1``)."""
+    n = values.num_owners
+    acc = values.accuracy()
+    if len(acc) != (1 << n) - 1:
+        raise ValueError(f"exact Shapley values need all {(1 << n) - 1} coalitions, got {len(acc)}")
+    v = np.zeros(1 << n)
+    v[0] = values.empty_value(empty)
+    for mask, a in acc.items():
+        v[mask] = a
+    size = np.array([bin(s).count("1") for s in range(1 << n)])
+    weight = np.array([math.factorial(k) * math.factorial(n - k - 1) / math.factorial(n)
+                       for k in range(n)])
+    phi = np.zeros(n)
+    for i in range(n):
+        bit = 1 << i
+        without = np.array([s for s in range(1 << n) if not s & bit])
+        phi[i] = float(np.sum(weight[size[without]] * (v[without | bit] - v[without])))
+    return phi
+
+
+def shapley_permutation(values: CoalitionValues, permutations: np.ndarray, *,
+                        empty: str = "zero") -> tuple[np.ndarray, np.ndarray]:
+    """Monte-Carlo permutation estimate and its standard error (std of the marginal
+    contributions over permutations / sqrt(#permutations))."""
+    acc = values.accuracy()
+    n = values.num_owners
+    base = values.empty_value(empty)
+    marg = np.zeros((len(permutations), n))
+    for p, perm in enumerate(permutations):
+        mask, prev = 0, base
+        for i in perm:
+            mask |= 1 << int(i)
+            cur = acc[mask]
+            marg[p, int(i)] = cur - prev
+            prev = cur
+    se = marg.std(axis=0, ddof=1) / math.sqrt(len(permutations)) if len(permutations) > 1 \
+        else np.full(n, math.nan)
+    return marg.mean(axis=0), se
+
+
+def normalise(v: np.ndarray) -> np.ndarray:
+    total = float(np.sum(v))
+    return np.full(len(v), 1.0 / len(v)) if total == 0 else np.asarray(v, float) / total
+
+
+def label_free_rewards(values: CoalitionValues) -> dict[str, np.ndarray]:
+    """Each label-free scheme's split of one unit of reward among the owners."""
+    n = values.num_owners
+    return {"equal": np.full(n, 1.0 / n),
+            "agreement": normalise(values.agreement_units.astype(float)),
+            "entropy": normalise(values.certainty_units.astype(float))}
+
+
+def l1_fairness(reward: np.ndarray, merit: np.ndarray) -> float:
+    """L1 distance between two normalised splits (0: the reward follows merit exactly; 2: the
+    most unfair)."""
+    return float(np.abs(normalise(reward) - normalise(merit)).sum())
+
+
+@dataclass
+class ContributionReport:
+    """Shapley values, label-free rewards and their fairness for one federation."""
+
+    num_owners: int
+    method: str  # "exact" or "permutation (P samples)"
+    empty: str
+    secure: bool
+    shapley: np.ndarray
+    shapley_se: np.ndarray | None
+    values: CoalitionValues
+    rewards: dict[str, np.ndarray]
+    fairness: dict[str, float]
+    twin_equal: bool | None = None  # secure values == plaintext twin (None: not checked)
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def grand_accuracy(self) -> float:
+        return self.values.accuracy()[(1 << self.num_owners) - 1]
+
+    @property
+    def singleton_accuracy(self) -> np.ndarray:
+        acc = self.values.accuracy()
+        return np.array([acc[1 << i] for i in range(self.num_owners)])
+
+
+def same_values(a: CoalitionValues, b: CoalitionValues) -> bool:
+    return (np.array_equal(a.coalitions, b.coalitions) and np.array_equal(a.correct, b.correct)
+            and np.array_equal(a.agreement_units, b.agreement_units)
+            and np.array_equal(a.agreeing, b.agreeing)
+            and np.array_equal(a.certainty_units, b.certainty_units))
+
+
+def contribution_scores(models: Sequence[torch.nn.Module], x: np.ndarray, y: np.ndarray, *,
+                        model_sources: Sequence[Any] | None = None, protocol: str = "soft_vote",
+                        params: Mapping[str, Any] | None = None, secure: bool = True,
+                        check_twin: bool = True, method: str = "auto", permutations: int = 200,
+                        seed: int = 0, empty: str = "zero", precision_bits: int = 16,
+                        timeout_s: float = 900.0) -> ContributionReport:
+    """Shapley values of each owner's contribution to ensemble accuracy on ``(x, y)``.
+
+    Parameters
+    ----------
+    models:
+        Every owner's model, for the plaintext twin (only a study, which trained them all,
+        has them). With ``secure=True`` the values come from shares and the twin only checks them.
+    model_sources:
+        Each owner's :class:`~mpc_fi.config.ModelSource` (needed with ``secure=True``).
+    method:
+        ``"exact"`` (all ``2**N - 1`` coalitions), ``"permutation"`` (Monte-Carlo over
+        ``permutations`` random orders, with standard errors) or ``"auto"`` (exact up to
+        :data:`EXACT_MAX_OWNERS` owners).
+    empty:
+        ``"zero"``: ``v(empty) = 0``; ``"chance"``: ``v(empty) = 1/C``. Efficiency then reads
+        ``sum(shapley) == v(all) - v(empty)``.
+    """
+    import time  # noqa: PLC0415
+
+    if empty not in EMPTY_VALUES:
+        raise ValueError(f"empty must be one of {EMPTY_VALUES}, got {empty!r}")
+    n = len(models)
+    num_classes = int(models[0](torch.as_tensor(x[:1])).shape[-1])
+    spec: ProtocolSpec = protocol_specs(n, only=[protocol],
+                                        overrides={protocol: dict(params or {})})[0]
+    proto = spec.build(num_classes=num_classes, num_owners=n, owner_weights=[1.0] * n,
+                       precision_bits=precision_bits)
+    check_additive(proto)
+    if method == "auto":
+        method = "exact" if n <= EXACT_MAX_OWNERS else "permutation"
+    perms = None
+    if method == "exact":
+        coalitions = all_coalitions(n)
+    elif method == "permutation":
+        perms = sample_permutations(n, permutations, seed)
+        coalitions = permutation_coalitions(n, perms)
+    else:
+        raise ValueError(f"method must be exact, permutation or auto, got {method!r}")
+    t0 = time.perf_counter()
+    twin = None
+    if not secure or check_twin:
+        with torch.no_grad():
+            logits = [mdl(torch.as_tensor(x)).to(torch.float64) for mdl in models]
+        twin = plaintext_coalition_values(encoded_contributions(proto, logits), y, coalitions,
+                                          [certainty(lg) for lg in logits],
+                                          precision_bits=precision_bits)
+    if secure:
+        if model_sources is None:
+            raise ValueError("secure=True needs each owner's model_sources")
+        values = secure_coalition_values(model_sources, x, y, coalitions, protocol=protocol,
+                                         params=spec.params, precision_bits=precision_bits,
+                                         timeout_s=timeout_s)
+    else:
+        values = twin
+    seconds = time.perf_counter() - t0
+    if method == "exact":
+        phi, se, label = shapley_exact(values, empty=empty), None, "exact"
+    else:
+        phi, se = shapley_permutation(values, perms, empty=empty)
+        label = f"permutation ({len(perms)} samples)"
+    rewards = label_free_rewards(values)
+    fairness = {name: l1_fairness(r, phi) for name, r in rewards.items()}
+    return ContributionReport(n, label, empty, secure, phi, se, values, rewards, fairness,
+                              twin_equal=None if not (secure and twin is not None)
+                              else same_values(values, twin), seconds=seconds,
+                              extra={"protocol": protocol})
+
+
+# ---------------------------------------------------------------------------------------
+# The study: a small grid of federations
+# ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ShapleyConfig:
+    dataset: str = "digits"
+    arch: str = "mlp"
+    owners: tuple[int, ...] = (3, 5, 8)
+    alphas: tuple[float, ...] = (0.1, 1.0)
+    seed: int = 0
+    protocol: str = "soft_vote"
+    secure: bool = True
+    method: str = "auto"
+    permutations: int = 200
+    empty: str = "zero"
+    validation: int | None = None  # use only the first N held-out examples
+    timeout_s: float = 900.0
+
+
+def run_shapley(cfg: ShapleyConfig = ShapleyConfig(), *, show_progress: bool = True
+                ) -> tuple[list[dict[str, Any]], list[ContributionReport]]:
+    """Contribution scores for every (N, alpha); rows (one per owner) and the reports."""
+    import tempfile  # noqa: PLC0415
+
+    from .. import demo  # noqa: PLC0415
+    from .common import Progress  # noqa: PLC0415
+
+    torch.set_num_threads(1)
+    cells = [(n, a) for n in cfg.owners for a in cfg.alphas]
+    bar = Progress(len(cells), "shapley", enabled=show_progress)
+    rows, reports = [], []
+    with tempfile.TemporaryDirectory(prefix="mpc-fi-shapley-") as tmp:
+        for n, alpha in cells:
+            setup = demo.prepare(f"{tmp}/n{n}-a{alpha}", dataset=cfg.dataset, num_owners=n,
+                                 alpha=alpha, seed=cfg.seed, arch=cfg.arch)
+            x, y = setup.x_test, setup.y_test
+            if cfg.validation:
+                x, y = x[:cfg.validation], y[:cfg.validation]
+            rep = contribution_scores(setup.models, x, y,
+                                      model_sources=[o.model for o in setup.federation.owners],
+                                      protocol=cfg.protocol, secure=cfg.secure, method=cfg.method,
+                                      permutations=cfg.permutations, seed=cfg.seed,
+                                      empty=cfg.empty, timeout_s=cfg.timeout_s)
+            rep.extra.update(alpha=alpha, dataset=cfg.dataset, owner_sizes=setup.owner_sizes)
+            if rep.method == "exact" and n > 2:  # how good would sampling have been?
+                perms = sample_permutations(n, cfg.permutations, cfg.seed)
+                est, se = shapley_permutation(rep.values, perms, empty=cfg.empty)
+                err = np.abs(est - rep.shapley)
+                rep.extra.update(mc_max_error=float(err.max()),
+                                 mc_max_z=float(np.max(err / np.maximum(se, 1e-12))),
+                                 mc_permutations=cfg.permutations)
+            reports.append(rep)
+            merit = normalise(rep.shapley)
+            single = rep.singleton_accuracy
+            for i in range(n):
+                rows.append({"dataset": cfg.dataset, "arch": cfg.arch, "protocol": cfg.protocol,
+                             "owners": n, "alpha": alpha, "seed": cfg.seed, "owner": i,
+                             "train_size": setup.owner_sizes[i], "own_accuracy": single[i],
+                             "shapley": rep.shapley[i],
+                             "shapley_se": math.nan if rep.shapley_se is None else rep.shapley_se[i],
+                             "merit_share": merit[i],
+                             **{f"reward_{k}": v[i] for k, v in rep.rewards.items()},
+                             "grand_accuracy": rep.grand_accuracy,
+                             "empty_value": rep.values.empty_value(cfg.empty),
+                             **{f"l1_{k}": v for k, v in rep.fairness.items()},
+                             "method": rep.method, "on_shares": rep.secure,
+                             "shares_equal_twin": rep.twin_equal,
+                             "coalitions": len(rep.values.correct), "queries": len(y),
+                             "seconds": rep.seconds})
+            bar.step(f"N={n} alpha={alpha:g} ({rep.seconds:.0f}s)")
+    return rows, reports
+
+
+def markdown_report(reports: Sequence[ContributionReport]) -> str:
+    from .common import fmt, markdown_table  # noqa: PLC0415
+
+    if not reports:
+        return "(no federations)\n"
+    r0 = reports[0]
+    where = "on shares (owners + querier + TTP dealer)" if r0.secure else "in plaintext"
+    out = [f"{r0.extra['dataset']}, protocol {r0.extra['protocol']}, coalition values computed "
+           f"{where}; v(empty) = {r0.values.empty_value(r0.empty):g} ({r0.empty}). "
+           "Rewards are normalised splits of one unit; L1 = distance to the Shapley split.\n\n"]
+    with_mc = any("mc_max_error" in rep.extra for rep in reports)
+    table = []
+    for rep in reports:
+        eff = float(rep.shapley.sum())
+        target = rep.grand_accuracy - rep.values.empty_value(rep.empty)
+        line = [rep.num_owners, f"{rep.extra['alpha']:g}", len(rep.values.correct),
+                fmt(rep.grand_accuracy), fmt(float(rep.singleton_accuracy.max())),
+                f"{eff:.4f} / {target:.4f}", fmt(rep.fairness["equal"]),
+                fmt(rep.fairness["agreement"]), fmt(rep.fairness["entropy"]),
+                {True: "yes", False: "**no**", None: "–"}[rep.twin_equal], f"{rep.seconds:.0f}"]
+        if with_mc:
+            line.append("–" if "mc_max_error" not in rep.extra else
+                        f"{rep.extra['mc_max_error']:.4f} ({rep.extra['mc_max_z']:.1f})")
+        table.append(line)
+    header = ["N", "alpha", "coalitions", "v(all)", "best owner", "Σφ / v(all)−v(∅)", "L1 equal",
+              "L1 agreement", "L1 entropy", "shares = twin", "s"]
+    if with_mc:
+        perms = next(r.extra["mc_permutations"] for r in reports if "mc_max_error" in r.extra)
+        header.append(f"MC({perms}) vs exact: max err (max err/SE)")
+    out.append(markdown_table(table, header))
+    for rep in reports:
+        out.append(f"\nN={rep.num_owners}, alpha={rep.extra['alpha']:g} ({rep.method}):\n\n")
+        se = rep.shapley_se
+        table = [[i, rep.extra["owner_sizes"][i], fmt(rep.singleton_accuracy[i]),
+                  fmt(rep.shapley[i], 4) + ("" if se is None else f" ± {se[i]:.4f}"),
+                  fmt(normalise(rep.shapley)[i]), fmt(rep.rewards["agreement"][i]),
+                  fmt(rep.rewards["entropy"][i])] for i in range(rep.num_owners)]
+        out.append(markdown_table(table, ["owner", "train size", "own acc", "Shapley φ",
+                                          "merit share", "agreement share", "entropy share"]))
+    return "".join(out)

@@ -1,0 +1,145 @@
+"""Figures of the studies (matplotlib with the Agg backend, imported only when plotting)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .common import Row
+
+DPI = 72  # small files for docs/study
+
+
+def _pyplot() -> Any:
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    return plt
+
+
+def noniid_plots(rows: Sequence[Row], out_dir: str | Path) -> list[Path]:
+    """One figure per (data set, model): accuracy vs alpha, one panel per N."""
+    from .noniid import summarise  # noqa: PLC0415
+
+    plt = _pyplot()
+    summary = summarise(rows)
+    secure = [r for r in rows if r["kind"] == "secure" and "accuracy" in r]
+    paths = []
+    for combo in sorted({(c[0], c[1]) for c in summary}):
+        ns = sorted({c[2] for c in summary if (c[0], c[1]) == combo})
+        fig, axes = plt.subplots(1, len(ns), figsize=(4.2 * len(ns), 3.6), sharey=True,
+                                 squeeze=False)
+        systems = sorted({s for c, v in summary.items() if (c[0], c[1]) == combo for s in v})
+        protos = [s for s in systems if s not in ("best_owner", "mean_owner")]
+        cmap = plt.get_cmap("tab10" if len(protos) <= 10 else "tab20")
+        for ax, n in zip(axes[0], ns):
+            cells = sorted(c for c in summary if (c[0], c[1], c[2]) == (*combo, n))
+            alphas = [c[3] for c in cells]
+            for name, style in (("mean_owner", dict(color="k", ls="--", lw=2)),
+                                ("best_owner", dict(color="k", ls=":", lw=2))):
+                ax.plot(alphas, [summary[c][name][0] for c in cells], label=name.replace("_", " "),
+                        **style)
+            for j, p in enumerate(protos):
+                vals = [summary[c].get(p, (np.nan,))[0] for c in cells]
+                ax.plot(alphas, vals, marker="o", ms=3, lw=1, color=cmap(j), label=p)
+                pts = [(r["alpha"], r["accuracy"]) for r in secure if r["system"] == p
+                       and (r["dataset"], r["arch"], r["owners"]) == (*combo, n)]
+                if pts:
+                    ax.scatter(*zip(*pts), marker="s", s=40, facecolors="none",
+                               edgecolors=[cmap(j)], zorder=5)
+            ax.set_xscale("log")
+            ax.set_xlabel("Dirichlet alpha (log; small = non-IID)")
+            ax.set_title(f"{combo[0]}, {combo[1]}, N={n}")
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel("accuracy on held-out split")
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8,
+                   title="squares: single runs on shares", title_fontsize=8)
+        fig.tight_layout()
+        path = Path(out_dir) / f"noniid_{combo[0]}_{combo[1]}.png"
+        fig.savefig(path, dpi=DPI, bbox_inches="tight")
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def shapley_plot(reports: Sequence[Any], out_dir: str | Path) -> Path:
+    """Grouped bars per federation: Shapley merit share vs each label-free reward share."""
+    from .contribution import normalise  # noqa: PLC0415
+
+    plt = _pyplot()
+    k = len(reports)
+    cols = min(3, k)
+    rows_ = -(-k // cols)
+    fig, axes = plt.subplots(rows_, cols, figsize=(4.6 * cols, 3.2 * rows_), squeeze=False)
+    series = (("Shapley merit", None, "k"), ("equal", "equal", "0.7"),
+              ("agreement", "agreement", "tab:blue"), ("entropy", "entropy", "tab:orange"))
+    for ax, rep in zip(axes.flat, reports):
+        n = rep.num_owners
+        x = np.arange(n)
+        w = 0.8 / len(series)
+        for j, (label, key, color) in enumerate(series):
+            vals = normalise(rep.shapley) if key is None else rep.rewards[key]
+            ax.bar(x + (j - 1.5) * w, vals, w, label=label, color=color)
+        ax.set_xticks(x)
+        ax.set_xlabel("owner")
+        ax.set_title(f"N={n}, alpha={rep.extra['alpha']:g}: L1 eq {rep.fairness['equal']:.2f}, "
+                     f"agr {rep.fairness['agreement']:.2f}, ent {rep.fairness['entropy']:.2f}",
+                     fontsize=8)
+        ax.grid(alpha=0.3, axis="y")
+    for ax in list(axes.flat)[k:]:
+        ax.axis("off")
+    axes[0][0].set_ylabel("share of the reward")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(out_dir) / "shapley_rewards.png"
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def leakage_plot(rows: Sequence[Row], out_dir: str | Path) -> Path:
+    """Left: surrogate agreement vs queries; right: membership advantage vs queries/candidate."""
+    from .leakage import POLICIES, summary_for_plot  # noqa: PLC0415
+
+    plt = _pyplot()
+    s = summary_for_plot(rows)
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    colors = dict(zip(POLICIES, ("tab:red", "tab:orange", "tab:blue", "tab:green")))
+    for p in POLICIES:
+        pts = sorted((q, v) for (pp, q), v in s["agreement"].items() if pp == p)
+        q, mv = zip(*[(q, v[0]) for q, v in pts])
+        sd = [v[1] for _, v in pts]
+        a1.errorbar(q, mv, yerr=sd, marker="o", ms=3, capsize=2, label=p, color=colors[p])
+        pts = sorted((k, v) for (pp, k), v in s["advantage"].items() if pp == p)
+        null = sorted((k, v[0]) for (pp, k), v in s["advantage_null"].items() if pp == p)
+        if len(pts) == 1:
+            a2.axhline(pts[0][1][0], color=colors[p], ls="--", label=f"{p} (1 query)")
+            a2.axhline(null[0][1], color=colors[p], ls=":", lw=1)
+        else:
+            k, mv = zip(*[(k, v[0]) for k, v in pts])
+            a2.errorbar(k, mv, yerr=[v[1] for _, v in pts], marker="o", ms=3, capsize=2,
+                        label=p, color=colors[p])
+            a2.plot(*zip(*null), color=colors[p], ls=":", lw=1)
+    a1.set_xscale("log")
+    a1.set_xlabel("queries")
+    a1.set_ylabel("surrogate agreement with federation label")
+    a1.set_title("model extraction")
+    a1.grid(alpha=0.3)
+    a1.legend(fontsize=8)
+    a2.set_xscale("log", base=2)
+    a2.set_xlabel("queries per candidate (label policies)")
+    a2.set_ylabel("membership advantage (TPR - FPR, best threshold)")
+    a2.set_title("membership inference on owner 0 (dotted: membership shuffled)", fontsize=9)
+    a2.grid(alpha=0.3)
+    a2.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(out_dir) / "leakage.png"
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    plt.close(fig)
+    return path
