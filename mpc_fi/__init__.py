@@ -5,9 +5,9 @@ agreed aggregate reaches the querier. Public API: :class:`Federation`, the confi
 classes, the result types and the errors.
 """
 
-from .config import FederationConfig, ModelSource, NetworkConfig, OwnerConfig, ProtocolConfig, \
-    QuerierConfig
-from .errors import ConfigError, InputError, InsecureSettingWarning, MpcFiError, \
+from .config import FederationConfig, ModelSource, NetworkConfig, OwnerConfig, PrivacyConfig, \
+    ProtocolConfig, QuerierConfig
+from .errors import BudgetExceededError, ConfigError, InputError, InsecureSettingWarning, MpcFiError, \
     PartyFailedError, ProtocolError, UnsupportedModelError
 from .federation import Federation
 from .result import ABSTAIN, PartyCost, Prediction, RunResult
@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Federation", "FederationConfig", "OwnerConfig", "QuerierConfig", "ModelSource",
-    "ProtocolConfig", "NetworkConfig", "Prediction", "RunResult", "PartyCost", "ABSTAIN",
+    "ProtocolConfig", "NetworkConfig", "PrivacyConfig", "Prediction", "RunResult", "PartyCost", "ABSTAIN",
     "MpcFiError", "ConfigError", "UnsupportedModelError", "InputError", "ProtocolError",
-    "PartyFailedError", "InsecureSettingWarning",
+    "PartyFailedError", "BudgetExceededError", "InsecureSettingWarning",
 ]

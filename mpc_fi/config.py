@@ -12,6 +12,7 @@ import difflib
 import hashlib
 import ipaddress
 import json
+import math
 import os
 import re
 import tomllib
@@ -189,6 +190,63 @@ class NetworkConfig:
             return False
 
 
+def _number(value: Any, key: str, *, what: str) -> float:
+    """A finite real number from a config value; the message says how to fix a quoted one."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        hint = ""
+        if isinstance(value, str):
+            hint = (" (it was read as text: YAML 1.1 reads 1e-5 as a string; write 1.0e-5)"
+                    if "e" in value.lower() else " (it was read as text; remove the quotes)")
+        raise ConfigError(f"must be {what}, got {value!r}{hint}", key=key)
+    value = float(value)
+    if not math.isfinite(value):
+        raise ConfigError(f"must be {what}, got {value!r}", key=key)
+    return value
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """The querier's differential-privacy budget, enforced by :class:`~mpc_fi.Federation`.
+
+    ``budget_file`` is the JSON ledger (:class:`mpc_fi.privacy.PrivacyBudget`; created when
+    missing, relative paths from the federation file's folder); ``epsilon`` and ``delta`` are the
+    total ``(epsilon, delta)`` the querier may spend over every run that uses that ledger.
+    """
+
+    budget_file: str
+    epsilon: float
+    delta: float
+
+    def validate(self, key: str = "privacy") -> None:
+        if not isinstance(self.budget_file, str) or not self.budget_file:
+            raise ConfigError(f"must be the path of the budget ledger (a JSON file), got "
+                              f"{self.budget_file!r}", key=f"{key}.budget_file")
+        epsilon = _number(self.epsilon, f"{key}.epsilon", what="a number > 0")
+        if epsilon <= 0:
+            raise ConfigError(f"must be a number > 0, got {self.epsilon!r}", key=f"{key}.epsilon")
+        delta = _number(self.delta, f"{key}.delta", what="a number in (0, 1)")
+        if not 0 < delta < 1:
+            raise ConfigError(f"must be a number in (0, 1), typically below 1/(training examples), "
+                              f"got {self.delta!r}", key=f"{key}.delta")
+        object.__setattr__(self, "epsilon", epsilon)
+        object.__setattr__(self, "delta", delta)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], key: str) -> "PrivacyConfig":
+        _check_keys(data, ("budget_file", "epsilon", "delta"), key)
+        for name in ("budget_file", "epsilon", "delta"):
+            if name not in data:
+                raise ConfigError("missing", key=f"{key}.{name}")
+        cfg = cls(budget_file=data["budget_file"], epsilon=data["epsilon"], delta=data["delta"])
+        cfg.validate(key)
+        return cfg
+
+    def resolved(self, base: Path) -> "PrivacyConfig":
+        """The ledger path relative to the federation file's folder."""
+        return dataclasses.replace(
+            self, budget_file=str((base / os.path.expanduser(self.budget_file)).resolve()))
+
+
 @dataclass(frozen=True)
 class FederationConfig:
     """A whole federation: owners, querier, dealer, mode, protocol and release policy.
@@ -206,6 +264,7 @@ class FederationConfig:
     network: NetworkConfig = field(default_factory=NetworkConfig)
     batch_size: int = 256
     precision_bits: int = 16
+    privacy: PrivacyConfig | None = None  # the querier's DP budget (DP protocols only)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -244,6 +303,11 @@ class FederationConfig:
                 or not 8 <= self.precision_bits <= 16:
             raise ConfigError("must be an integer in 8..16 (CrypTen is wrong above 16 fractional "
                               f"bits), got {self.precision_bits!r}", key="precision_bits")
+        if self.privacy is not None:
+            if not isinstance(self.privacy, PrivacyConfig):
+                raise ConfigError("must be a PrivacyConfig (budget_file, epsilon, delta)",
+                                  key="privacy")
+            self.privacy.validate("privacy")
         if not self.network.is_loopback() and not self.network.acknowledge_plaintext_network:
             raise ConfigError(
                 f"address {self.network.address} is not loopback: gloo traffic between hosts is "
@@ -302,6 +366,8 @@ class FederationConfig:
             owner.pop("host", None)
         public["querier"].pop("data", None)
         public["querier"].pop("host", None)
+        if public.get("privacy"):
+            public["privacy"].pop("budget_file", None)  # local to the querier
         text = json.dumps(public, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -309,13 +375,18 @@ class FederationConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, base: Path | None = None) -> "FederationConfig":
         _check_keys(data, ("owners", "querier", "mode", "protocol", "reveal", "dealer", "network",
-                           "batch_size", "precision_bits"), "")
+                           "batch_size", "precision_bits", "privacy"), "")
         if "owners" not in data:
             raise ConfigError("missing: list the model owners", key="owners")
         if not isinstance(data["owners"], list):
             raise ConfigError("must be a list of owners", key="owners")
         owners = tuple(OwnerConfig.from_dict(o, f"owners[{i}]") for i, o in enumerate(data["owners"]))
         querier = QuerierConfig.from_dict(data.get("querier") or {}, "querier")
+        privacy = None
+        if data.get("privacy") is not None:
+            privacy = PrivacyConfig.from_dict(data["privacy"], "privacy")
+            if base is not None:
+                privacy = privacy.resolved(base)
         if base is not None:
             owners = tuple(dataclasses.replace(o, model=o.model.resolved(base)) for o in owners)
             if querier.data:
@@ -327,6 +398,7 @@ class FederationConfig:
             reveal=data.get("reveal", "label"), dealer=data.get("dealer", "ttp"),
             network=NetworkConfig.from_dict(data.get("network") or {}, "network"),
             batch_size=data.get("batch_size", 256), precision_bits=data.get("precision_bits", 16),
+            privacy=privacy,
         )
 
     @classmethod

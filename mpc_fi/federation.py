@@ -1,17 +1,38 @@
-"""The entry object for pipelines: ``Federation(config).predict(X)``."""
+"""The entry object for pipelines: ``Federation(config).predict(X)``.
+
+Differential privacy: when the federation has a ``privacy`` section, the protocol must be a
+differentially private one (``cls.differentially_private``; it prices a batch of queries with
+``cls.privacy_cost``). :meth:`Federation.run` then, in this order and under an exclusive lock on
+``<budget_file>.run.lock`` (so that two runs sharing a ledger cannot both pass the check):
+
+1. prices the run for the worst case (every query answered) and checks the querier's budget:
+   :class:`~mpc_fi.errors.BudgetExceededError` **before any party starts**, ledger untouched;
+2. runs the parties;
+3. charges the actual cost (Confident-GNMax: the answered count, read from the released labels,
+   which are ``-1`` where the query abstained) and only then returns the answers.
+
+A run that fails charges nothing (the caller receives no answer). The ledger itself is written
+atomically by :class:`mpc_fi.privacy.PrivacyBudget`, so it survives crashes.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .config import FederationConfig
-from .errors import ProtocolError
-from .plugins import LAUNCHERS, lookup
-from .result import PartyCost, Prediction, RunResult
+from .errors import BudgetExceededError, ConfigError, InputError, InsecureSettingWarning, \
+    ProtocolError
+from .plugins import LAUNCHERS, PROTOCOLS, lookup, registry
+from .privacy import PrivacyBudget, QueryCost
+from .result import ABSTAIN, PartyCost, Prediction, RunResult
 
 
 class Federation:
@@ -37,14 +58,83 @@ class Federation:
         self.run_dir = run_dir
 
     def run(self, X: Any | None = None) -> RunResult:
-        """Answer every query in ``X`` (or in ``querier.data`` when ``X`` is None)."""
+        """Answer every query in ``X`` (or in ``querier.data`` when ``X`` is None).
+
+        With a ``privacy`` section, raises :class:`~mpc_fi.errors.BudgetExceededError` before any
+        party starts if the worst case of this run would exceed the querier's budget, and charges
+        the actual cost after the run (see the module docstring).
+        """
         query = None if X is None else np.asarray(X)
-        launcher = self._launcher_cls(self.config, run_dir=self.run_dir, timeout_s=self.timeout_s)
-        results = launcher.run(query=query)
-        out = results[self.config.querier_rank]
+        fed = self.config
+        protocol_cls = lookup(PROTOCOLS, fed.protocol.name, key="protocol.name")
+        plan = self._privacy_plan(protocol_cls, query)
+        with _ledger_lock(plan[0] if plan else None):
+            if plan:
+                budget, worst, _ = plan
+                budget.check(fed.querier.name, worst)  # raises before any party starts
+            launcher = self._launcher_cls(fed, run_dir=self.run_dir, timeout_s=self.timeout_s)
+            results = launcher.run(query=query)
+            out = results[fed.querier_rank]
+            prediction = Prediction(labels=out["labels"], scores=out["scores"])
+            if plan:
+                self._charge(protocol_cls, plan, prediction)
         costs = tuple(PartyCost(**results[r]["cost"]) for r in sorted(results))
-        return RunResult(prediction=Prediction(labels=out["labels"], scores=out["scores"]),
-                         costs=costs, run_dir=str(Path(launcher.run_dir)))
+        return RunResult(prediction=prediction, costs=costs, run_dir=str(Path(launcher.run_dir)))
+
+    # -- differential privacy -------------------------------------------------------------
+    def _privacy_plan(self, protocol_cls: Any, query: np.ndarray | None
+                      ) -> tuple[PrivacyBudget, QueryCost, int] | None:
+        """``(budget, worst-case cost, number of queries)``, or None when nothing is accounted."""
+        fed = self.config
+        name = fed.protocol.name
+        is_dp = bool(getattr(protocol_cls, "differentially_private", False))
+        if fed.privacy is None:
+            if is_dp:
+                warnings.warn(
+                    f"protocol {name!r} adds differential-privacy noise but the federation has no "
+                    "privacy section: no budget is checked or charged. Add privacy: {budget_file, "
+                    "epsilon, delta} to account for what the querier learns.",
+                    InsecureSettingWarning, stacklevel=3)
+            return None
+        if not is_dp:
+            dp_names = sorted(n for n, c in registry(PROTOCOLS).items()
+                              if getattr(c, "differentially_private", False))
+            raise ConfigError(
+                f"protocol {name!r} is not differentially private, so its answers cannot be "
+                f"charged to a privacy budget; use one of {', '.join(dp_names)}, or remove the "
+                "privacy section", key="privacy")
+        queries = self._count_queries(query)
+        worst = protocol_cls.privacy_cost(params=dict(fed.protocol.params),
+                                          num_owners=fed.num_owners, queries=queries)
+        budget = PrivacyBudget(fed.privacy.budget_file, epsilon=fed.privacy.epsilon,
+                               delta=fed.privacy.delta)
+        return budget, worst, queries
+
+    def _count_queries(self, query: np.ndarray | None) -> int:
+        if query is None:
+            if not self.config.querier.data:
+                raise InputError("the querier has no queries: pass X to the API or set querier.data")
+            from .data import load_queries  # noqa: PLC0415 - only needed to price a DP run
+
+            query = load_queries(self.config.querier.data)
+        return int(query.shape[0]) if query.ndim >= 1 else 1
+
+    def _charge(self, protocol_cls: Any, plan: tuple[PrivacyBudget, QueryCost, int],
+                prediction: Prediction) -> None:
+        budget, _, queries = plan
+        fed = self.config
+        labels = np.asarray(prediction.labels)
+        answered = int(np.count_nonzero(labels != ABSTAIN)) if labels.ndim == 1 else queries
+        cost = protocol_cls.privacy_cost(params=dict(fed.protocol.params),
+                                         num_owners=fed.num_owners, queries=queries,
+                                         answered=answered)
+        try:
+            budget.charge(fed.querier.name, cost)
+        except BudgetExceededError as exc:
+            # Only possible if another process charged this ledger without the run lock.
+            raise BudgetExceededError(
+                f"the run finished but charging it failed, so its answers are withheld: {exc} "
+                "(another process charged the same ledger during this run)") from None
 
     def predict(self, X: Any | None = None) -> np.ndarray:
         """Labels, one per query (``-1`` where the protocol abstained)."""
@@ -56,3 +146,18 @@ class Federation:
             raise ProtocolError("predict_proba needs the federation to allow reveal: scores "
                                 "(by default only the label is released)")
         return self.run(X).prediction.scores
+
+
+@contextlib.contextmanager
+def _ledger_lock(budget: PrivacyBudget | None) -> Iterator[None]:
+    """Hold ``<ledger>.run.lock`` exclusively from the budget check to the charge."""
+    if budget is None:
+        yield
+        return
+    path = budget.path.with_name(budget.path.name + ".run.lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock

@@ -6,12 +6,26 @@ on shares in ``full`` mode), how contributions combine on shares, what is reveal
 in order for every batch: ``local_contribution`` (or ``secure_contribution``) at each owner,
 ``combine`` on the shares, ``to_reveal``, an opening to the querier only, then ``decode`` at the
 querier. A protocol only fills the hooks.
+
+Two optional parts of the interface:
+
+* :attr:`Protocol.contribution_width` — how many columns each owner shares per query (one per
+  class by default; a protocol that also shares a per-owner scalar, such as an entropy weight,
+  widens it). The engine sizes the other parties' placeholders with it.
+* :meth:`Protocol.privacy_cost` — a differentially private protocol prices a batch of queries
+  with :mod:`mpc_fi.privacy`; the :class:`~mpc_fi.Federation` checks the querier's budget with it
+  before any party starts and charges it after the run. Other protocols return ``None``.
+
+:class:`VoteWrapper` is the base of protocols that reuse another protocol's contributions and
+aggregate and change only what is revealed (a threshold, noise): privacy as a wrapper.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -19,7 +33,10 @@ import torch
 
 from mpc_fi import plain, secure
 from mpc_fi.errors import ProtocolError
+from mpc_fi.privacy import QueryCost
 from mpc_fi.result import Prediction
+
+from . import plain_ops, secure_ops
 
 
 class Protocol(ABC):
@@ -44,6 +61,9 @@ class Protocol(ABC):
     releases: ClassVar[dict[str, str]]
     #: cost profile on shares, in words
     cost: ClassVar[str]
+    #: True when the release is differentially private (the protocol prices it, see
+    #: :meth:`privacy_cost`)
+    differentially_private: ClassVar[bool] = False
 
     def __init__(self, *, num_classes: int, num_owners: int, reveal: str = "label",
                  owner_weights: Sequence[float] | None = None, precision_bits: int = 16) -> None:
@@ -63,10 +83,29 @@ class Protocol(ABC):
                                 f"{num_owners} owners")
         self.precision_bits = precision_bits
 
+    # -- shape of a contribution ---------------------------------------------------------
+    @property
+    def contribution_width(self) -> int:
+        """Columns of the ``(batch, width)`` tensor each owner shares (default: one per class)."""
+        return self.num_classes
+
+    # -- differential privacy -----------------------------------------------------------
+    @classmethod
+    def privacy_cost(cls, *, params: Mapping[str, Any], num_owners: int, queries: int,
+                     answered: int | None = None) -> QueryCost | None:
+        """Privacy cost of answering ``queries`` queries, or ``None`` if the release is not DP.
+
+        Called before any party starts (``answered=None``: the worst case) and after a run with
+        the number of queries that were answered (not abstained). ``params`` are the federation's
+        protocol parameters; the class count is not known yet at that point, so a DP protocol's
+        cost must not depend on it.
+        """
+        return None
+
     # -- hooks --------------------------------------------------------------------------
     @abstractmethod
     def local_contribution(self, logits: torch.Tensor) -> torch.Tensor:
-        """Owner side, ``output`` mode: the (batch, classes) tensor this owner secret-shares."""
+        """Owner side, ``output`` mode: the ``(batch, contribution_width)`` tensor it shares."""
 
     @abstractmethod
     def secure_contribution(self, logits: Any) -> Any:
@@ -100,12 +139,121 @@ class Protocol(ABC):
     def plaintext(self, logits: Sequence[torch.Tensor]) -> Prediction:
         """Plaintext twin from each owner's logits, with the same encoding and tie rule."""
 
+    def plaintext_aggregate(self, logits: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The combined aggregate as the shares hold it: integer fixed-point units (int64).
+
+        Default: the sum of the owners' encoded contributions (exact on shares). Protocols whose
+        :meth:`combine` does more override it.
+        """
+        return sum(plain.encode(self.local_contribution(lg), self.precision_bits) for lg in logits)
+
     # -- helpers ------------------------------------------------------------------------
+    @property
+    def scale(self) -> int:
+        """Fixed-point scale ``2**precision_bits``."""
+        return 1 << self.precision_bits
+
+    @classmethod
+    def param_error(cls, param: str, message: str) -> ProtocolError:
+        """A ProtocolError that names the federation key at fault (``protocol.<param>``)."""
+        return ProtocolError(f"protocol.{param}: {message} ({cls.name})")
+
+    @classmethod
+    def positive_real_param(cls, param: str, value: Any) -> float:
+        """``value`` as a finite float > 0, else a ProtocolError naming ``protocol.<param>``.
+
+        ``None`` stands for a required parameter that was not given.
+        """
+        if value is None:
+            raise cls.param_error(param, "missing (a number > 0)")
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) \
+                or not math.isfinite(float(value)) or float(value) <= 0:
+            raise cls.param_error(param, f"must be a finite number > 0, got {value!r}")
+        return float(value)
+
+    @classmethod
+    def check_param_names(cls, params: Mapping[str, Any], *, required: Sequence[str],
+                          optional: Sequence[str] = ()) -> None:
+        """Raise a ProtocolError naming ``protocol.<key>`` for an unknown or missing parameter."""
+        allowed = (*required, *optional)
+        for key in params:
+            if key not in allowed:
+                raise cls.param_error(str(key), f"unknown parameter; {cls.name} takes "
+                                                f"{', '.join(allowed) or 'none'}")
+        for key in required:
+            if key not in params:
+                raise cls.param_error(key, "missing")
+
     def validate_contribution(self, contribution: torch.Tensor, batch: int) -> None:
-        want = (batch, self.num_classes)
+        want = (batch, self.contribution_width)
         if tuple(contribution.shape) != want:
             raise ProtocolError(f"{self.name}: contribution of shape {tuple(contribution.shape)}, "
                                 f"expected {want}")
 
     def describe(self) -> str:
         return f"{self.name}: {self.summary} Reveals {self.releases[self.reveal]}, to the querier only."
+
+
+class VoteWrapper(Protocol):
+    """A protocol that reuses ``inner``'s contributions and aggregate and changes only the release.
+
+    Subclasses pass the wrapped class as ``inner_cls`` (it is built with the same common
+    arguments) and implement :meth:`to_reveal`, :meth:`decode` and :meth:`plaintext`; everything
+    up to the aggregate is delegated, so the wrapped protocol's twin
+    (:meth:`plaintext_aggregate`) stays valid.
+    """
+
+    def __init__(self, *, inner_cls: type[Protocol], **common: Any) -> None:
+        super().__init__(**common)
+        # The wrapper decides what is revealed; the inner protocol only aggregates.
+        self.inner = inner_cls(**{**common, "reveal": "label"})
+
+    @property
+    def contribution_width(self) -> int:
+        return self.inner.contribution_width
+
+    def local_contribution(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.inner.local_contribution(logits)
+
+    def secure_contribution(self, logits: Any) -> Any:
+        return self.inner.secure_contribution(logits)
+
+    def combine(self, contributions: Sequence[Any]) -> Any:
+        return self.inner.combine(contributions)
+
+    def plaintext_aggregate(self, logits: Sequence[torch.Tensor]) -> torch.Tensor:
+        return self.inner.plaintext_aggregate(logits)
+
+
+class IntegerWeighted:
+    """Mixin: owner ``i``'s contribution counts with a public positive integer weight ``W_i``.
+
+    ``W_i`` are proportional to the federation's ``owners[i].weight``
+    (:func:`protocols.plain_ops.integer_weights`: exact for small rationals, else quantised to
+    ``2**-16`` of the largest; :attr:`integer_weights` and :attr:`weights_exact` say which).
+    A share times a Python ``int`` is exact and local, so the weighted sum on shares equals its
+    twin bit for bit. Put it before the protocol whose contributions are weighted.
+    """
+
+    integer_weights: tuple[int, ...]
+    weights_exact: bool
+
+    def __init__(self, **common: Any) -> None:
+        super().__init__(**common)
+        self.integer_weights, self.weights_exact = plain_ops.integer_weights(self.owner_weights)
+
+    def combine(self, contributions: Sequence[Any]) -> Any:
+        return secure_ops.weighted_sum(contributions, self.integer_weights)
+
+    def scores_from_aggregate(self, aggregate: torch.Tensor) -> np.ndarray:
+        return (aggregate / sum(self.integer_weights)).numpy()
+
+    def plaintext_aggregate(self, logits: Sequence[torch.Tensor]) -> torch.Tensor:
+        return sum(w * plain.encode(self.local_contribution(lg), self.precision_bits)
+                   for w, lg in zip(self.integer_weights, logits, strict=True))
+
+    def plaintext(self, logits: Sequence[torch.Tensor]) -> Prediction:
+        total = self.plaintext_aggregate(logits)
+        scores = (total.to(torch.float64) / self.scale / sum(self.integer_weights)).numpy()
+        return Prediction(labels=plain.argmax_lowest(total).numpy(),
+                          scores=scores if self.reveal == "scores" else None)

@@ -1,0 +1,73 @@
+"""Confident release: the label only when the ensemble agrees enough, else an abstention."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from mpc_fi import plain, secure
+from mpc_fi.result import Prediction
+
+from . import plain_ops, secure_ops
+from .base import VoteWrapper
+from .hard_vote import HardVote
+from .soft_vote import SoftVote
+
+BASES = ("votes", "probability")
+
+
+class ConfidentVote(VoteWrapper):
+    """Reveal the plurality label only if its support reaches ``threshold``; else abstain (-1).
+
+    ``basis: votes`` (default) wraps :class:`~protocols.hard_vote.HardVote`: the top class must
+    hold at least ``threshold`` votes (``0 < threshold <= N``). ``basis: probability`` wraps
+    :class:`~protocols.soft_vote.SoftVote`: the top class's averaged probability must be at least
+    ``threshold`` (``0 < threshold <= 1``). The threshold test is a comparison on shares, exact
+    on the integer encodings (the threshold is rounded up to a whole fixed-point unit,
+    :func:`protocols.plain_ops.threshold_units`); the opened value is ``label`` or ``-1``
+    (:data:`mpc_fi.result.ABSTAIN`), so an abstention reveals nothing about the label, and an
+    answer reveals nothing about the margin. Tie rule: the lowest class index among equal tops.
+    """
+
+    name = "confident_vote"
+    summary = ("reveal the plurality label only if its vote count (or averaged probability) "
+               "reaches a threshold, else abstain (-1).")
+    releases = {"label": "the top label if its support reaches the threshold, else -1 (abstain); "
+                         "nothing about counts or probabilities"}
+    cost = ("one argmax over C + C comparisons (one layer) + one multiplication; "
+            "full mode: + the wrapped vote's per-owner argmax (votes) or softmax (probability)")
+
+    def __init__(self, *, threshold: float | None = None, basis: str = "votes",
+                 **common: Any) -> None:
+        if basis not in BASES:
+            raise self.param_error("basis", f"must be one of {', '.join(BASES)}, got {basis!r}")
+        super().__init__(inner_cls=HardVote if basis == "votes" else SoftVote, **common)
+        high = float(self.num_owners) if basis == "votes" else 1.0
+        if threshold is None:
+            raise self.param_error("threshold", f"missing (a number in (0, {high:g}])")
+        if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) \
+                or not math.isfinite(threshold) or not 0 < threshold <= high:
+            what = "a vote count" if basis == "votes" else "an averaged probability"
+            raise self.param_error("threshold", f"with basis {basis!r} it is {what} in "
+                                                f"(0, {high:g}], got {threshold!r}")
+        self.basis = basis
+        self.threshold = float(threshold)
+        # the aggregate is a count (votes) or a sum of N probabilities (probability)
+        per = 1 if basis == "votes" else self.num_owners
+        self.threshold_units = plain_ops.threshold_units(threshold, per=per,
+                                                         precision_bits=self.precision_bits)
+
+    def to_reveal(self, aggregate: Any) -> Any:
+        # The winner passes iff its own entry reaches the threshold, i.e. iff the maximum does.
+        one_hot = secure.argmax_one_hot(aggregate, self.num_classes)
+        passed = secure_ops.above(aggregate, self.threshold_units, self.precision_bits)
+        return secure_ops.gated_label(one_hot, passed, self.num_classes)
+
+    def plaintext(self, logits: Sequence[torch.Tensor]) -> Prediction:
+        units = self.plaintext_aggregate(logits)
+        passed = units.max(dim=-1).values >= self.threshold_units
+        return Prediction(labels=plain_ops.gate(plain.argmax_lowest(units), passed).numpy())

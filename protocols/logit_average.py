@@ -1,0 +1,48 @@
+"""Logit averaging: the average of the owners' raw logits, then its argmax."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from mpc_fi import plain
+from mpc_fi.result import Prediction
+
+from .base import Protocol
+
+
+class LogitAverage(Protocol):
+    """Each owner shares its raw logits; the label is the argmax of their sum (= of the average).
+
+    No softmax anywhere, so ``full`` mode costs no more than ``output`` mode: the shared logits
+    from the secure forward pass are the contributions. Logits of differently trained models can
+    live on different scales (a confident model has large logits); that is the point of the
+    protocol and its caveat: one owner with large logits outvotes the rest.
+    Exact on shares: the sum of the encoded logits is formed without truncation.
+    Tie rule: equal fixed-point sums go to the lowest class index.
+    """
+
+    name = "logit_average"
+    summary = "average the owners' raw logits and take the largest."
+    releases = {"label": "the label with the largest average logit",
+                "scores": "the average logit vector (owners' logits averaged, before any softmax)"}
+    cost = ("output and full mode: one argmax over C classes on shares (the sum is local); "
+            "full mode adds only the secure forward passes")
+
+    def local_contribution(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.to(torch.float64)
+
+    def secure_contribution(self, logits: Any) -> Any:
+        return logits
+
+    def scores_from_aggregate(self, aggregate: torch.Tensor) -> np.ndarray:
+        return (aggregate / self.num_owners).numpy()
+
+    def plaintext(self, logits: Sequence[torch.Tensor]) -> Prediction:
+        total = self.plaintext_aggregate(logits)
+        scores = (total.to(torch.float64) / self.scale / self.num_owners).numpy()
+        return Prediction(labels=plain.argmax_lowest(total).numpy(),
+                          scores=scores if self.reveal == "scores" else None)

@@ -1,0 +1,58 @@
+"""Top-k release: the k most likely labels of the averaged distribution, in order."""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from mpc_fi.result import Prediction
+
+from . import plain_ops, secure_ops
+from .soft_vote import SoftVote
+
+
+class TopK(SoftVote):
+    """The ``k`` classes with the largest averaged probability, most likely first.
+
+    The aggregate is soft voting's (sum of the owners' softmax distributions). Labels are ranked
+    on shares (:func:`protocols.secure_ops.top_k_indices`) and only the ``k`` indices are opened:
+    the querier learns their order but no probability. Predictions have shape ``(n, k)``.
+    Tie rule: among equal fixed-point sums the lower class index ranks first.
+    """
+
+    name = "top_k"
+    summary = "the k most likely labels of the averaged distribution, most likely first."
+    releases = {"label": "the k most likely labels, in order (no probabilities)",
+                "scores": "the averaged class distribution (ranked by the querier itself)"}
+    cost = ("label: C < 32: C(C-1)/2 + kC comparisons per query in two layers; C >= 32: k "
+            "argmaxes over C in sequence. full mode: + one softmax per owner on shares")
+
+    def __init__(self, *, k: int = 1, **common: Any) -> None:
+        super().__init__(**common)
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) \
+                or not 1 <= k <= self.num_classes:
+            raise self.param_error("k", f"must be an integer in 1..{self.num_classes} (the number "
+                                        f"of classes), got {k!r}")
+        self.k = int(k)
+
+    def to_reveal(self, aggregate: Any) -> Any:
+        if self.reveal == "label":
+            # each owner's probabilities sum to 1, so |aggregate| <= N (plus rounding)
+            return secure_ops.top_k_indices(aggregate, self.num_classes, self.k,
+                                            bound=self.num_owners + 1)
+        return aggregate
+
+    def decode(self, opened: torch.Tensor) -> Prediction:
+        if self.reveal == "label":
+            return Prediction(labels=opened.round().long().reshape(-1, self.k).numpy())
+        return Prediction(labels=plain_ops.top_k_lowest(opened, self.k).numpy(),
+                          scores=self.scores_from_aggregate(opened))
+
+    def plaintext(self, logits: Sequence[torch.Tensor]) -> Prediction:
+        total = self.plaintext_aggregate(logits)
+        scores = (total.to(torch.float64) / self.scale / self.num_owners).numpy()
+        return Prediction(labels=plain_ops.top_k_lowest(total, self.k).numpy(),
+                          scores=scores if self.reveal == "scores" else None)
