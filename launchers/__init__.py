@@ -5,10 +5,12 @@
 """
 
 from .base import Launcher
+from .host import HostLauncher
 from .local import LocalLauncher
 
 REGISTRY: dict[str, type[Launcher]] = {
     LocalLauncher.name: LocalLauncher,
+    HostLauncher.name: HostLauncher,
 }
 
-__all__ = ["REGISTRY", "Launcher", "LocalLauncher"]
+__all__ = ["REGISTRY", "HostLauncher", "Launcher", "LocalLauncher"]

@@ -17,7 +17,9 @@ from mpc_fi.errors import InsecureSettingWarning
 
 
 class Launcher(ABC):
-    """Starts every party of ``federation`` and collects their results by rank.
+    """Starts the parties of ``federation`` this launcher is responsible for, and collects their
+    results by rank: every party (:class:`~launchers.local.LocalLauncher`), or the one party of
+    this host (:class:`~launchers.host.HostLauncher`, which returns ``{its rank: result}``).
 
     ``run_dir`` receives one log per party (``party-<rank>-<name>.log``, every line tagged with
     rank, role and name) and the result files; a fresh temporary folder by default.
@@ -61,6 +63,19 @@ class Launcher(ABC):
             return "(no log)"
 
 
+    def last_step(self, rank: int) -> str | None:
+        """The last progress line party ``rank`` logged (its phase when it stopped)."""
+        try:
+            lines = self.log_path(rank).read_text(errors="replace").splitlines()
+        except OSError:
+            return None
+        for line in reversed(lines):
+            _, sep, msg = line.partition("] INFO ")
+            if sep and not msg.startswith(("starting", "exit")):
+                return msg
+        return None
+
+
 def warn_insecure(federation: FederationConfig) -> None:
     """Loud warnings for settings that weaken security (also written to every party log)."""
     for message in insecure_settings(federation):
@@ -76,8 +91,8 @@ def insecure_settings(federation: FederationConfig) -> list[str]:
             "owners' predictions and (in full mode) the query. Use dealer: ttp outside development.")
     if not federation.network.is_loopback():
         out.append(f"parties talk to {federation.network.address} over plaintext TCP (gloo): shares "
-                   "are readable on the wire unless the network is protected (WireGuard, SSH or "
-                   "stunnel tunnel).")
+                   "are readable on the wire unless the parties run inside a VPN (WireGuard, or SSH "
+                   "tunnel devices; see docs/multihost.md).")
     return out
 
 

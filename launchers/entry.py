@@ -1,15 +1,22 @@
 """The entry point of one party process, shared by every launcher.
 
 It is the only code that writes the process environment CrypTen reads (RANK, WORLD_SIZE,
-RENDEZVOUS, DISTRIBUTED_BACKEND), then runs :func:`mpc_fi.party.run_party` and leaves either a
-result file or an error file in the run folder.
+RENDEZVOUS, DISTRIBUTED_BACKEND, and GLOO_SOCKET_IFNAME across hosts), bounds every
+torch.distributed wait (:mod:`launchers.rendezvous`), then runs :func:`mpc_fi.party.run_party`
+and leaves either a result file or an error file in the run folder.
+
+Error files hold ``{"type", "message", "party", "rank", "phase"}``; ``phase`` is the last
+progress line the party logged ("handshake ok ...", "batch 2/3 done", ...).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
+import threading
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -17,11 +24,14 @@ from typing import Any
 import numpy as np
 
 from mpc_fi.config import FederationConfig
-from mpc_fi.errors import MpcFiError
-from mpc_fi.logs import setup_party_logging
+from mpc_fi.errors import MpcFiError, PartyFailedError
+from mpc_fi.logs import LOGGER_NAME, setup_party_logging
 from mpc_fi.party import PartyContext, run_party
 
+from . import rendezvous
 from .base import insecure_settings, write_atomic
+
+HEARTBEAT_S = 1.0
 
 
 def result_file(run_dir: Path, rank: int) -> Path:
@@ -32,28 +42,114 @@ def error_file(run_dir: Path, rank: int) -> Path:
     return run_dir / f"error-{rank}.pkl"
 
 
-def party_env(federation: FederationConfig, rank: int, rendezvous: str) -> dict[str, str]:
-    return {"RANK": str(rank), "WORLD_SIZE": str(federation.compute_world_size),
-            "RENDEZVOUS": rendezvous, "DISTRIBUTED_BACKEND": "gloo"}
+def heartbeat_file(run_dir: Path, rank: int) -> Path:
+    return run_dir / f".heartbeat-{rank}"
+
+
+def party_env(federation: FederationConfig, rank: int, rendezvous: str,
+              gloo_ifname: str | None = None) -> dict[str, str]:
+    """What CrypTen reads from the environment. ``WORLD_SIZE`` is CrypTen's: the computing
+    parties only (it adds the dealer itself), not the process count torchrun means by it."""
+    env = {"RANK": str(rank), "WORLD_SIZE": str(federation.compute_world_size),
+           "RENDEZVOUS": rendezvous, "DISTRIBUTED_BACKEND": "gloo"}
+    if gloo_ifname:
+        env["GLOO_SOCKET_IFNAME"] = gloo_ifname
+    return env
+
+
+class _Progress(logging.Handler):
+    """Remembers the party's last progress line (the phase it was in when something failed)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.last: str | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name == LOGGER_NAME and record.levelno == logging.INFO:
+            msg = record.getMessage()
+            if not msg.startswith(("starting", "exit")):
+                self.last = msg
+
+
+class _DealerWatch(logging.Handler):
+    """CrypTen's TTPServer swallows a broken connection (it logs and returns as if party 0 had
+    said goodbye); this notices it so the dealer does not report success after a failed run."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.broken: str | None = None
+        self._next = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name != "root":
+            return
+        msg = record.getMessage()
+        if self._next:
+            self.broken, self._next = rendezvous.clean_gloo_message(msg), False
+        elif msg.startswith("Encountered Runtime error. TTPServer shutting down"):
+            self.broken, self._next = "connection lost", True
+
+
+def _ours(record: logging.LogRecord) -> bool:
+    return record.name.startswith(LOGGER_NAME) or record.levelno >= logging.WARNING
 
 
 def party_main(federation: FederationConfig, rank: int, run_dir: str, env: dict[str, str],
-               query: np.ndarray | None = None, log_to_file: bool = True) -> int:
-    """Run party ``rank``; return (and, in a child, exit with) its exit code."""
+               query: np.ndarray | None = None, log_to_file: bool = True,
+               threads: int | None = None, *, echo_stderr: bool = False,
+               audit: bool = False) -> int:
+    """Run party ``rank``; return (and, in a child, exit with) its exit code.
+
+    ``log_to_file`` writes ``party-<rank>-<name>.log`` in ``run_dir`` (stderr otherwise);
+    ``threads`` caps torch's intra-op threads in this process (None: torch's default; the local
+    launcher runs every party on one machine and passes 1); ``echo_stderr`` copies the log lines
+    to stderr as well (one party per host); ``audit`` records this party's outgoing traffic and
+    decryptions in ``audit-<rank>.pkl`` (:mod:`mpc_fi.audit`; tests only, it weakens security).
+    """
     run_path = Path(run_dir)
+    run_path.mkdir(parents=True, exist_ok=True)
+    if threads is not None:
+        import torch  # noqa: PLC0415 - already imported by mpc_fi.party
+
+        torch.set_num_threads(threads)
     os.environ.update(env)
     name = federation.party_names[rank]
     role = federation.role_of(rank)
     log_path = run_path / f"party-{rank}-{name}.log" if log_to_file else None
     log = setup_party_logging(log_path, rank=rank, role=role, name=name)
+    root = logging.getLogger()
+    if echo_stderr and log_path is not None:
+        echo = logging.StreamHandler(sys.stderr)
+        echo.setFormatter(root.handlers[0].formatter)
+        root.addHandler(echo)
+    progress = _Progress()
+    log.addHandler(progress)
+    watch = None
+    if role == "dealer":
+        watch = _DealerWatch()
+        for handler in root.handlers:
+            handler.addFilter(_ours)
+        root.addHandler(watch)
+        root.setLevel(logging.INFO)
     for message in insecure_settings(federation):
         log.warning("INSECURE SETTING: %s", message)
+    if audit:
+        log.warning("INSECURE SETTING: wire audit on: this party's shares and opened values are "
+                    "written to %s", run_path / f"audit-{rank}.pkl")
     # SIGTERM from the launcher: leave quickly, as after Ctrl-C.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     code, payload = 0, None
     try:
-        log.info("starting (pid %d)", os.getpid())
-        payload = run_party(PartyContext(federation=federation, rank=rank, query=query))
+        log.info("starting (pid %d, rendezvous %s)", os.getpid(), env.get("RENDEZVOUS"))
+        rendezvous.install(federation, rank, federation.network.timeout_s)
+        payload = run_party(PartyContext(
+            federation=federation, rank=rank, query=query,
+            audit_path=str(run_path / f"audit-{rank}.pkl") if audit else None))
+        if watch is not None and watch.broken:
+            raise PartyFailedError(
+                f"the dealer lost its connection to the parties before party "
+                f"{federation.party_names[0]} said goodbye ({watch.broken}): the run failed on "
+                "the other side", party=name, rank=rank)
     except MpcFiError as exc:
         log.error("%s: %s", type(exc).__name__, exc)
         code, payload = exc.exit_code, {"type": type(exc).__name__, "message": str(exc)}
@@ -62,10 +158,19 @@ def party_main(federation: FederationConfig, rank: int, run_dir: str, env: dict[
         code, payload = 130, {"type": "KeyboardInterrupt", "message": "interrupted"}
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
+        log.error("stopped (exit %d)", code)
         payload = {"type": "SystemExit", "message": f"stopped (exit {code})"}
     except BaseException as exc:  # noqa: BLE001 - any crash must leave an error record
-        log.error("crashed:\n%s", traceback.format_exc())
-        code, payload = 1, {"type": type(exc).__name__, "message": str(exc)}
+        explained = rendezvous.explain_failure(federation, rank, exc, progress.last)
+        if explained:
+            log.error("%s", explained)
+            code = PartyFailedError.exit_code
+            payload = {"type": "PartyFailedError", "message": explained}
+        else:
+            log.error("crashed:\n%s", traceback.format_exc())
+            code, payload = 1, {"type": type(exc).__name__, "message": str(exc)}
+    if payload is not None and code != 0:
+        payload.update(party=name, rank=rank, phase=progress.last)
     target = result_file(run_path, rank) if code == 0 else error_file(run_path, rank)
     try:
         write_atomic(target, payload)
@@ -76,16 +181,43 @@ def party_main(federation: FederationConfig, rank: int, run_dir: str, env: dict[
     return code
 
 
-def child_main(*args: Any) -> None:
-    """multiprocessing target: run the party and exit with its code."""
-    code = party_main(*args)
+def _die_with_parent() -> None:
+    """Linux: let the kernel kill this party if its launcher dies (even by SIGKILL)."""
+    parent = os.getppid()
+    try:
+        import ctypes  # noqa: PLC0415
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the launcher died before prctl took effect
+        os._exit(137)
+
+
+def _heartbeat(path: Path) -> None:
+    """Touch ``path`` every second: the local launcher's watchdog sees a frozen process."""
+    def beat() -> None:
+        while True:
+            try:
+                path.touch()
+            except OSError:
+                pass
+            time.sleep(HEARTBEAT_S)
+
+    threading.Thread(target=beat, name="mpc-fi-heartbeat", daemon=True).start()
+
+
+def child_main(*args: Any, **kwargs: Any) -> None:
+    """multiprocessing target: run the party (``party_main``'s arguments) and exit with its code."""
+    _die_with_parent()
+    _heartbeat(heartbeat_file(Path(args[2]), args[1]))
+    code = party_main(*args, **kwargs)
     logging_shutdown()
     os._exit(code)  # skip interpreter teardown: gloo threads can hang it
 
 
 def logging_shutdown() -> None:
-    import logging  # noqa: PLC0415
-
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

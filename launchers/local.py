@@ -1,4 +1,4 @@
-"""Every party as a process on this machine (spawned, fresh rendezvous and free port per run)."""
+"""Every party as a process on this machine (fork server, fresh rendezvous and free port per run)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from mpc_fi.config import FederationConfig
 from mpc_fi.errors import PartyFailedError
 
 from .base import Launcher, wait_until
-from .entry import child_main, error_file, party_env, result_file
+from .entry import child_main, error_file, heartbeat_file, party_env, result_file
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -24,31 +24,59 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def _stopped(pid: int | None) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+    except (OSError, IndexError):
+        return False
+
+
 class LocalLauncher(Launcher):
     """Start all parties as local processes.
 
-    If a party exits with an error, crashes, or the run exceeds ``timeout_s``, every other party is
-    stopped (SIGTERM, then SIGKILL after ``stop_grace_s``) and the error names the party and shows
-    the end of its log. Ctrl-C stops every party. Processes are daemonic, so none outlives the
-    launcher.
+    Failure handling, all bounded:
+
+    * a party that exits with an error or is killed: the others are stopped at once (SIGTERM,
+      SIGKILL after ``stop_grace_s``); the error names the party that failed first (a party
+      killed by a signal is preferred over the peers that failed because it vanished) and shows
+      the end of its log;
+    * a party that freezes (stopped, deadlocked holding the GIL): its heartbeat stops and after
+      ``hang_timeout_s`` every party is stopped, naming it;
+    * a party that waits forever on a peer: gloo's timeout (``network.timeout_s``) makes it fail,
+      then as above;
+    * the whole run past ``timeout_s``: every party is stopped;
+    * Ctrl-C: every party is stopped before ``KeyboardInterrupt`` propagates.
+
+    Party processes are daemonic and ask the kernel to kill them if this process dies (Linux
+    ``PR_SET_PDEATHSIG``), so none outlives the launcher, even one killed with SIGKILL.
     """
 
     name = "local"
 
-    def __init__(self, federation: FederationConfig, *, run_dir=None, stop_grace_s: float = 10.0,
-                 timeout_s: float = 600.0) -> None:
+    def __init__(self, federation: FederationConfig, *, run_dir=None, stop_grace_s: float = 5.0,
+                 timeout_s: float = 600.0, hang_timeout_s: float = 20.0,
+                 audit: bool = False) -> None:
         super().__init__(federation, run_dir=run_dir, stop_grace_s=stop_grace_s)
+        self.audit = audit  # record every party's traffic and decryptions (mpc_fi.audit)
         self.timeout_s = timeout_s
+        self.hang_timeout_s = hang_timeout_s
         self.procs: list[mp.Process] = []
+        self._exited_at: dict[int, float] = {}
+        self._terminated: set[int] = set()  # ranks this launcher stopped itself
 
     def start(self, *, query: np.ndarray | None = None) -> None:
         fed = self.federation
         rendezvous = f"tcp://127.0.0.1:{free_port()}"
-        ctx = mp.get_context("spawn")
+        # A fork server (a fresh process, not this one) preloads torch and CrypTen once; every
+        # party is forked from it. Same isolation as "spawn", without re-importing per party.
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["launchers._preload"])
         for rank in range(len(fed.party_names)):
             args = (fed, rank, str(self.run_dir), party_env(fed, rank, rendezvous),
-                    query if rank == fed.querier_rank else None)
-            proc = ctx.Process(target=child_main, args=args, daemon=True,
+                    query if rank == fed.querier_rank else None, True, 1)  # log file; 1 thread
+            proc = ctx.Process(target=child_main, args=args, kwargs={"audit": self.audit},
+                               daemon=True,
                                name=f"mpc-fi-{fed.party_names[rank]}")
             proc.start()
             self.procs.append(proc)
@@ -57,25 +85,55 @@ class LocalLauncher(Launcher):
         with open(path, "rb") as fh:
             return pickle.load(fh)
 
+    def _note_exits(self) -> None:
+        now = time.monotonic()
+        for r, p in enumerate(self.procs):
+            if r not in self._exited_at and p.exitcode is not None:
+                self._exited_at[r] = now
+
+    def _frozen(self) -> int | None:
+        """A live party whose heartbeat is older than ``hang_timeout_s`` (None if all beat)."""
+        now = time.time()
+        for r, p in enumerate(self.procs):
+            if p.exitcode is not None:
+                continue
+            try:
+                age = now - heartbeat_file(self.run_dir, r).stat().st_mtime
+            except OSError:
+                continue  # still importing: no heartbeat yet
+            if age > self.hang_timeout_s:
+                return r
+        return None
+
     def wait(self, timeout_s: float | None = None) -> dict[int, dict[str, Any]]:
         fed = self.federation
-        deadline = time.monotonic() + (timeout_s or self.timeout_s)
+        limit = timeout_s or self.timeout_s
+        deadline = time.monotonic() + limit
         compute = range(fed.compute_world_size)
         try:
             while True:
-                failed = [r for r, p in enumerate(self.procs) if p.exitcode not in (None, 0)]
-                if failed:
-                    self._fail(failed[0])
+                self._note_exits()
+                if any(p.exitcode not in (None, 0) for p in self.procs):
+                    self._fail()
                 if all(self.procs[r].exitcode == 0 for r in compute):
                     break
-                if time.monotonic() > deadline:
-                    running = [fed.party_names[r] for r, p in enumerate(self.procs) if p.is_alive()]
+                frozen = self._frozen()
+                if frozen is not None:
                     self.terminate()
-                    rank = fed.party_names.index(running[0]) if running else 0
                     raise PartyFailedError(
-                        f"timed out after {timeout_s or self.timeout_s:.0f} s; still running: "
-                        f"{', '.join(running)}. Every party was stopped.",
-                        party=fed.party_names[rank], rank=rank, log_tail=self.log_tail(rank))
+                        f"party {fed.party_names[frozen]} (rank {frozen}, {fed.role_of(frozen)}) "
+                        f"stopped responding (no heartbeat for {self.hang_timeout_s:g} s: frozen "
+                        "or stopped); every party was stopped.",
+                        party=fed.party_names[frozen], rank=frozen, log_tail=self.log_tail(frozen))
+                if time.monotonic() > deadline:
+                    running = [r for r, p in enumerate(self.procs) if p.is_alive()]
+                    self.terminate()
+                    rank = running[0] if running else 0
+                    names = ", ".join(fed.party_names[r] for r in running)
+                    raise PartyFailedError(
+                        f"timed out after {limit:g} s; still running: {names}. Every party was "
+                        "stopped.", party=fed.party_names[rank], rank=rank,
+                        log_tail=self.log_tail(rank))
                 time.sleep(0.02)
         except KeyboardInterrupt:
             self.terminate()
@@ -85,9 +143,20 @@ class LocalLauncher(Launcher):
             proc.join(self.stop_grace_s)
         return {r: self._read(result_file(self.run_dir, r)) for r in compute}
 
-    def _fail(self, rank: int) -> None:
+    def _root_cause(self) -> int:
+        """The party whose failure started it: killed by a signal first, else the first out."""
+        failed = [r for r, p in enumerate(self.procs) if p.exitcode not in (None, 0)]
+        killed = [r for r in failed if self.procs[r].exitcode < 0 and r not in self._terminated]
+        pool = killed or failed
+        # Among parties seen exiting together, one that lost its peers (exit code 7) is more
+        # likely the consequence than the cause.
+        return min(pool, key=lambda r: (self._exited_at.get(r, float("inf")),
+                                        self.procs[r].exitcode == PartyFailedError.exit_code, r))
+
+    def _fail(self) -> None:
         """A party failed: wait briefly for the agreed error, stop everyone, raise."""
         fed = self.federation
+        rank = self._root_cause()
         # When parties agree on an error, all of them exit with it at about the same time.
         wait_until(lambda: all(p.exitcode is not None for p in self.procs[:fed.compute_world_size]),
                    timeout_s=min(2.0, self.stop_grace_s))
@@ -96,26 +165,34 @@ class LocalLauncher(Launcher):
         for r in range(len(self.procs)):
             path = error_file(self.run_dir, r)
             if path.exists():
-                records[r] = self._read(path)
+                try:
+                    records[r] = self._read(path)
+                except (OSError, pickle.UnpicklingError, EOFError):
+                    pass
         # Prefer an error the parties agreed on (a user-facing MpcFiError subclass).
         for r, rec in sorted(records.items()):
             cls = getattr(errors, rec["type"], None)
             if isinstance(cls, type) and issubclass(cls, errors.MpcFiError) \
                     and cls is not errors.PartyFailedError and cls is not errors.MpcFiError:
                 raise cls(rec["message"])
-        proc = self.procs[rank]
-        code = proc.exitcode
-        how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
-        detail = records.get(rank, {}).get("message")
+        code = self.procs[rank].exitcode
+        how = (f"was killed by signal {-code}" if code is not None and code < 0
+               else f"exited with code {code}")
+        rec = records.get(rank, {})
+        detail = rec.get("message")
+        step = rec.get("phase") or self.last_step(rank)
+        phase = f" (last step: {step})" if step and "(last step:" not in (detail or "") else ""
         raise PartyFailedError(
-            f"party {fed.party_names[rank]} (rank {rank}, {fed.role_of(rank)}) {how}"
+            f"party {fed.party_names[rank]} (rank {rank}, {fed.role_of(rank)}) {how}{phase}"
             + (f": {detail}" if detail else "") + "; every other party was stopped.",
             party=fed.party_names[rank], rank=rank, log_tail=self.log_tail(rank))
 
     def terminate(self) -> None:
         alive = [p for p in self.procs if p.is_alive()]
+        self._terminated |= {self.procs.index(p) for p in alive}
         for p in alive:
-            p.terminate()
+            # A stopped process cannot run its SIGTERM handler: no point waiting for it.
+            p.kill() if _stopped(p.pid) else p.terminate()
         deadline = time.monotonic() + self.stop_grace_s
         for p in alive:
             p.join(max(0.0, deadline - time.monotonic()))

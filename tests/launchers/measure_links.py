@@ -1,0 +1,139 @@
+"""Protocol cost across emulated LAN/WAN links: one real ``mpc-fi party`` per namespace host.
+
+    sudo .venv/bin/python tests/launchers/measure_links.py [--owners 3] [--queries 100]
+        [--mode output] [--profiles native,lan,...]
+
+For each link profile it builds the hosts (``netns.Topology``), runs the federation with every
+party in its own namespace, checks the querier's labels against the plaintext twin, and prints
+one row per profile: the inference wall time (slowest party, from each party's result file
+"cost"), the set-up time (handshake, model loading, sharing), rounds and bytes sent per party
+(CrypTen's counters: a round is one collective call; bytes are elements x 8) and the whole
+process wall time seen from outside (Python and CrypTen start-up included).
+
+Shaping: ``tc qdisc ... netem`` on each host's link when the kernel has ``sch_netem``, otherwise
+the userspace emulator ``linkemu.py`` (same model: delay RTT/2 and rate R on every host's egress).
+Needs root and iproute2. Used by ``test_netns.py`` too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from fedkit import make_federation  # noqa: E402
+from multihost import federation_for, party_names, querier_labels, start_parties  # noqa: E402
+from netns import Profile, Topology, netem_available, unavailable_reason  # noqa: E402
+
+PROFILES = {
+    "native": Profile("native (veth + bridge, no shaping)", 0.0, None),
+    "emu-0": Profile("emulator only (0 ms, unshaped)", 0.0, None),
+    "lan": Profile("LAN 0.5 ms RTT, 1 Gbit/s", 0.5, 1000.0),
+    "lan-100m": Profile("LAN 0.5 ms RTT, 100 Mbit/s", 0.5, 100.0),
+    "10ms-1g": Profile("10 ms RTT, 1 Gbit/s", 10.0, 1000.0),
+    "wan-10": Profile("WAN 10 ms RTT, 100 Mbit/s", 10.0, 100.0),
+    "50ms-1g": Profile("50 ms RTT, 1 Gbit/s", 50.0, 1000.0),
+    "wan-50": Profile("WAN 50 ms RTT, 100 Mbit/s", 50.0, 100.0),
+}
+
+
+def measure(profile_key: str, federation: Path, twin: list[int], workdir: Path, *,
+            timeout_s: float = 600.0, shaper: str | None = None) -> dict:
+    """Run once under ``profile_key``; return the row (raises if the run fails or disagrees)."""
+    profile = PROFILES[profile_key]
+    names = party_names(federation)
+    if profile_key == "native":
+        kind, used = "bridge", "none"
+    else:
+        shaper = shaper or ("netem" if netem_available() else "emulated")
+        kind, used = ("bridge", "netem") if shaper == "netem" else ("emulated", "linkemu")
+    with Topology(len(names), kind=kind, profile=None if kind == "bridge" and used == "none"
+                  else profile) as topo:
+        fed = federation_for(topo, federation, workdir / f"{profile_key}.yaml", timeout_s=120)
+        run = start_parties(topo, fed, workdir / profile_key, names, timeout_s=timeout_s)
+        codes = run.wait(timeout_s)
+        failed = {n: c for n, c in codes.items() if c != 0}
+        if failed:
+            detail = "\n".join(f"--- {n} (exit {c}) ---\n{run.outputs[n][1][-2000:]}"
+                               for n, c in failed.items())
+            raise RuntimeError(f"{profile_key}: parties failed {failed}\n{detail}")
+        labels = querier_labels(run.outputs[names[-2]][0])
+        if labels != list(twin):
+            raise RuntimeError(f"{profile_key}: labels differ from the plaintext twin")
+        costs = {n: run.result(n)["cost"] for n in names}
+        setup = max(run.result(n).get("setup_s", 0.0) for n in names if n != "dealer")
+    compute = [n for n in names if n != "dealer"]
+    return {"profile": profile.name, "shaper": used,
+            "infer_s": max(costs[n]["wall_s"] for n in compute), "setup_s": setup,
+            "process_s": run.wall_s,
+            "rounds": {n: costs[n]["rounds"] for n in compute},
+            "bytes": {n: costs[n]["bytes_sent"] for n in compute}}
+
+
+def median_row(runs: list[dict]) -> dict:
+    """The run with the median inference time, with the spread of all runs."""
+    ordered = sorted(runs, key=lambda r: r["infer_s"])
+    row = dict(ordered[len(ordered) // 2])
+    row["spread"] = (ordered[0]["infer_s"], ordered[-1]["infer_s"])
+    row["setup_s"] = sorted(r["setup_s"] for r in runs)[len(runs) // 2]
+    row["process_s"] = sorted(r["process_s"] for r in runs)[len(runs) // 2]
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    names = list(rows[0]["rounds"])
+    head = ("| profile | shaper | inference s (min-max) | set-up s | process s | "
+            + " | ".join(f"{n} rounds / MB" for n in names) + " |")
+    sep = "|" + "---|" * (5 + len(names))
+    lines = [head, sep]
+    for r in rows:
+        cells = [f"{r['rounds'][n]} / {r['bytes'][n] / 1e6:.2f}" for n in names]
+        spread = r.get("spread", (r["infer_s"], r["infer_s"]))
+        lines.append(f"| {r['profile']} | {r['shaper']} | {r['infer_s']:.2f} "
+                     f"({spread[0]:.2f}-{spread[1]:.2f}) | {r['setup_s']:.2f} "
+                     f"| {r['process_s']:.1f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--owners", type=int, default=3)
+    parser.add_argument("--queries", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--mode", default="output", choices=["output", "full"])
+    parser.add_argument("--profiles", default=",".join(PROFILES),
+                        help=f"comma-separated, from {', '.join(PROFILES)}")
+    parser.add_argument("--shaper", choices=["netem", "emulated"],
+                        help="default: netem when the kernel has it, else the emulator")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="runs per profile; the table shows the median (default 3)")
+    parser.add_argument("--workdir", help="where the federation and run folders go")
+    args = parser.parse_args(argv)
+    reason = unavailable_reason()
+    if reason:
+        print(f"cannot measure: {reason}", file=sys.stderr)
+        return 2
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="mpc-fi-links-"))
+    federation, twin = make_federation(workdir / "fed", num_owners=args.owners,
+                                       queries=args.queries, mode=args.mode,
+                                       batch_size=args.batch_size)
+    print(f"{args.owners} owners + querier + dealer, {args.queries} queries, batch "
+          f"{args.batch_size}, mode {args.mode}, soft_vote; one namespace per party; "
+          f"netem available: {netem_available()}", flush=True)
+    rows = []
+    for key in args.profiles.split(","):
+        runs = []
+        for _ in range(args.repeat):
+            runs.append(measure(key.strip(), federation, list(twin), workdir, shaper=args.shaper))
+            print(f"  {key}: inference {runs[-1]['infer_s']:.2f} s", flush=True)
+        rows.append(median_row(runs))
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""HostLauncher: one party per process, from --party or from torchrun/scheduler variables."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedkit import free_port, with_network
+from launchers import REGISTRY, HostLauncher
+from launchers.host import resolve_party
+from mpc_fi.config import FederationConfig, ModelSource, NetworkConfig, OwnerConfig
+from mpc_fi.errors import ConfigError
+
+MPC_FI = str(Path(sys.executable).with_name("mpc-fi"))
+TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+
+
+def federation(port: int | None = 29500, address: str = "127.0.0.1", ack: bool = False,
+               dealer: str = "ttp") -> FederationConfig:
+    return FederationConfig(
+        owners=tuple(OwnerConfig(name=f"owner{k}", model=ModelSource(
+            factory="mpc_fi.demo:mlp", weights=f"/nonexistent/{k}.pt")) for k in range(2)),
+        dealer=dealer,
+        network=NetworkConfig(address=address, port=port, acknowledge_plaintext_network=ack))
+
+
+# -- which party, which rendezvous ------------------------------------------------------
+def test_registered_as_host():
+    assert REGISTRY["host"] is HostLauncher
+
+
+def test_party_and_rendezvous_from_the_federation_file():
+    assert resolve_party(federation(), "querier", {}) == (
+        2, "tcp://127.0.0.1:29500", "network.address/network.port")
+    assert resolve_party(federation(), None, {"RANK": "3"})[0] == 3  # RANK alone picks the party
+
+
+def test_port_is_required_across_hosts():
+    with pytest.raises(ConfigError) as info:
+        resolve_party(federation(port=None), "owner0", {})
+    assert info.value.key == "network.port" and "owner0" in str(info.value)
+
+
+def test_party_must_be_named():
+    with pytest.raises(ConfigError, match="--party NAME .*owner0, owner1, querier, dealer"):
+        resolve_party(federation(), None, {})
+    with pytest.raises(ConfigError, match="no party named 'owner7'"):
+        resolve_party(federation(), "owner7", {})
+
+
+def test_torchrun_variables_win_and_world_size_counts_the_dealer():
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "4321", "RANK": "1", "WORLD_SIZE": "4"}
+    assert resolve_party(federation(port=None), None, env) == (
+        1, "tcp://127.0.0.1:4321", "MASTER_ADDR/MASTER_PORT")
+    with pytest.raises(ConfigError) as info:
+        resolve_party(federation(), None, {**env, "WORLD_SIZE": "3"})
+    msg = str(info.value)
+    assert "WORLD_SIZE=3" in msg and "4 processes" in msg and "the dealer counts" in msg
+    assert "0=owner0, 1=owner1, 2=querier, 3=dealer" in msg
+    # Without a dealer process (insecure-party-dealer), three processes are right.
+    assert resolve_party(federation(dealer="insecure-party-dealer"), None,
+                         {**env, "WORLD_SIZE": "3"})[0] == 1
+
+
+def test_torchrun_inconsistencies_are_named():
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "4321", "RANK": "1", "WORLD_SIZE": "4"}
+    with pytest.raises(ConfigError, match="--party querier is rank 2 .* RANK=1"):
+        resolve_party(federation(), "querier", env)
+    with pytest.raises(ConfigError, match="RANK=9 .* ranks 0..3"):
+        resolve_party(federation(), None, {**env, "RANK": "9"})
+    with pytest.raises(ConfigError, match="WORLD_SIZE missing"):
+        resolve_party(federation(), None, {k: v for k, v in env.items() if k != "WORLD_SIZE"})
+
+
+def test_remote_master_addr_needs_the_plaintext_acknowledgement():
+    env = {"MASTER_ADDR": "10.231.0.1", "MASTER_PORT": "4321", "RANK": "0", "WORLD_SIZE": "4"}
+    with pytest.raises(ConfigError) as info:
+        resolve_party(federation(), None, env)
+    assert info.value.key == "network.acknowledge_plaintext_network"
+    assert "WireGuard" in str(info.value)
+    assert resolve_party(federation(ack=True), None, env)[1] == "tcp://10.231.0.1:4321"
+
+
+# -- real processes -------------------------------------------------------------------
+def run_cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([MPC_FI, *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def test_cli_reports_a_missing_port_with_exit_code_2(small_federation, tmp_path):
+    path, _ = small_federation
+    proc = run_cli("party", "--federation", str(path), "--party", "owner0",
+                   "--run-dir", str(tmp_path))
+    assert proc.returncode == 2, proc.stderr
+    assert "network.port" in proc.stderr and "ConfigError" in proc.stderr
+
+
+def start_party(fed: Path, name: str, run_dir: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([MPC_FI, "party", "--federation", str(fed), "--party", name,
+                             "--run-dir", str(run_dir / name), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_one_process_per_party_over_tcp_matches_the_plaintext_twin(small_federation, tmp_path):
+    path, twin = small_federation
+    fed = with_network(path, tmp_path / "fed.yaml", port=free_port(), timeout_s=60)
+    names = list(FederationConfig.load(fed).party_names)
+    procs = {n: start_party(fed, n, tmp_path, "--output", str(tmp_path / f"{n}.npy"))
+             for n in names}
+    outs = {n: p.communicate(timeout=400) for n, p in procs.items()}
+    assert {n: p.returncode for n, p in procs.items()} == dict.fromkeys(names, 0), \
+        {n: o[1][-2000:] for n, o in outs.items()}
+    np.testing.assert_array_equal(np.load(tmp_path / "querier.npy"), twin)
+    assert not (tmp_path / "owner0.npy").exists()  # only the querier learns labels
+    # Each host's log: its own lines only, tagged with rank and role.
+    log = (tmp_path / "owner1" / "party-1-owner1.log").read_text().splitlines()
+    assert log and all("[rank 1 owner owner1]" in line for line in log)
+    assert "running querier (rank 2, querier) of 4 processes" in outs["querier"][1]
+
+
+@pytest.mark.slow  # the same check in-process: test_rendezvous.py; across namespaces: test_netns.py
+def test_a_missing_party_is_named_within_network_timeout(small_federation, tmp_path):
+    path, _ = small_federation
+    fed = with_network(path, tmp_path / "fed.yaml", port=free_port(), timeout_s=4)
+    procs = {n: start_party(fed, n, tmp_path) for n in ("owner0", "querier", "dealer")}
+    outs = {n: p.communicate(timeout=400) for n, p in procs.items()}
+    for name, proc in procs.items():
+        assert proc.returncode == 7, outs[name][1]
+        assert "owner1 (rank 1, owner)" in outs[name][1]
+        assert "never arrived" in outs[name][1]
+        assert not list((tmp_path / name).glob("result-*.pkl"))
+    # Bounded by network.timeout_s from the moment the rendezvous host started waiting (the
+    # processes' start-up time depends on the machine's load, so it is not counted).
+    log = (tmp_path / "owner0" / "party-0-owner0.log").read_text().splitlines()
+    stamps = [datetime.strptime(line[:12], "%H:%M:%S.%f") for line in (log[0], log[-1])]
+    assert (stamps[1] - stamps[0]).total_seconds() < 4 + 3
+
+
+@pytest.mark.skipif(shutil.which(TORCHRUN) is None and not Path(TORCHRUN).exists(),
+                    reason="torchrun not installed")
+def test_torchrun_starts_every_party(small_federation, tmp_path):
+    path, twin = small_federation
+    port = free_port()
+    cmd = [TORCHRUN, "--nnodes", "1", "--nproc-per-node", "4", "--master-addr", "127.0.0.1",
+           "--master-port", str(port), "--no-python", MPC_FI, "party", "--federation", str(path),
+           "--run-dir", str(tmp_path), "--output", str(tmp_path / "labels.npy")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    np.testing.assert_array_equal(np.load(tmp_path / "labels.npy"), twin)
+    assert "(from MASTER_ADDR/MASTER_PORT)" in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_torchrun_with_the_wrong_process_count_says_so(small_federation, tmp_path):
+    path, _ = small_federation
+    cmd = [TORCHRUN, "--nnodes", "1", "--nproc-per-node", "3", "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), "--no-python", MPC_FI, "party", "--federation",
+           str(path), "--run-dir", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+    assert proc.returncode != 0
+    assert "WORLD_SIZE=3 but this federation runs 4 processes" in proc.stdout + proc.stderr

@@ -1,0 +1,134 @@
+"""LocalLauncher hardening: tagged logs, bounded stops, Ctrl-C without orphans, exit codes."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedkit import alive, logged_pids, session_members, wait_for_line
+from launchers import LocalLauncher
+from mpc_fi.cli import build_parser
+from mpc_fi.config import FederationConfig
+from mpc_fi.errors import EXIT_CODES, PartyFailedError
+
+MPC_FI = str(Path(sys.executable).with_name("mpc-fi"))
+LINE = re.compile(r"^\d\d:\d\d:\d\d\.\d{3} \[rank (\d) (owner|querier|dealer) (\w+)\] "
+                  r"(INFO|WARNING|ERROR) ")
+
+
+def test_exit_codes_are_documented_in_help():
+    parser = build_parser()
+    texts = [parser.format_help()]
+    sub = next(a for a in parser._actions if a.dest == "command")
+    texts += [sub.choices[name].format_help() for name in ("run", "party")]
+    for text in texts:
+        for code, meaning in EXIT_CODES.items():
+            assert re.search(rf"^\s+{code}\s+{re.escape(meaning)}$", text, re.M), (code, text)
+
+
+def test_every_log_line_names_its_party_and_labels_match_the_twin(small_federation, tmp_path):
+    path, twin = small_federation
+    fed = FederationConfig.load(path)
+    results = LocalLauncher(fed, run_dir=tmp_path, timeout_s=180).run()
+    np.testing.assert_array_equal(results[fed.querier_rank]["labels"], twin)
+    for rank, name in enumerate(fed.party_names):
+        lines = (tmp_path / f"party-{rank}-{name}.log").read_text().splitlines()
+        assert lines
+        for line in lines:
+            m = LINE.match(line)
+            assert m, line
+            assert (int(m.group(1)), m.group(2), m.group(3)) == (rank, fed.role_of(rank), name)
+    assert not any(alive(pid) for pid in logged_pids(tmp_path).values())
+
+
+def test_a_frozen_party_stops_everyone_within_the_hang_timeout(small_federation, tmp_path):
+    path, _ = small_federation
+    fed = FederationConfig.load(path)
+    launcher = LocalLauncher(fed, run_dir=tmp_path, timeout_s=180, hang_timeout_s=4,
+                             stop_grace_s=3)
+    launcher.start()
+    try:
+        assert wait_for_line(launcher.log_path(1), "handshake ok", 120)
+        os.kill(launcher.procs[1].pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        with pytest.raises(PartyFailedError) as info:
+            launcher.wait()
+        elapsed = time.monotonic() - t0
+    finally:
+        launcher.terminate()
+    # hang_timeout_s + one heartbeat + the launcher's poll; a stopped process is killed at once.
+    assert elapsed < 4 + 1 + 3 + 2, elapsed
+    assert info.value.party == "owner1"
+    assert "stopped responding" in str(info.value) and "handshake ok" in str(info.value)
+    assert not any(p.is_alive() for p in launcher.procs)
+
+
+def test_run_timeout_stops_everyone_and_names_who_was_running(small_federation, tmp_path):
+    path, _ = small_federation
+    fed = FederationConfig.load(path)
+    # owner1 freezes; the others wait on it (gloo's timeout is far away): only the run's own
+    # timeout can end this.
+    launcher = LocalLauncher(fed, run_dir=tmp_path, stop_grace_s=2, hang_timeout_s=600)
+    launcher.start()
+    try:
+        assert wait_for_line(launcher.log_path(1), "handshake ok", 120)
+        os.kill(launcher.procs[1].pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        with pytest.raises(PartyFailedError,
+                           match=r"timed out after 3 s; still running: owner0, owner1, querier"):
+            launcher.wait(timeout_s=3)
+        assert time.monotonic() - t0 < 3 + 2 + 5
+    finally:
+        launcher.terminate()
+    assert not any(p.is_alive() for p in launcher.procs)
+
+
+def run_cli_until(tmp_path: Path, path: Path, line: str) -> subprocess.Popen:
+    """`mpc-fi run --federation` in its own session, returned once a party logged ``line``."""
+    proc = subprocess.Popen([MPC_FI, "run", "--federation", str(path), "--run-dir",
+                             str(tmp_path), "--timeout", "180"], start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if not wait_for_line(tmp_path / "party-2-querier.log", line, 120):
+        proc.kill()
+        pytest.fail("the parties never got going: " + proc.communicate()[1][-2000:])
+    return proc
+
+
+@pytest.mark.parametrize("to_group", [False, True], ids=["parent-only", "terminal-ctrl-c"])
+def test_ctrl_c_stops_every_party_and_leaves_no_orphans(small_federation, tmp_path, to_group):
+    path, _ = small_federation
+    proc = run_cli_until(tmp_path, path, "handshake ok")
+    assert len(session_members(proc.pid)) >= 5  # the launcher and its 4 parties
+    if to_group:  # what a terminal does: SIGINT to the whole foreground process group
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        os.kill(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 130, err
+    assert "interrupted; every party was stopped" in err
+    deadline = time.monotonic() + 30
+    while session_members(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert session_members(proc.pid) == []
+    pids = logged_pids(tmp_path)
+    assert len(pids) == 4 and not any(alive(pid) for pid in pids.values())
+
+
+@pytest.mark.slow
+def test_killing_the_launcher_takes_the_parties_with_it(small_federation, tmp_path):
+    path, _ = small_federation
+    proc = run_cli_until(tmp_path, path, "handshake ok")
+    os.kill(proc.pid, signal.SIGKILL)  # no chance to clean up: PR_SET_PDEATHSIG must
+    proc.communicate(timeout=120)
+    deadline = time.monotonic() + 30
+    while session_members(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert session_members(proc.pid) == []
