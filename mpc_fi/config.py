@@ -311,8 +311,8 @@ class FederationConfig:
         if not self.network.is_loopback() and not self.network.acknowledge_plaintext_network:
             raise ConfigError(
                 f"address {self.network.address} is not loopback: gloo traffic between hosts is "
-                "not encrypted. Run the parties over a protected network (WireGuard, an SSH or "
-                "stunnel tunnel; see docs/multihost.md) and set "
+                "not encrypted. Run the parties over a protected network (WireGuard or a layer-3 "
+                "SSH tunnel; see docs/multihost.md) and set "
                 "network.acknowledge_plaintext_network: true", key="network.address")
 
     # -- derived facts ------------------------------------------------------------------
@@ -356,7 +356,10 @@ class FederationConfig:
             if isinstance(obj, (list, tuple)):
                 return [plain(v) for v in obj]
             return obj
-        return plain(self)
+        out = plain(self)
+        # the file form of a protocol: its name beside its parameters
+        out["protocol"] = {"name": self.protocol.name, **plain(self.protocol.params)}
+        return out
 
     def fingerprint(self) -> str:
         """Hash of everything the parties must agree on (not of any secret: paths are local)."""

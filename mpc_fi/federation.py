@@ -23,7 +23,7 @@ import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -31,8 +31,10 @@ from .config import FederationConfig
 from .errors import BudgetExceededError, ConfigError, InputError, InsecureSettingWarning, \
     ProtocolError
 from .plugins import LAUNCHERS, PROTOCOLS, lookup, registry
-from .privacy import PrivacyBudget, QueryCost
 from .result import ABSTAIN, PartyCost, Prediction, RunResult
+
+if TYPE_CHECKING:  # dp-accounting (and scipy) load only for federations with a budget
+    from .privacy import PrivacyBudget, QueryCost
 
 
 class Federation:
@@ -106,6 +108,8 @@ class Federation:
         queries = self._count_queries(query)
         worst = protocol_cls.privacy_cost(params=dict(fed.protocol.params),
                                           num_owners=fed.num_owners, queries=queries)
+        from .privacy import PrivacyBudget  # noqa: PLC0415
+
         budget = PrivacyBudget(fed.privacy.budget_file, epsilon=fed.privacy.epsilon,
                                delta=fed.privacy.delta)
         return budget, worst, queries
