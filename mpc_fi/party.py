@@ -32,8 +32,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import errors
+from . import errors, secure
 from ._crypten import load_crypten
+from .bounds import aggregate_range
+from .compare import install_fast_comparisons
+from .audit import WireAudit
 from .config import FederationConfig
 from .errors import HandshakeError, InputError, MpcFiError
 from .logs import party_logger
@@ -54,6 +57,8 @@ class PartyContext:
     federation: FederationConfig
     rank: int
     query: np.ndarray | None = None  # the querier's queries (Python API); else querier.data
+    #: record this party's outgoing traffic and decryptions here (tests; weakens security)
+    audit_path: str | None = None
 
 
 def package_versions() -> dict[str, str]:
@@ -71,6 +76,9 @@ def configure_crypten(fed: FederationConfig) -> Any:
     crypten.cfg.mpc.provider = "TTP" if fed.dealer == "ttp" else "TFP"
     crypten.cfg.encoder.precision_bits = fed.precision_bits
     crypten.cfg.communicator.verbose = True  # count rounds and bytes
+    # Every comparison (relu, max, argmax, softmax's max, ...) through the cheaper, output-
+    # identical carry-save circuit of mpc_fi.compare; all parties do it alike.
+    install_fast_comparisons(crypten)
     return crypten
 
 
@@ -200,6 +208,16 @@ class _Party:
         self.num_classes = next(iter(classes.values()))
         self.archs: list[Architecture] = [published[r].get("arch") for r in self.owner_ranks]
         self.protocol = build_protocol(fed, num_classes=self.num_classes)
+        # Output mode: a public range of the aggregate lets comparisons carry few bits
+        # (mpc_fi.bounds); every owner checks its contributions against it batch by batch.
+        self.aggregate_range, self.contribution_range = None, None
+        if fed.mode == "output":
+            found = aggregate_range(self.protocol, num_owners=fed.num_owners,
+                                    num_classes=self.num_classes,
+                                    precision_bits=fed.precision_bits, logit_limit=MAX_ABS_VALUE)
+            # The range picks the comparison circuit: every party must use the same one.
+            if all(other == found for other in self._gather(found)):
+                self.aggregate_range, self.contribution_range = found
         self.log.info("protocol %s, %d classes, mode %s", self.protocol.name, self.num_classes, fed.mode)
         if fed.mode == "full":
             self._share_parameters()
@@ -231,6 +249,29 @@ class _Party:
                 raise InputError(f"[{self.fed.party_names[rank]}] reported a bad model output "
                                  "(see its log); the run was stopped everywhere")
 
+    def _secure_contributions(self, logits: list[Any]) -> list[Any]:
+        """Every owner's full-mode contribution from one call on the owners' stacked logits.
+
+        ``secure_contribution`` works row by row on ``(batch, classes)`` logits, so one call on
+        the ``(N * batch, classes)`` stack returns the same rows while its comparisons, ``exp``
+        and reciprocals run once for all owners: the rounds of this step do not grow with N.
+        """
+        size = logits[0].size(0)
+        out = self.protocol.secure_contribution(self.crypten.cat(logits, dim=0))
+        return [out[k * size:(k + 1) * size] for k in range(len(logits))]
+
+    def _broadcast_query(self, x: torch.Tensor) -> torch.Tensor:
+        """Send the querier's float32 query to everyone as raw 4-byte floats.
+
+        CrypTen counts 8 bytes per element whatever the dtype; viewing pairs of float32 as one
+        int64 makes the count match what gloo really sends.
+        """
+        flat = x.to(torch.float32).flatten()
+        padded = torch.zeros(flat.numel() + flat.numel() % 2, dtype=torch.float32)
+        padded[:flat.numel()] = flat
+        words = self.comm.broadcast(padded.view(torch.int64), self.q)
+        return words.view(torch.float32)[:flat.numel()].view(x.shape)
+
     def _owner_logits(self, x: torch.Tensor) -> tuple[torch.Tensor | None, str | None]:
         with torch.no_grad():
             logits = self.model(x)
@@ -257,19 +298,28 @@ class _Party:
                 x = torch.zeros(shape, dtype=torch.float32)
             if fed.mode == "output":
                 # Output mode: the query goes to the owners in plaintext (documented release).
-                x = self.comm.broadcast(x, self.q)
-                contribution, problem = torch.zeros(size, self.num_classes, dtype=torch.float64), None
+                x = self._broadcast_query(x)
+                # The placeholder every non-owner shares must have the owner's shape: the
+                # protocol may share more than one column per class (contribution_width).
+                width = getattr(self.protocol, "contribution_width", self.num_classes)
+                contribution, problem = torch.zeros(size, width, dtype=torch.float64), None
                 if self.role == "owner":
                     logits, problem = self._owner_logits(x)
                     if problem is None:
                         contribution = self.protocol.local_contribution(logits)
+                        if self.contribution_range is not None:
+                            problem = self.contribution_range.problem(contribution)
                 self._status(problem)
                 shares = [cryptensor(contribution, src=r) for r in self.owner_ranks]
             else:
                 x_enc = cryptensor(x.to(torch.float64), src=self.q)
-                shares = [self.protocol.secure_contribution(secure_forward(arch, x_enc, params))
-                          for arch, params in zip(self.archs, self.shared_params)]
-            opened = self.protocol.to_reveal(self.protocol.combine(shares)).get_plain_text(dst=self.q)
+                shares = self._secure_contributions(
+                    [secure_forward(arch, x_enc, params)
+                     for arch, params in zip(self.archs, self.shared_params)])
+            aggregate = self.protocol.combine(shares)
+            if self.aggregate_range is not None:
+                secure.annotate(aggregate, value_range=self.aggregate_range)
+            opened = self.protocol.to_reveal(aggregate).get_plain_text(dst=self.q)
             if self.role == "querier":
                 pred = self.protocol.decode(opened)
                 labels.append(pred.labels)
@@ -283,6 +333,16 @@ class _Party:
 
 def run_party(ctx: PartyContext) -> dict[str, Any]:
     """Run one party to completion; return plain Python values (no live tensors)."""
+    audit = WireAudit(ctx.rank).install() if ctx.audit_path else None
+    try:
+        return _run_party(ctx)
+    finally:
+        if audit is not None:
+            audit.uninstall()
+            audit.dump(ctx.audit_path)
+
+
+def _run_party(ctx: PartyContext) -> dict[str, Any]:
     fed = ctx.federation
     role = fed.role_of(ctx.rank)
     if role == "dealer":

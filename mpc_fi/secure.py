@@ -5,29 +5,113 @@ protocols can be checked value for value.
 
 Tie rule used everywhere: **among equal values, the lowest class index wins.** CrypTen's own
 ``argmax`` breaks ties at random, which makes plurality votes among few owners
-non-deterministic. :func:`distinct` makes every entry unique before the argmax by scaling the
-fixed-point encoding by ``C`` (an exact, local multiplication by a public integer) and adding
-``C - 1 - j`` units in the last place to class ``j``. Values that differ keep their order; values
-that are equal in fixed point are ordered by index.
+non-deterministic. The argmax here (:mod:`mpc_fi.compare`) compares every pair with
+"the lower index wins unless the higher one is strictly larger", so equal values are ordered by
+index without changing the values.
+
+Cost: the comparisons carry only the bits the values can occupy when a public
+:class:`~mpc_fi.compare.ValueRange` is known, either passed as ``value_range=`` or attached to
+the tensor with :func:`annotate` (the engine does this for the aggregate of output-mode
+contributions). Without one they are full 64-bit comparisons: exact, like CrypTen's, and cheaper.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from ._crypten import load_crypten
+from .compare import LAN, NETWORKS, NetworkProfile, ValueRange, argmax_bits
+
+__all__ = ["ValueRange", "Hint", "annotate", "hint_of", "distinct", "argmax_one_hot",
+           "one_hot_to_index", "argmax_index"]
+
+_HINT_ATTR = "_mpc_fi_hint"
+
+
+@dataclass(frozen=True)
+class Hint:
+    """Public facts about one shared tensor: its value range and the network to optimise for."""
+
+    value_range: ValueRange | None = None
+    network: NetworkProfile = LAN
+    group_size: int | None = None  # force an argmax schedule (benchmarks); None: cost model
+
+
+def _share_state(x: Any) -> tuple[int, int]:
+    share = x.share
+    return id(share), share._version
+
+
+def annotate(x: Any, *, value_range: ValueRange | None = None,
+             network: NetworkProfile | str = LAN, group_size: int | None = None) -> Any:
+    """Attach public facts to the shared tensor ``x`` (this object, these values) and return it.
+
+    An operation that makes a new tensor drops them, and so does an in-place update of ``x``
+    (the facts remember the state of its share), so a bound can never outlive the values it
+    describes. Every party must annotate alike (the facts choose the circuit).
+    """
+    net = NETWORKS[network] if isinstance(network, str) else network
+    setattr(x, _HINT_ATTR, (Hint(value_range, net, group_size), _share_state(x)))
+    return x
+
+
+def hint_of(x: Any) -> Hint:
+    """The facts attached by :func:`annotate` if ``x`` is unchanged since, else the defaults."""
+    try:
+        hint, state = object.__getattribute__(x, _HINT_ATTR)
+    except AttributeError:
+        return Hint()
+    return hint if state == _share_state(x) else Hint()
+
 
 def distinct(x: Any, num_classes: int) -> Any:
-    """Return ``x * C + (C-1-j) ulp`` along the last dimension: an order-preserving, tie-free map."""
+    """Return ``x * C + (C-1-j) ulp`` along the last dimension: an order-preserving, tie-free map.
+
+    Kept for callers that feed CrypTen's own ``argmax``; :func:`argmax_one_hot` does not need it.
+    """
     scale = x.encoder.scale
     offsets = torch.arange(num_classes - 1, -1, -1, dtype=torch.float64) / scale
     return x * num_classes + offsets
 
 
-def argmax_one_hot(x: Any, num_classes: int) -> Any:
+def _shares_2d(x: Any, num_classes: int) -> tuple[torch.Tensor, tuple[int, ...], int]:
+    crypten = load_crypten()
+
+    if x.ptype != crypten.mpc.arithmetic:
+        x = x.to(crypten.mpc.arithmetic)
+    share = x.share
+    if share.shape[-1] != num_classes:
+        raise ValueError(f"last dimension is {share.shape[-1]}, expected {num_classes} classes")
+    precision = x.encoder.scale.bit_length() - 1
+    return share.reshape(-1, num_classes), tuple(share.shape[:-1]), precision
+
+
+def _wrap(shares: torch.Tensor, precision: int) -> Any:
+    crypten = load_crypten()
+
+    # Integer shares of 0/1 or of an index, scaled to the fixed-point encoding: exact.
+    return crypten.mpc.MPCTensor.from_shares(shares * (1 << precision), precision=precision)
+
+
+def _resolve(x: Any, value_range: ValueRange | None, network: NetworkProfile | str | None,
+             group_size: int | None) -> dict[str, Any]:
+    hint = hint_of(x)
+    net = network if network is not None else hint.network
+    return {"value_range": value_range if value_range is not None else hint.value_range,
+            "net": NETWORKS[net] if isinstance(net, str) else net,
+            "group_size": group_size if group_size is not None else hint.group_size}
+
+
+def argmax_one_hot(x: Any, num_classes: int, *, value_range: ValueRange | None = None,
+                   network: NetworkProfile | str | None = None,
+                   group_size: int | None = None) -> Any:
     """One-hot (shared) of the argmax along the last dimension, lowest index on ties."""
-    return distinct(x, num_classes).argmax(dim=-1, one_hot=True)
+    shares, lead, precision = _shares_2d(x, num_classes)
+    bits = argmax_bits(shares, outputs="one_hot", **_resolve(x, value_range, network, group_size))
+    return _wrap(bits.view(*lead, num_classes), precision)
 
 
 def one_hot_to_index(one_hot: Any, num_classes: int) -> Any:
@@ -36,6 +120,14 @@ def one_hot_to_index(one_hot: Any, num_classes: int) -> Any:
     return (one_hot * torch.arange(num_classes, dtype=torch.long)).sum(dim=-1)
 
 
-def argmax_index(x: Any, num_classes: int) -> Any:
-    """Shared index of the maximum along the last dimension, lowest index on ties."""
-    return one_hot_to_index(argmax_one_hot(x, num_classes), num_classes)
+def argmax_index(x: Any, num_classes: int, *, value_range: ValueRange | None = None,
+                 network: NetworkProfile | str | None = None,
+                 group_size: int | None = None) -> Any:
+    """Shared index of the maximum along the last dimension, lowest index on ties.
+
+    Cheaper than ``one_hot_to_index(argmax_one_hot(...))``: only ``ceil(log2 C)`` bits per row
+    are converted from binary to arithmetic shares.
+    """
+    shares, lead, precision = _shares_2d(x, num_classes)
+    index = argmax_bits(shares, outputs="index", **_resolve(x, value_range, network, group_size))
+    return _wrap(index.view(*lead), precision)

@@ -1,0 +1,443 @@
+"""Shared code of the benchmark suites: the grid, the workloads, and the two baselines.
+
+Imported by file name from ``benchmarks/conftest.py`` (never as ``benchmarks.…``: CrypTen's
+wheel installs an unrelated top-level package called ``benchmarks``).
+
+Baselines, measured in the same pytest session as the engine:
+
+* **plaintext** -- every owner's model and the protocol's plaintext twin in one process;
+* **direct CrypTen** -- what a CrypTen user writes without mpc-fi: owners secret-share their
+  logits one after another with ``cryptensor`` and the aggregation runs on CrypTen's own
+  ``argmax``/``softmax`` on shares (``full`` mode: the querier shares the query and every owner's
+  MLP runs on shares as ``crypten.nn`` modules). Same parties (N owners + querier + TTP dealer),
+  same launcher style (spawned processes, fresh rendezvous), same cost counters (CrypTen's
+  communicator, inference phase only).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue as queue_mod
+import resource
+import socket
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+IN_FEATURES = 64
+HIDDEN = 32
+
+#: protocol -> the direct CrypTen computation of the same aggregate
+DIRECT_EQUIVALENT = {"soft_vote": "softmax_avg", "hard_vote": "hard_vote",
+                     "logit_average": "logit_avg"}
+DIRECT_VARIANTS = ("hard_vote", "softmax_avg", "logit_avg")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One grid point."""
+
+    protocol: str
+    mode: str
+    owners: int
+    classes: int
+    batch: int
+    dealer: str = "ttp"
+    workload: str = "random"  # "random" MLPs, or "digits" (trained demo owners, C=10)
+    direct: str | None = None  # the direct CrypTen aggregation to compare with ("none": skip)
+    queries: int | None = None  # number of queries, answered in batches of ``batch`` (default: B)
+
+    @property
+    def id(self) -> str:
+        return (f"{self.protocol}-{self.mode}-N{self.owners}-C{self.classes}-B{self.batch}"
+                + ("" if self.queries is None else f"-Q{self.queries}")
+                + ("" if self.workload == "random" else f"-{self.workload}")
+                + ("" if self.dealer == "ttp" else f"-{self.dealer}"))
+
+    @property
+    def num_queries(self) -> int:
+        return self.batch if self.queries is None else self.queries
+
+    @property
+    def direct_variant(self) -> str:
+        return self.direct or DIRECT_EQUIVALENT.get(self.protocol, "softmax_avg")
+
+
+FULL_OWNERS = (2, 3, 5, 8, 16)
+FULL_CLASSES = (2, 10, 100)
+FULL_BATCHES = (1, 32, 1024)
+
+
+def grid(name: str, protocols: tuple[str, ...]) -> list[Case]:
+    """The grid points of the protocol suite.
+
+    ``smoke``: one tiny case (the test suite runs it). ``quick`` (default): the targets'
+    configuration, N=3 owners, C=10, B=32, every protocol in both modes. ``targets``: quick, plus
+    owners N in {2, 5, 8, 16} in output mode (growth in N), full mode on the digits demo (label
+    agreement), and 10,000 queries in batches of 1,024 (memory; engine only). ``full``: protocol
+    x mode x N {2,3,5,8,16} x C {2,10,100} x B {1,32,1024}.
+    """
+    if name == "smoke":  # the cheapest direct aggregation keeps it short: not a fair ratio
+        return [Case("hard_vote", "output", 2, 2, 1, direct="logit_avg")]
+    quick = [Case(p, m, 3, 10, 32) for p in protocols for m in ("output", "full")]
+    if name == "quick":
+        return quick
+    if name == "targets":
+        return quick + [Case(p, "output", n, 10, 32) for p in protocols for n in (2, 5, 8, 16)] \
+            + [Case("soft_vote", "full", 3, 10, 540, workload="digits"),
+               Case("soft_vote", "output", 3, 10, 1024, direct="none", queries=10_000),
+               Case("hard_vote", "output", 16, 10, 1024, direct="none", queries=10_000)]
+    if name == "full":
+        return [Case(p, m, n, c, b) for p in protocols for m in ("output", "full")
+                for n in FULL_OWNERS for c in FULL_CLASSES for b in FULL_BATCHES]
+    raise ValueError(f"unknown grid {name!r}: smoke, quick, targets or full")
+
+
+# ---------------------------------------------------------------------------------------
+# Workloads: deterministic owners and queries (every process can rebuild them from the case)
+# ---------------------------------------------------------------------------------------
+def owner_model(case: Case, k: int, seed: int = 0) -> torch.nn.Module:
+    from mpc_fi.demo import mlp
+
+    torch.manual_seed(seed * 1000 + k)
+    model = mlp(in_features=IN_FEATURES, hidden=HIDDEN, num_classes=case.classes).eval()
+    with torch.no_grad():  # spread the logits a little so that margins vary
+        model[2].weight.mul_(3.0)
+    return model
+
+
+def queries(case: Case, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed + 17)
+    return rng.normal(size=(case.num_queries, IN_FEATURES)).astype(np.float32)
+
+
+@dataclass
+class Workload:
+    federation: Any
+    x: np.ndarray
+    models: list[torch.nn.Module]
+    y: np.ndarray | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def workload(case: Case, workdir: Path) -> Workload:
+    """The federation of ``case`` (owners' weights saved under ``workdir``) and its queries."""
+    from mpc_fi.config import FederationConfig, ModelSource, OwnerConfig, ProtocolConfig
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    if case.workload == "digits":
+        from mpc_fi import demo
+
+        setup = demo.prepare(workdir, num_owners=case.owners, mode=case.mode,
+                             protocol=case.protocol, dealer=case.dealer, batch_size=case.batch)
+        return Workload(setup.federation, setup.x_test, setup.models, setup.y_test)
+    owners, models = [], []
+    for k in range(case.owners):
+        model = owner_model(case, k)
+        path = workdir / f"owner{k}.pt"
+        torch.save(model.state_dict(), path)
+        models.append(model)
+        owners.append(OwnerConfig(name=f"owner{k}", model=ModelSource(
+            factory="mpc_fi.demo:mlp", weights=str(path),
+            kwargs={"in_features": IN_FEATURES, "hidden": HIDDEN, "num_classes": case.classes})))
+    fed = FederationConfig(owners=tuple(owners), mode=case.mode,
+                           protocol=ProtocolConfig(name=case.protocol), dealer=case.dealer,
+                           batch_size=case.batch)
+    return Workload(fed, queries(case), models)
+
+
+def plaintext_labels(case: Case, wl: Workload) -> np.ndarray:
+    """The protocol's plaintext twin on every owner's logits (the exactness reference)."""
+    from mpc_fi.plugins import build_protocol
+
+    protocol = build_protocol(wl.federation, num_classes=_classes(case))
+    with torch.no_grad():
+        logits = [m(torch.from_numpy(wl.x)).to(torch.float64) for m in wl.models]
+    return protocol.plaintext(logits).labels
+
+
+def _classes(case: Case) -> int:
+    return 10 if case.workload == "digits" else case.classes
+
+
+# ---------------------------------------------------------------------------------------
+# A small spawner for the direct CrypTen path (like tests/harness.py, plus a TTP dealer)
+# ---------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _child(rank: int, world: int, port: int, dealer: str, fn: Callable[..., Any], args: tuple,
+           out: Any) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), DISTRIBUTED_BACKEND="gloo",
+                      RENDEZVOUS=f"tcp://127.0.0.1:{port}")
+    try:
+        from mpc_fi._crypten import load_crypten
+
+        crypten = load_crypten()
+        crypten.cfg.mpc.provider = "TTP" if dealer == "ttp" else "TFP"
+        crypten.cfg.communicator.verbose = True
+        if rank == world:
+            torch.manual_seed(int.from_bytes(os.urandom(8), "big") >> 1)
+            crypten.mpc.provider.TTPServer()
+            out.put((rank, "ok", None))
+            return
+        crypten.init()
+        try:
+            result = fn(rank, *args)
+        finally:
+            crypten.uninit()
+        out.put((rank, "ok", result))
+    except BaseException:  # noqa: BLE001 - every failure goes back to the parent
+        out.put((rank, "error", traceback.format_exc()))
+
+
+def spawn(fn: Callable[..., Any], world: int, *args: Any, dealer: str = "ttp",
+          timeout_s: float = 900.0) -> list[Any]:
+    """Run ``fn(rank, *args)`` in ``world`` CrypTen parties (+ a TTP); results by rank."""
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = _free_port()
+    total = world + (1 if dealer == "ttp" else 0)
+    procs = [ctx.Process(target=_child, args=(r, world, port, dealer, fn, args, out), daemon=True)
+             for r in range(total)]
+    for p in procs:
+        p.start()
+    results: dict[int, tuple[str, Any]] = {}
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(results) < total and time.monotonic() < deadline:
+            try:
+                rank, status, value = out.get(timeout=0.5)
+            except queue_mod.Empty:
+                if any(p.exitcode not in (None, 0) for p in procs):
+                    break
+                continue
+            results[rank] = (status, value)
+            if status == "error":
+                break
+    finally:
+        for p in procs:
+            p.join(0.1 if len(results) < total else 10)
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+    errors = {r: v for r, (s, v) in results.items() if s == "error"}
+    if errors or len(results) < total:
+        text = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items()))
+        missing = [r for r in range(total) if r not in results]
+        raise RuntimeError(f"direct CrypTen run failed{text and ':'}\n{text}"
+                           + (f"\nno result from ranks {missing}" if missing else ""))
+    return [results[r][1] for r in range(world)]
+
+
+# ---------------------------------------------------------------------------------------
+# The direct CrypTen path, inside one party
+# ---------------------------------------------------------------------------------------
+def _crypten_mlp(crypten: Any, model: torch.nn.Module) -> Any:
+    layers = []
+    for module in model:
+        if isinstance(module, torch.nn.Linear):
+            lin = crypten.nn.Linear(module.in_features, module.out_features)
+            lin.set_parameter("weight", module.weight.detach().clone())
+            lin.set_parameter("bias", module.bias.detach().clone())
+            layers.append(lin)
+        elif isinstance(module, torch.nn.ReLU):
+            layers.append(crypten.nn.ReLU())
+        else:
+            raise TypeError(f"direct baseline: unsupported layer {type(module).__name__}")
+    return crypten.nn.Sequential(*layers)
+
+
+def direct_party(rank: int, case: Case, variant: str, x: np.ndarray, weight_files: list[str]
+                 ) -> dict[str, Any]:
+    """One party of the direct CrypTen path; returns its cost (and the querier's labels)."""
+    from mpc_fi._crypten import load_crypten
+    from mpc_fi.demo import mlp
+
+    crypten = load_crypten()
+    comm = crypten.communicator.get()
+    n, q, classes = case.owners, case.owners, _classes(case)
+    in_features = x.shape[1]
+
+    def model_of(k: int) -> torch.nn.Module:
+        # Owner k loads its own weights; other parties hold a random placeholder of that shape.
+        model = mlp(in_features=in_features, hidden=HIDDEN, num_classes=classes).eval()
+        if rank == k:
+            model.load_state_dict(torch.load(weight_files[k], weights_only=True))
+        return model
+
+    encrypted = []
+    if case.mode == "full":  # set-up: owners share their parameters (not counted, as in mpc-fi)
+        for k in range(n):
+            net = _crypten_mlp(crypten, model_of(k))
+            net.encrypt(src=k)
+            net.eval()
+            encrypted.append(net)
+    own = model_of(rank) if rank < n else None
+
+    comm.reset_communication_stats()
+    start = time.perf_counter()
+    batch = x.shape[0]
+    if case.mode == "output":
+        # The query reaches the owners in plaintext (raw float32, as mpc-fi sends it).
+        flat = torch.from_numpy(x).flatten()
+        padded = torch.zeros(flat.numel() + flat.numel() % 2, dtype=torch.float32)
+        if rank == q:
+            padded[:flat.numel()] = flat
+        xs = comm.broadcast(padded.view(torch.int64), q).view(torch.float32)[:flat.numel()]
+        xs = xs.view(x.shape)
+        shared_logits = []
+        for k in range(n):  # owners share one after another
+            local = own(xs).to(torch.float64).detach() if rank == k else \
+                torch.zeros(batch, classes, dtype=torch.float64)
+            shared_logits.append(crypten.cryptensor(local, src=k))
+    else:
+        x_enc = crypten.cryptensor(torch.from_numpy(x).to(torch.float64) if rank == q
+                                   else torch.zeros(x.shape, dtype=torch.float64), src=q)
+        shared_logits = [net(x_enc) for net in encrypted]
+    if variant == "hard_vote":
+        total = sum(lg.argmax(dim=1, one_hot=True) for lg in shared_logits)
+    elif variant == "softmax_avg":
+        total = sum(lg.softmax(1) for lg in shared_logits) / n
+    elif variant == "logit_avg":
+        total = sum(shared_logits) / n
+    else:
+        raise ValueError(variant)
+    one_hot = total.argmax(dim=1, one_hot=True)
+    index = (one_hot * torch.arange(classes, dtype=torch.long)).sum(dim=1)
+    opened = index.get_plain_text(dst=q)
+    wall = time.perf_counter() - start
+    stats = comm.get_communication_stats()
+    out = {"cost": {"party": "querier" if rank == q else f"owner{rank}",
+                    "role": "querier" if rank == q else "owner", "wall_s": wall,
+                    "rounds": int(stats["rounds"]), "bytes_sent": int(stats["bytes"]),
+                    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}}
+    if rank == q:
+        out["labels"] = opened.round().long().numpy()
+    return out
+
+
+def run_direct(case: Case, wl: Workload, workdir: Path, variant: str | None = None, *,
+               timeout_s: float = 900.0) -> dict[str, Any]:
+    """Run the direct CrypTen path for ``case``; per-party costs and the querier's labels."""
+    variant = variant or case.direct_variant
+    files = []
+    workdir.mkdir(parents=True, exist_ok=True)
+    for k, model in enumerate(wl.models):
+        path = workdir / f"direct-owner{k}.pt"
+        torch.save(model.state_dict(), path)
+        files.append(str(path))
+    x = wl.x
+    results = spawn(direct_party, case.owners + 1, case, variant, x, files, dealer=case.dealer,
+                    timeout_s=timeout_s)
+    return {"costs": [r["cost"] for r in results], "labels": results[case.owners]["labels"],
+            "variant": variant}
+
+
+def cost_summary(costs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-party figures and the maxima over parties."""
+    return {
+        "per_party": costs,
+        "max_rounds": max(c["rounds"] for c in costs),
+        "max_bytes": max(c["bytes_sent"] for c in costs),
+        "max_rss_mb": max(c["peak_rss_mb"] for c in costs),
+        "max_wall_s": max(c["wall_s"] for c in costs),
+        "querier_rounds": next(c["rounds"] for c in costs if c["role"] == "querier"),
+        "querier_bytes": next(c["bytes_sent"] for c in costs if c["role"] == "querier"),
+    }
+
+
+def as_dicts(costs: Any) -> list[dict[str, Any]]:
+    return [asdict(c) if not isinstance(c, dict) else c for c in costs]
+
+
+# ---------------------------------------------------------------------------------------
+# Argmax ablation: CrypTen's argmax against each step of mpc_fi.compare, on the same values
+# ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ArgmaxCase:
+    """One argmax on shares: ``method`` x value ``kind`` x classes x batch x group size."""
+
+    method: str  # crypten | full64 | bounded | bounded_lowbits
+    kind: str  # votes (sums of N one-hot votes) | probs (sums of N encoded probabilities)
+    classes: int
+    batch: int
+    owners: int = 3
+    group_size: int | None = None  # None: the cost model's choice on a LAN
+
+    @property
+    def id(self) -> str:
+        g = "auto" if self.group_size is None else f"g{self.group_size}"
+        return f"{self.method}-{self.kind}-N{self.owners}-C{self.classes}-B{self.batch}-{g}"
+
+
+def argmax_grid(name: str) -> list[ArgmaxCase]:
+    """``quick``/``targets``: C=10, B=32, N=3; ``full`` adds C=100, B in {1, 1024}, N up to 16."""
+    if name == "smoke":
+        return []
+    cases = [ArgmaxCase("crypten", "votes", 10, 32), ArgmaxCase("full64", "votes", 10, 32),
+             ArgmaxCase("bounded", "votes", 10, 32), ArgmaxCase("bounded_lowbits", "votes", 10, 32),
+             ArgmaxCase("crypten", "probs", 10, 32), ArgmaxCase("bounded", "probs", 10, 32)]
+    cases += [ArgmaxCase("bounded", "probs", 10, 32, group_size=g) for g in (2, 5)]
+    if name == "full":
+        cases += [ArgmaxCase("crypten", "probs", 100, 32)]
+        cases += [ArgmaxCase("bounded", "probs", 100, 32, group_size=g) for g in (2, 4, 10, 100)]
+        cases += [ArgmaxCase("bounded", "probs", 10, b) for b in (1, 1024)]
+        cases += [ArgmaxCase("bounded_lowbits", "votes", 10, 32, owners=n) for n in (2, 5, 8, 16)]
+    return cases
+
+
+def argmax_values(case: ArgmaxCase, seed: int = 0) -> tuple[np.ndarray, Any]:
+    """Encoded aggregates (integers at 16 fractional bits) and their public range."""
+    from mpc_fi.compare import ValueRange
+
+    rng = np.random.default_rng(seed)
+    n, shape = case.owners, (case.batch, case.classes)
+    if case.kind == "votes":
+        counts = np.zeros(shape, dtype=np.int64)
+        for _ in range(n):
+            counts[np.arange(case.batch), rng.integers(0, case.classes, case.batch)] += 1
+        values = counts << 16
+        bound = ValueRange(0, n << 16, 16 if case.method == "bounded_lowbits" else 0)
+    else:
+        probs = rng.dirichlet(np.ones(case.classes), size=(n, case.batch))
+        values = (probs * 65536).astype(np.int64).sum(axis=0)
+        bound = ValueRange(0, n << 16)
+    return values, (bound if case.method.startswith("bounded") else None)
+
+
+def argmax_party(rank: int, case: ArgmaxCase, values: np.ndarray, bound: Any) -> dict[str, Any]:
+    from mpc_fi import secure
+    from mpc_fi._crypten import load_crypten
+
+    crypten = load_crypten()
+    comm = crypten.communicator.get()
+    q = case.owners
+    x = crypten.cryptensor(torch.from_numpy(values).to(torch.float64) / 65536.0, src=0)
+    comm.reset_communication_stats()
+    start = time.perf_counter()
+    if case.method == "crypten":  # tie-free values, CrypTen's argmax (its default: log_reduction)
+        one_hot = secure.distinct(x, case.classes).argmax(dim=-1, one_hot=True)
+        index = secure.one_hot_to_index(one_hot, case.classes)
+    else:
+        index = secure.argmax_index(x, case.classes, value_range=bound,
+                                    group_size=case.group_size)
+    opened = index.get_plain_text(dst=q)
+    wall = time.perf_counter() - start
+    stats = comm.get_communication_stats()
+    out = {"cost": {"party": f"owner{rank}" if rank < q else "querier",
+                    "role": "owner" if rank < q else "querier", "wall_s": wall,
+                    "rounds": int(stats["rounds"]), "bytes_sent": int(stats["bytes"]),
+                    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}}
+    if rank == q:
+        out["labels"] = opened.round().long().numpy()
+    return out
