@@ -166,3 +166,22 @@ def test_torchrun_with_the_wrong_process_count_says_so(small_federation, tmp_pat
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
     assert proc.returncode != 0
     assert "WORLD_SIZE=3 but this federation runs 4 processes" in proc.stdout + proc.stderr
+
+
+def test_a_party_started_with_another_federation_file_is_refused_by_everyone(small_federation,
+                                                                             tmp_path):
+    import yaml
+
+    path, _ = small_federation
+    fed = with_network(path, tmp_path / "fed.yaml", port=free_port(), timeout_s=20)
+    other = tmp_path / "other.yaml"
+    data = yaml.safe_load(fed.read_text())
+    data["reveal"] = "scores"  # one public setting differs
+    other.write_text(yaml.safe_dump(data))
+    names = list(FederationConfig.load(fed).party_names)
+    procs = {n: start_party(other if n == "owner1" else fed, n, tmp_path) for n in names}
+    outs = {n: p.communicate(timeout=400) for n, p in procs.items()}
+    for name in names[:-1]:  # every computing party stops with the same handshake error
+        assert procs[name].returncode == 8, outs[name][1][-2000:]
+        assert "different federation" in outs[name][1]
+        assert not list((tmp_path / name).glob("result-*.pkl"))
