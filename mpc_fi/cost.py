@@ -237,8 +237,7 @@ def _run_suite(cmd: list[str], cwd: Path, log_path: Path) -> int:
     with open(log_path, "w") as log, subprocess.Popen(
             cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             bufsize=1) as proc:
-        assert proc.stdout is not None
-        for line in proc.stdout:
+        for line in proc.stdout or ():  # stdout=PIPE: never None
             log.write(line)
             match = _RESULT.search(line)
             if match:
