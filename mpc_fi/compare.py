@@ -54,7 +54,8 @@ from ._crypten import load_crypten
 __all__ = [
     "ValueRange", "NetworkProfile", "LAN", "WAN", "NETWORKS", "ArgmaxPlan",
     "choose_group_size", "plan_argmax", "argmax_circuit", "argmax_bits", "argmax_one_hot_shares",
-    "argmax_index_shares", "ge_zero_circuit", "ge_zero_shares",
+    "argmax_index_shares", "ge_zero_circuit", "ge_zero_shares", "install_fast_comparisons",
+    "uninstall_fast_comparisons", "pack_bits", "unpack_bits",
 ]
 
 _WORD = 64
