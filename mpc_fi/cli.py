@@ -36,6 +36,15 @@ def _print_costs(costs) -> None:
           "inference phase only, after set-up)")
 
 
+def _emit_labels(labels: np.ndarray, output: str | None) -> None:
+    """The querier's labels: saved as .npy when asked, printed otherwise."""
+    if output:
+        np.save(output, labels)
+        _step(f"labels written to {output}")
+    else:
+        print("labels:", " ".join(map(str, labels.tolist())))
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .federation import Federation  # noqa: PLC0415
 
@@ -46,12 +55,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         _step(f"running federation {args.federation}: {fed.num_owners} owners, mode {fed.mode}, "
               f"protocol {fed.protocol.name}")
         result = Federation(fed, timeout_s=args.timeout, run_dir=args.run_dir).run()
-        labels = result.prediction.labels
-        if args.output:
-            np.save(args.output, labels)
-            _step(f"labels written to {args.output}")
-        else:
-            print("labels:", " ".join(map(str, labels.tolist())))
+        _emit_labels(result.prediction.labels, args.output)
         _print_costs(result.costs)
         return 0
     return _run_demo(args, Federation)
@@ -117,11 +121,7 @@ def cmd_party(args: argparse.Namespace) -> int:
     results = launcher.run()
     out = results.get(fed.querier_rank)
     if out is not None and "labels" in out:
-        if args.output:
-            np.save(args.output, out["labels"])
-            print(f"labels written to {args.output}")
-        else:
-            print("labels:", " ".join(map(str, out["labels"].tolist())))
+        _emit_labels(out["labels"], args.output)
     return 0
 
 
