@@ -6,9 +6,16 @@ CrypTen 0.4.1 (December 2022) imports ``torch.onnx.symbolic_registry`` and falls
 CrypTen's first import lets ``import crypten`` succeed; mpc-fi never uses CrypTen's ONNX
 converter, so nothing else depends on the alias.
 
+It also repairs one bug of CrypTen 0.4.1 that makes opened values wrong: its
+``FixedPointEncoder.decode`` divides negative integers by ``scale - 1`` instead of ``scale``
+(``tensor.div(self._scale - correction, ...)``, an operator-precedence slip), so
+``get_plain_text`` returns ``x - 1`` for a negative ``x`` whenever the fraction of ``x * 2**p``
+falls within ``|x| / (2**p - 1)`` of an integer: about one value in 65,000 near -1, one in 110
+near -580, and every value below ``-2**p``. :func:`_exact_decode` replaces it.
+
 Every party process must import CrypTen through :func:`load_crypten`: spawned children do not
 inherit a patch made in the parent. ``tests/mpc_fi/test_crypten_shim.py`` fails when the alias
-stops being needed or stops working.
+or the decoding fix stops being needed or stops working.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 import importlib
 import sys
 import types
+from typing import Any
 
 _OLD_NAME = "torch.onnx._internal.registration"
 _NEW_NAME = "torch.onnx._internal.torchscript_exporter.registration"
@@ -37,6 +45,23 @@ def install_alias() -> bool:
     return True
 
 
+#: CrypTen's own ``FixedPointEncoder.decode``, kept for the test that the repair is still needed.
+CRYPTEN_DECODE: Any = None
+
+
+def _exact_decode(self, tensor):  # noqa: ANN001 - CrypTen's signature
+    """``FixedPointEncoder.decode`` without the negative-value bug (same float32 result type)."""
+    if tensor is None:
+        return None
+    if tensor.is_floating_point():
+        raise TypeError("FixedPointEncoder.decode needs an integer tensor")
+    if self._scale == 1:
+        return tensor.data
+    whole = tensor.div(self._scale, rounding_mode="floor")
+    fraction = tensor - whole * self._scale  # in [0, scale)
+    return (whole.float() + fraction.float() / self._scale).data
+
+
 def load_crypten() -> types.ModuleType:
     """Import CrypTen on this torch and return the module (idempotent, per process)."""
     if "crypten" in sys.modules:
@@ -44,4 +69,7 @@ def load_crypten() -> types.ModuleType:
     install_alias()
     import crypten  # noqa: PLC0415 - the only import of crypten in the code base
 
+    global CRYPTEN_DECODE
+    CRYPTEN_DECODE = crypten.encoder.FixedPointEncoder.decode
+    crypten.encoder.FixedPointEncoder.decode = _exact_decode
     return crypten

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from mpc_fi import _crypten
@@ -27,6 +28,24 @@ def test_import_through_the_shim_works_in_a_fresh_process():
                       "print(c.__version__, c.cfg.mpc.provider)")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split()[0] == "0.4.1"
+
+
+def test_decoding_is_exact_for_negative_values_where_crypten_is_not():
+    import torch
+
+    crypten = _crypten.load_crypten()
+    encoder = crypten.encoder.FixedPointEncoder(precision_bits=16)
+    g = torch.Generator().manual_seed(0)
+    ints = torch.cat([torch.randint(-(2 ** 40), 2 ** 40, (20000,), generator=g),
+                      torch.tensor([-1, -65535, -65536, -65537, -(2 ** 16) * 580 - 7, 0, 1, 65536])])
+    want = ints.to(torch.float64) / 2 ** 16
+    got = encoder.decode(ints)
+    assert got.dtype == torch.float32  # CrypTen's result type, unchanged
+    np.testing.assert_allclose(got.double().numpy(), want.numpy(), rtol=1e-6, atol=2 ** -16)
+    # If this starts failing, CrypTen's decode was fixed and _crypten's repair can go.
+    theirs = _crypten.CRYPTEN_DECODE(encoder, ints).double()
+    assert ((theirs - want).abs() > 0.5).sum() > 100
+    assert float((theirs - want)[(theirs - want).abs() > 0.5].max()) == pytest.approx(-1.0, abs=0.01)
 
 
 def test_alias_is_idempotent():
