@@ -14,6 +14,7 @@ import numpy as np
 
 from mpc_fi.config import FederationConfig
 from mpc_fi.errors import InsecureSettingWarning
+from mpc_fi.memory import check_limit
 
 
 class Launcher(ABC):
@@ -23,11 +24,15 @@ class Launcher(ABC):
 
     ``run_dir`` receives one log per party (``party-<rank>-<name>.log``, every line tagged with
     rank, role and name) and the result files; a fresh temporary folder by default.
+    ``memory_limit_mb`` bounds each party's working memory for a batch (:mod:`mpc_fi.memory`:
+    larger batches are split, a query that cannot fit is refused); None: a share of the memory
+    available on the host.
     """
 
     def __init__(self, federation: FederationConfig, *, run_dir: str | Path | None = None,
-                 stop_grace_s: float = 10.0) -> None:
+                 stop_grace_s: float = 10.0, memory_limit_mb: float | None = None) -> None:
         self.federation = federation
+        self.memory_limit_mb = check_limit(memory_limit_mb)
         self.run_dir = Path(run_dir) if run_dir else Path(tempfile.mkdtemp(prefix="mpc-fi-run-"))
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.stop_grace_s = stop_grace_s

@@ -97,14 +97,16 @@ def _ours(record: logging.LogRecord) -> bool:
 def party_main(federation: FederationConfig, rank: int, run_dir: str, env: dict[str, str],
                query: np.ndarray | None = None, log_to_file: bool = True,
                threads: int | None = None, *, echo_stderr: bool = False,
-               audit: bool = False) -> int:
+               audit: bool = False, memory_limit_mb: float | None = None) -> int:
     """Run party ``rank``; return (and, in a child, exit with) its exit code.
 
     ``log_to_file`` writes ``party-<rank>-<name>.log`` in ``run_dir`` (stderr otherwise);
     ``threads`` caps torch's intra-op threads in this process (None: torch's default; the local
     launcher runs every party on one machine and passes 1); ``echo_stderr`` copies the log lines
     to stderr as well (one party per host); ``audit`` records this party's outgoing traffic and
-    decryptions in ``audit-<rank>.pkl`` (:mod:`mpc_fi.audit`; tests only, it weakens security).
+    decryptions in ``audit-<rank>.pkl`` (:mod:`mpc_fi.audit`; tests only, it weakens security);
+    ``memory_limit_mb`` bounds the party's working memory for a batch (None: half of what this
+    host has available).
     """
     run_path = Path(run_dir)
     run_path.mkdir(parents=True, exist_ok=True)
@@ -143,7 +145,7 @@ def party_main(federation: FederationConfig, rank: int, run_dir: str, env: dict[
         log.info("starting (pid %d, rendezvous %s)", os.getpid(), env.get("RENDEZVOUS"))
         rendezvous.install(federation, rank, federation.network.timeout_s)
         payload = run_party(PartyContext(
-            federation=federation, rank=rank, query=query,
+            federation=federation, rank=rank, query=query, memory_limit_mb=memory_limit_mb,
             audit_path=str(run_path / f"audit-{rank}.pkl") if audit else None))
         if watch is not None and watch.broken:
             raise PartyFailedError(

@@ -133,10 +133,12 @@ class HostLauncher(Launcher):
 
     def __init__(self, federation: FederationConfig, *, party: str | None = None, run_dir=None,
                  timeout_s: float = 900.0, stop_grace_s: float = 10.0,
-                 environ: Mapping[str, str] | None = None, echo_stderr: bool = True) -> None:
+                 environ: Mapping[str, str] | None = None, echo_stderr: bool = True,
+                 memory_limit_mb: float | None = None) -> None:
         environ = os.environ if environ is None else environ
         self.rank, self.rendezvous, self.source = resolve_party(federation, party, environ)
-        super().__init__(federation, run_dir=run_dir, stop_grace_s=stop_grace_s)
+        super().__init__(federation, run_dir=run_dir, stop_grace_s=stop_grace_s,
+                         memory_limit_mb=memory_limit_mb)
         self.timeout_s = timeout_s
         self.echo_stderr = echo_stderr
         self.party = federation.party_names[self.rank]
@@ -163,7 +165,8 @@ class HostLauncher(Launcher):
         self._watchdog(limit)
         try:
             self._code = party_main(fed, rank, str(self.run_dir), env, self._query,
-                                    log_to_file=True, echo_stderr=self.echo_stderr)
+                                    log_to_file=True, echo_stderr=self.echo_stderr,
+                                    memory_limit_mb=self.memory_limit_mb)
         finally:
             self._done.set()
         if self._code == 0:

@@ -13,6 +13,7 @@ import numpy as np
 from mpc_fi import errors
 from mpc_fi.config import FederationConfig
 from mpc_fi.errors import PartyFailedError
+from mpc_fi.memory import auto_limit_mb
 
 from .base import Launcher, wait_until
 from .entry import child_main, error_file, heartbeat_file, party_env, result_file
@@ -56,8 +57,9 @@ class LocalLauncher(Launcher):
 
     def __init__(self, federation: FederationConfig, *, run_dir=None, stop_grace_s: float = 5.0,
                  timeout_s: float = 600.0, hang_timeout_s: float = 20.0,
-                 audit: bool = False) -> None:
-        super().__init__(federation, run_dir=run_dir, stop_grace_s=stop_grace_s)
+                 audit: bool = False, memory_limit_mb: float | None = None) -> None:
+        super().__init__(federation, run_dir=run_dir, stop_grace_s=stop_grace_s,
+                         memory_limit_mb=memory_limit_mb)
         self.audit = audit  # record every party's traffic and decryptions (mpc_fi.audit)
         self.timeout_s = timeout_s
         self.hang_timeout_s = hang_timeout_s
@@ -72,10 +74,13 @@ class LocalLauncher(Launcher):
         # party is forked from it. Same isolation as "spawn", without re-importing per party.
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload(["launchers._preload"])
+        # Every party shares this host's memory: each gets an equal part unless a limit is set.
+        memory = self.memory_limit_mb or auto_limit_mb(len(fed.party_names))
         for rank in range(len(fed.party_names)):
             args = (fed, rank, str(self.run_dir), party_env(fed, rank, rendezvous),
                     query if rank == fed.querier_rank else None, True, 1)  # log file; 1 thread
-            proc = ctx.Process(target=child_main, args=args, kwargs={"audit": self.audit},
+            proc = ctx.Process(target=child_main, args=args,
+                               kwargs={"audit": self.audit, "memory_limit_mb": memory},
                                daemon=True,
                                name=f"mpc-fi-{fed.party_names[rank]}")
             proc.start()

@@ -54,7 +54,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         fed = FederationConfig.load(args.federation)
         _step(f"running federation {args.federation}: {fed.num_owners} owners, mode {fed.mode}, "
               f"protocol {fed.protocol.name}")
-        result = Federation(fed, timeout_s=args.timeout, run_dir=args.run_dir).run()
+        result = Federation(fed, timeout_s=args.timeout, run_dir=args.run_dir,
+                            memory_limit_mb=args.memory_limit_mb).run()
         _emit_labels(result.prediction.labels, args.output)
         _print_costs(result.costs)
         return 0
@@ -94,7 +95,8 @@ def _run_demo(args: argparse.Namespace, Federation) -> int:  # noqa: N803 - a cl
           f"{args.dealer}, {args.owners} owners + querier"
           + (" + dealer" if args.dealer == "ttp" else "") + " as processes) ...")
     t1 = time.perf_counter()
-    result = Federation(setup.federation, timeout_s=args.timeout, run_dir=args.run_dir).run(x)
+    result = Federation(setup.federation, timeout_s=args.timeout, run_dir=args.run_dir,
+                        memory_limit_mb=args.memory_limit_mb).run(x)
     secure = result.prediction.labels
     _step(f"      done in {time.perf_counter() - t1:.1f} s (party logs in {result.run_dir})")
 
@@ -117,7 +119,8 @@ def cmd_party(args: argparse.Namespace) -> int:
 
     fed = FederationConfig.load(args.federation)
     launcher = lookup(LAUNCHERS, "host", key="launcher")(
-        fed, party=args.party, run_dir=args.run_dir, timeout_s=args.timeout)
+        fed, party=args.party, run_dir=args.run_dir, timeout_s=args.timeout,
+        memory_limit_mb=args.memory_limit_mb)
     results = launcher.run()
     out = results.get(fed.querier_rank)
     if out is not None and "labels" in out:
@@ -182,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", help="where owners' weight files go (default: a temporary folder)")
     run.add_argument("--timeout", type=float, default=900.0, help="bound on the run in seconds (default 900)")
     run.add_argument("--run-dir", help="folder for party logs (default: a temporary folder)")
+    run.add_argument("--memory-limit-mb", type=float, metavar="MIB",
+                     help="working memory per party for one batch; larger batches are split "
+                          "(default: half of this host's available memory, shared by the parties)")
     run.set_defaults(func=cmd_run)
 
     party = sub.add_parser(
@@ -196,6 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
     party.add_argument("--output", metavar="FILE.npy", help="querier only: save the labels here")
     party.add_argument("--timeout", type=float, default=900.0, help="bound on the run in seconds (default 900)")
     party.add_argument("--run-dir", help="folder for this party's log and result")
+    party.add_argument("--memory-limit-mb", type=float, metavar="MIB",
+                       help="working memory of this party for one batch; larger batches are "
+                            "split, a query that cannot fit is refused on every party (default: "
+                            "half of this host's available memory)")
     party.set_defaults(func=cmd_party)
 
     protocols = sub.add_parser("protocols", help="list the aggregation protocols and what each reveals")

@@ -26,6 +26,8 @@ import yaml
 from .errors import ConfigError
 
 MODES = ("output", "full")
+#: Largest |value| a query or a model output may hold before it is shared (fixed-point range).
+MAX_QUERY_VALUE = 2.0 ** 15
 DEALERS = ("ttp", "insecure-party-dealer")
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
 _FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -128,12 +130,40 @@ class QuerierConfig:
     name: str = "querier"
     data: str | None = None  # .npy / .pt / .csv file of queries (optional for the Python API)
     host: str | None = None
+    #: Public bounds ``[low, high]`` of every query value. The querier refuses queries outside
+    #: it; in ``full`` mode owners check that their models stay in the fixed-point range for
+    #: any input inside it (:mod:`mpc_fi.ranges`). None: ``+-MAX_QUERY_VALUE``.
+    input_range: tuple[float, float] | None = None
+
+    def validate(self, key: str = "querier") -> None:
+        if self.input_range is None:
+            return
+        value = self.input_range
+        if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2:
+            raise ConfigError(f"must be [low, high], got {value!r}", key=f"{key}.input_range")
+        low = _number(value[0], f"{key}.input_range[0]", what="a number")
+        high = _number(value[1], f"{key}.input_range[1]", what="a number")
+        if not low < high:
+            raise ConfigError(f"low must be below high, got [{low:g}, {high:g}]",
+                              key=f"{key}.input_range")
+        if max(abs(low), abs(high)) > MAX_QUERY_VALUE:
+            raise ConfigError(f"must lie within +-{MAX_QUERY_VALUE:g} (the fixed-point range of a "
+                              f"query), got [{low:g}, {high:g}]", key=f"{key}.input_range")
+        object.__setattr__(self, "input_range", (low, high))
+
+    @property
+    def value_range(self) -> tuple[float, float]:
+        """The declared input range, or the widest one a query may have."""
+        return self.input_range or (-MAX_QUERY_VALUE, MAX_QUERY_VALUE)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], key: str) -> "QuerierConfig":
-        _check_keys(data, ("name", "data", "host"), key)
-        return cls(name=_check_name(data.get("name", "querier"), f"{key}.name"),
-                   data=data.get("data"), host=data.get("host"))
+        _check_keys(data, ("name", "data", "host", "input_range"), key)
+        cfg = cls(name=_check_name(data.get("name", "querier"), f"{key}.name"),
+                  data=data.get("data"), host=data.get("host"),
+                  input_range=data.get("input_range"))
+        cfg.validate(key)
+        return cfg
 
 
 @dataclass(frozen=True)
@@ -280,6 +310,9 @@ class FederationConfig:
             if not isinstance(owner, OwnerConfig):
                 raise ConfigError("must be an OwnerConfig", key=f"owners[{i}]")
             owner.model.validate(f"owners[{i}].model")
+        if not isinstance(self.querier, QuerierConfig):
+            raise ConfigError("must be a QuerierConfig", key="querier")
+        self.querier.validate("querier")
         names = [o.name for o in self.owners] + [self.querier.name]
         seen: set[str] = set()
         for i, name in enumerate(names):

@@ -131,7 +131,11 @@ def prepare(workdir: str | Path, *, dataset: str = "digits", num_owners: int = 3
         models.append(model)
         owners.append(OwnerConfig(name=f"owner{k}", model=ModelSource(
             factory=factory, weights=str(path.resolve()), kwargs=kwargs)))
-    fed = FederationConfig(owners=tuple(owners), querier=QuerierConfig(name="querier"), mode=mode,
+    # The public range of the features (whole units around the data set's scaling): the querier
+    # refuses queries outside it, and full-mode owners check their models against it.
+    input_range = (float(np.floor(x.min())), float(np.ceil(x.max())))
+    fed = FederationConfig(owners=tuple(owners),
+                           querier=QuerierConfig(name="querier", input_range=input_range), mode=mode,
                            protocol=ProtocolConfig(name=protocol, params=protocol_params or {}),
                            reveal=reveal, dealer=dealer, batch_size=batch_size)
     return DemoSetup(fed, x_test, y_test, models, [len(p) for p in parts])

@@ -50,14 +50,21 @@ class Federation:
         Bound on one whole run; past it every party is stopped and ``PartyFailedError`` raised.
     run_dir:
         Folder for party logs and results (a fresh temporary folder per run by default).
+    memory_limit_mb:
+        Working memory each party may use for one batch, in MiB. A ``batch_size`` that would
+        need more is split into smaller batches (same answers); a single query that needs more is
+        refused with :class:`~mpc_fi.errors.InputError`. None: the launcher shares out half of
+        the memory available on the host.
     """
 
     def __init__(self, config: FederationConfig | str | os.PathLike[str], *, launcher: str = "local",
-                 timeout_s: float = 600.0, run_dir: str | os.PathLike[str] | None = None) -> None:
+                 timeout_s: float = 600.0, run_dir: str | os.PathLike[str] | None = None,
+                 memory_limit_mb: float | None = None) -> None:
         self.config = config if isinstance(config, FederationConfig) else FederationConfig.load(config)
         self._launcher_cls = lookup(LAUNCHERS, launcher, key="launcher")
         self.timeout_s = timeout_s
         self.run_dir = run_dir
+        self.memory_limit_mb = memory_limit_mb
 
     def run(self, X: Any | None = None) -> RunResult:
         """Answer every query in ``X`` (or in ``querier.data`` when ``X`` is None).
@@ -74,7 +81,8 @@ class Federation:
             if plan:
                 budget, worst, _ = plan
                 budget.check(fed.querier.name, worst)  # raises before any party starts
-            launcher = self._launcher_cls(fed, run_dir=self.run_dir, timeout_s=self.timeout_s)
+            launcher = self._launcher_cls(fed, run_dir=self.run_dir, timeout_s=self.timeout_s,
+                                          memory_limit_mb=self.memory_limit_mb)
             results = launcher.run(query=query)
             out = results[fed.querier_rank]
             prediction = Prediction(labels=out["labels"], scores=out["scores"])

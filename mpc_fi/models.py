@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .config import ModelSource
+from . import secure
 from .errors import InputError, UnsupportedModelError
 
 #: (pid, path) of every weights/ONNX file read by this process.
@@ -339,9 +340,9 @@ def secure_forward(arch: Architecture, x: Any, params: dict[str, Any]) -> Any:
         elif layer.op == "flatten":
             x = x.flatten(start_dim=a["start_dim"], end_dim=a["end_dim"])
         elif layer.op == "softmax":
-            x = x.softmax(a["dim"])
+            x = secure.softmax(x, a["dim"])
         elif layer.op == "log_softmax":
-            x = x.log_softmax(a["dim"])
+            x = secure.log_softmax(x, a["dim"])
         elif layer.op != "identity":
             raise UnsupportedModelError(f"{layer.path}: unknown op {layer.op!r} in architecture")
     return x

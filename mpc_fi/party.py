@@ -37,17 +37,19 @@ from ._crypten import load_crypten
 from .bounds import aggregate_range
 from .compare import install_fast_comparisons
 from .audit import WireAudit
-from .config import FederationConfig
+from .config import MAX_QUERY_VALUE, FederationConfig
 from .errors import HandshakeError, InputError, MpcFiError
 from .logs import party_logger
+from .memory import auto_limit_mb, plan_rows, refuse_message, row_bytes
 from .models import LOAD_AUDIT, Architecture, extract_architecture, load_owner_model, \
     output_classes, secure_forward
 from .plugins import build_protocol
+from .ranges import check_model_ranges
 from .result import PartyCost
 
 #: Largest |value| accepted in a query or model output before sharing. Fixed-point products are
 #: formed at scale 2**(2*precision) inside 64-bit integers; this keeps them far from overflow.
-MAX_ABS_VALUE = 2.0 ** 15
+MAX_ABS_VALUE = MAX_QUERY_VALUE
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,8 @@ class PartyContext:
     query: np.ndarray | None = None  # the querier's queries (Python API); else querier.data
     #: record this party's outgoing traffic and decryptions here (tests; weakens security)
     audit_path: str | None = None
+    #: working memory this party may use for a batch, in MiB (None: half of what is available)
+    memory_limit_mb: float | None = None
 
 
 def package_versions() -> dict[str, str]:
@@ -177,9 +181,16 @@ class _Party:
         if not np.isfinite(x).all():
             bad = int((~np.isfinite(x)).any(axis=tuple(range(1, x.ndim))).sum())
             raise InputError(f"{bad} query row(s) hold NaN or inf")
-        if np.abs(x).max() > MAX_ABS_VALUE:
-            raise InputError(f"query values up to {np.abs(x).max():.3g} exceed the fixed-point range "
-                             f"(|x| <= {MAX_ABS_VALUE:g}); rescale the inputs")
+        low, high = self.fed.querier.value_range
+        outside = (x < low) | (x > high)
+        if outside.any():
+            rows = int(outside.any(axis=tuple(range(1, x.ndim))).sum())
+            # The message reaches every party: it says how many rows, not their values.
+            if self.fed.querier.input_range is None:
+                raise InputError(f"{rows} query row(s) hold values beyond the fixed-point range "
+                                 f"(|x| <= {MAX_ABS_VALUE:g}); rescale the inputs")
+            raise InputError(f"{rows} query row(s) hold values outside querier.input_range "
+                             f"[{low:g}, {high:g}]; rescale them or declare the real range")
         return x
 
     def setup(self) -> None:
@@ -197,6 +208,12 @@ class _Party:
             self.log.info("loaded own model (%d weight file(s) read by this process)", len(LOAD_AUDIT))
             if fed.mode == "full":
                 self.arch, self.params = extract_architecture(self.model, self.input_shape)
+                # Before anything is shared: could this model overflow the fixed-point encoding
+                # for some query in the public input range? (Only this owner can tell.)
+                ranges = check_model_ranges(self.arch, self.params, fed.querier.value_range,
+                                            fed.precision_bits)
+                self.log.info("fixed-point range check passed: largest bound 2^%.1f",
+                              math.log2(max([r.magnitude for r in ranges] + [1.0])))
                 return {"classes": self.arch.num_classes, "arch": self.arch}
             return {"classes": output_classes(self.model, self.input_shape)}
 
@@ -219,8 +236,34 @@ class _Party:
             if all(other == found for other in self._gather(found)):
                 self.aggregate_range, self.contribution_range = found
         self.log.info("protocol %s, %d classes, mode %s", self.protocol.name, self.num_classes, fed.mode)
+        self.batch_rows = self._plan_batches()
         if fed.mode == "full":
             self._share_parameters()
+
+    def _plan_batches(self) -> int:
+        """Rows per batch that fit every party's memory; the same on every party (or refuse)."""
+        fed = self.fed
+        per_row = row_bytes(input_shape=self.input_shape, num_owners=fed.num_owners,
+                            protocol_elements=self.protocol.row_elements,
+                            archs=self.archs if fed.mode == "full" else ())
+
+        def plan() -> tuple[int, float | None]:
+            limit = self.ctx.memory_limit_mb
+            if limit is None:
+                limit = auto_limit_mb()
+            return plan_rows(fed.batch_size, per_row, limit), limit
+
+        _, plans = self._agree(plan)
+        tightest = min(range(len(plans)), key=lambda r: (plans[r][0], r))
+        rows, its_limit = plans[tightest]
+        who = self.fed.party_names[tightest]
+        if rows < 1:
+            raise InputError(refuse_message(party=who, limit_mb=its_limit, per_row=per_row))
+        if rows < min(fed.batch_size, self.num_queries):
+            self.log.warning("batch_size %d would need about %.0f MiB per batch on shares; party %s "
+                             "may use %.0f MiB: answering in batches of %d queries",
+                             fed.batch_size, fed.batch_size * per_row / 2**20, who, its_limit, rows)
+        return rows
 
     def _querier_meta(self) -> tuple[int, tuple[int, ...]]:
         self.queries = self._load_queries()
@@ -287,10 +330,11 @@ class _Party:
     def infer(self) -> tuple[np.ndarray, np.ndarray | None]:
         fed, cryptensor = self.fed, self.crypten.cryptensor
         labels, scores = [], []
-        batches = math.ceil(self.num_queries / fed.batch_size)
+        rows = self.batch_rows
+        batches = math.ceil(self.num_queries / rows)
         for b in range(batches):
-            start = b * fed.batch_size
-            size = min(fed.batch_size, self.num_queries - start)
+            start = b * rows
+            size = min(rows, self.num_queries - start)
             shape = (size, *self.input_shape)
             if self.role == "querier":
                 x = torch.from_numpy(self.queries[start:start + size])
@@ -362,7 +406,8 @@ def _run_party(ctx: PartyContext) -> dict[str, Any]:
                          peak_rss_mb=_peak_rss_mb())
         party.log.info("done: %.3f s, %d rounds, %d bytes", cost.wall_s, cost.rounds, cost.bytes_sent)
         out: dict[str, Any] = {"cost": asdict(cost), "setup_s": setup_s,
-                               "loaded_files": [p for _, p in LOAD_AUDIT]}
+                               "loaded_files": [p for _, p in LOAD_AUDIT],
+                               "batch_rows": party.batch_rows}
         if role == "querier":
             out.update(labels=labels, scores=scores)
         return out

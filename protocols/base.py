@@ -12,6 +12,8 @@ Two optional parts of the interface:
 * :attr:`Protocol.contribution_width` — how many columns each owner shares per query (one per
   class by default; a protocol that also shares a per-owner scalar, such as an entropy weight,
   widens it). The engine sizes the other parties' placeholders with it.
+* :attr:`Protocol.row_elements` — per query, the size of the largest tensor a step on shares
+  works on; the engine sizes batches to the parties' memory with it.
 * :meth:`Protocol.privacy_cost` — a differentially private protocol prices a batch of queries
   with :mod:`mpc_fi.privacy`; the :class:`~mpc_fi.Federation` checks the querier's budget with it
   before any party starts and charges it after the run. Other protocols return ``None``.
@@ -88,6 +90,15 @@ class Protocol(ABC):
     def contribution_width(self) -> int:
         """Columns of the ``(batch, width)`` tensor each owner shares (default: one per class)."""
         return self.num_classes
+
+    @property
+    def row_elements(self) -> int:
+        """Per query, elements of the largest shared tensor one step of this protocol works on.
+
+        The engine sizes batches to memory with it (:mod:`mpc_fi.memory`). Default: the owners'
+        stacked contributions, which an argmax over the aggregate never exceeds.
+        """
+        return self.num_owners * self.contribution_width
 
     # -- differential privacy -----------------------------------------------------------
     @classmethod

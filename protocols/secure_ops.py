@@ -31,12 +31,9 @@ from .noise import NoiseSource
 #: Below this many classes :func:`top_k_indices` ranks all pairs at once (constant rounds,
 #: ``C(C-1)/2`` comparisons per query); from it on, it takes ``k`` successive argmaxes.
 PAIRWISE_TOP_K_MAX_CLASSES = 32
-#: ``softmax_entropy`` clamps ``logit - max`` at this floor before ``exp``. CrypTen's ``exp(x)``
-#: is ``(1 + x / 2**n)**(2**n)`` with ``n = 8`` iterations: below ``x = -256`` the base turns
-#: negative and the result explodes (logits far apart). ``exp(-16)`` is below one unit at 16
-#: fractional bits, so the clamp loses nothing representable. More iterations do not help at
-#: 16 bits: ``x / 2**n`` loses its digits (measured: 12 iterations, probability errors ~1e-2).
-EXP_FLOOR = -16.0
+#: ``softmax_confidence`` clamps ``logit - max`` at this floor before ``exp`` (see
+#: :data:`mpc_fi.secure.EXP_FLOOR`).
+EXP_FLOOR = secure.EXP_FLOOR
 
 
 def weighted_sum(contributions: Sequence[Any], weights: Sequence[int]) -> Any:

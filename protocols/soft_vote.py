@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mpc_fi import plain
+from mpc_fi import plain, secure
 from mpc_fi.result import Prediction
 
 from .base import Protocol
@@ -19,7 +19,8 @@ class SoftVote(Protocol):
 
     ``output`` mode: each owner applies softmax locally and shares its probabilities; the sum on
     shares is local, so the only interactive step is the argmax (or nothing, if the scores are
-    revealed). ``full`` mode: softmax runs on shares (``exp`` and a reciprocal: costly).
+    revealed). ``full`` mode: softmax runs on shares (``exp`` and a reciprocal: costly; the
+    exponent is clamped, so any logit spread is safe: :func:`mpc_fi.secure.softmax`).
     Tie rule: classes whose summed fixed-point probabilities are equal go to the lowest index.
     """
 
@@ -33,7 +34,7 @@ class SoftVote(Protocol):
         return torch.softmax(logits.to(torch.float64), dim=-1)
 
     def secure_contribution(self, logits: Any) -> Any:
-        return logits.softmax(-1)
+        return secure.softmax(logits, -1)
 
     def scores_from_aggregate(self, aggregate: torch.Tensor) -> np.ndarray:
         return (aggregate / self.num_owners).numpy()

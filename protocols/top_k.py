@@ -38,6 +38,12 @@ class TopK(SoftVote):
                                         f"of classes), got {k!r}")
         self.k = int(k)
 
+    @property
+    def row_elements(self) -> int:
+        c = self.num_classes
+        pairwise = self.reveal == "label" and c < secure_ops.PAIRWISE_TOP_K_MAX_CLASSES
+        return max(super().row_elements, c * (c - 1) // 2 + self.k * c if pairwise else 0)
+
     def to_reveal(self, aggregate: Any) -> Any:
         if self.reveal == "label":
             # each owner's probabilities sum to 1, so |aggregate| <= N (plus rounding)

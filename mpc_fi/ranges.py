@@ -1,0 +1,197 @@
+"""Fixed-point safety of a model evaluated on shares (``full`` mode), checked before sharing.
+
+CrypTen encodes a value ``v`` as the 64-bit integer ``round(v * 2**p)`` (``p`` =
+``precision_bits``). Three things go silently wrong when values grow, and none of them raises:
+
+* **products**: a product of two shared values (every ``Linear``, ``Conv2d`` and folded batch
+  norm: the input and the weights are both secret) is formed at scale ``2**(2p)`` before it is
+  truncated, so a result ``|y| >= 2**(63 - 2p)`` (``2**31`` at ``p = 16``) wraps around the ring
+  and comes out as garbage;
+* **representation**: any ``|v| >= 2**(63 - p)`` wraps, and comparisons (ReLU, max pooling,
+  argmax) then return the wrong sign;
+* **exponentials**: CrypTen's ``exp(x)`` is ``(1 + x / 2**n)**(2**n)``: for ``x`` below about
+  ``-2**(n+1)`` the base falls under ``-1`` and the result explodes. ``sigmoid`` evaluates
+  ``exp(-|x|)`` with ``n = 9``, ``tanh(x)`` is ``2 sigmoid(2x) - 1``. (Softmax and log-softmax
+  clamp their exponent at :data:`mpc_fi.secure.EXP_FLOOR` and are safe for any input.)
+
+Nobody may look at the shared values, so the check is static: the owner, who alone knows its
+weights, propagates the public input range (``querier.input_range``; the querier checks its
+queries against it) through its own model in plain interval arithmetic and refuses to share a
+model that could leave the safe range, naming the layer. Interval bounds are sound (every
+reachable value lies inside them) but can be loose: a model refused here may never have
+overflowed in practice; a tighter ``querier.input_range`` or fewer ``precision_bits`` widen
+the margin.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .errors import InputError
+from .models import Architecture
+
+#: ``exp`` iterations CrypTen uses inside ``sigmoid`` (hard-coded there); ``tanh`` doubles x.
+SIGMOID_EXP_ITERATIONS = 9
+#: Keep exponent inputs this fraction of the way to the point where the base reaches -1.
+EXP_MARGIN = 0.875
+
+
+@dataclass(frozen=True)
+class LayerRange:
+    """Sound bounds of one layer's output (and of its raw product, where it forms one)."""
+
+    path: str
+    op: str
+    low: float
+    high: float
+    product: float | None = None  # max |x * w| before truncation (product layers only)
+
+    @property
+    def magnitude(self) -> float:
+        return max(abs(self.low), abs(self.high))
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The largest magnitudes that are still exact at ``precision_bits``."""
+
+    precision_bits: int
+
+    @property
+    def product(self) -> float:  # one bit of margin below the wrap at 2**(63 - 2p)
+        return 2.0 ** (62 - 2 * self.precision_bits)
+
+    @property
+    def value(self) -> float:
+        return 2.0 ** (62 - self.precision_bits)
+
+    @property
+    def sigmoid_input(self) -> float:
+        return EXP_MARGIN * 2.0 ** (SIGMOID_EXP_ITERATIONS + 1)
+
+    @property
+    def tanh_input(self) -> float:
+        return self.sigmoid_input / 2
+
+
+def _interval_linear(lo: torch.Tensor, hi: torch.Tensor, fn, weight: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bounds of ``fn(x, weight)`` (linear in both) for ``lo <= x <= hi``: centre and radius."""
+    centre, radius = (lo + hi) / 2, (hi - lo) / 2
+    mid = fn(centre, weight)
+    spread = fn(radius, weight.abs())
+    return mid - spread, mid + spread
+
+
+def activation_ranges(arch: Architecture, params: dict[str, torch.Tensor],
+                      input_range: tuple[float, float]) -> list[LayerRange]:
+    """Sound output bounds of every layer of ``arch`` for inputs in ``input_range``.
+
+    ``params`` are the owner's plaintext parameters (``"<path>/<name>"``, as returned by
+    :func:`mpc_fi.models.extract_architecture`); only the owner can run this.
+    """
+    low, high = (float(v) for v in input_range)
+    lo = torch.full((1, *arch.input_shape), low, dtype=torch.float64)
+    hi = torch.full((1, *arch.input_shape), high, dtype=torch.float64)
+    out: list[LayerRange] = []
+    for layer in arch.layers:
+        p = {k: params[f"{layer.path}/{k}"].to(torch.float64) for k in layer.params}
+        a = layer.args
+        product = None
+        if layer.op == "linear":
+            lo, hi = _interval_linear(lo, hi, lambda x, w: x.matmul(w.t()), p["weight"])
+            product = float(torch.maximum(lo.abs(), hi.abs()).max())
+            if "bias" in p:
+                lo, hi = lo + p["bias"], hi + p["bias"]
+        elif layer.op == "conv2d":
+            def conv(x, w, a=a):
+                return F.conv2d(x, w, stride=a["stride"], padding=a["padding"],
+                                dilation=a["dilation"], groups=a["groups"])
+            lo, hi = _interval_linear(lo, hi, conv, p["weight"])
+            product = float(torch.maximum(lo.abs(), hi.abs()).max())
+            if "bias" in p:
+                lo, hi = lo + p["bias"].view(1, -1, 1, 1), hi + p["bias"].view(1, -1, 1, 1)
+        elif layer.op == "affine":
+            shape = [1] * lo.dim()
+            shape[a["channel_dim"]] = -1
+            scale, shift = p["scale"].view(*shape), p["shift"].view(*shape)
+            lo, hi = torch.minimum(lo * scale, hi * scale), torch.maximum(lo * scale, hi * scale)
+            product = float(torch.maximum(lo.abs(), hi.abs()).max())
+            lo, hi = lo + shift, hi + shift
+        elif layer.op == "relu":
+            lo, hi = lo.clamp(min=0), hi.clamp(min=0)
+        elif layer.op == "sigmoid":
+            lo, hi = torch.sigmoid(lo), torch.sigmoid(hi)
+        elif layer.op == "tanh":
+            lo, hi = torch.tanh(lo), torch.tanh(hi)
+        elif layer.op == "max_pool2d":
+            kw = dict(kernel_size=a["kernel_size"], stride=a["stride"], padding=a["padding"])
+            lo, hi = F.max_pool2d(lo, **kw), F.max_pool2d(hi, **kw)
+            if any(a["padding"]):  # a padded border may count as 0
+                lo, hi = torch.minimum(lo, torch.zeros_like(lo)), hi.clamp(min=0)
+        elif layer.op == "avg_pool2d":
+            kw = dict(kernel_size=a["kernel_size"], stride=a["stride"], padding=a["padding"])
+            lo, hi = F.avg_pool2d(lo, **kw), F.avg_pool2d(hi, **kw)
+        elif layer.op == "adaptive_avg_pool2d":
+            lo, hi = (F.adaptive_avg_pool2d(lo, a["output_size"]),
+                      F.adaptive_avg_pool2d(hi, a["output_size"]))
+        elif layer.op == "flatten":
+            lo, hi = lo.flatten(a["start_dim"], a["end_dim"]), hi.flatten(a["start_dim"], a["end_dim"])
+        elif layer.op == "softmax":
+            lo, hi = torch.zeros_like(lo), torch.ones_like(hi)
+        elif layer.op == "log_softmax":
+            dim = a["dim"]
+            classes = lo.shape[dim]
+            top_lo = lo.max(dim=dim, keepdim=True).values
+            top_hi = hi.max(dim=dim, keepdim=True).values
+            lo, hi = lo - top_hi - math.log(classes), (hi - top_lo).clamp(max=0)
+        elif layer.op != "identity":
+            raise InputError(f"{layer.path}: no range rule for op {layer.op!r}")
+        out.append(LayerRange(layer.path, layer.op, float(lo.min()), float(hi.max()), product))
+    return out
+
+
+def _pow2(x: float) -> str:
+    return f"2^{math.log2(x):.1f}" if x > 0 else "0"
+
+
+def check_model_ranges(arch: Architecture, params: dict[str, torch.Tensor],
+                       input_range: tuple[float, float], precision_bits: int) -> list[LayerRange]:
+    """Raise :class:`InputError` naming every layer that could leave the exact fixed-point range.
+
+    Returns the per-layer ranges when the model is safe.
+    """
+    limits = Limits(precision_bits)
+    ranges = activation_ranges(arch, params, input_range)
+    problems: list[str] = []
+    previous = max(abs(float(v)) for v in input_range)
+    for r in ranges:
+        where = f"{r.path} ({r.op})"
+        if r.product is not None and r.product >= limits.product:
+            problems.append(
+                f"{where}: its product of input and weights can reach {_pow2(r.product)}, past the "
+                f"{_pow2(limits.product)} that a product at {precision_bits} fractional bits holds "
+                "before truncation")
+        elif r.magnitude >= limits.value:
+            problems.append(f"{where}: its output can reach {_pow2(r.magnitude)}, past the "
+                            f"{_pow2(limits.value)} that {precision_bits} fractional bits represent")
+        if r.op == "sigmoid" and previous > limits.sigmoid_input:
+            problems.append(f"{where}: its input can reach {previous:.4g}; CrypTen's sigmoid is "
+                            f"exact only for |x| <= {limits.sigmoid_input:g}")
+        if r.op == "tanh" and previous > limits.tanh_input:
+            problems.append(f"{where}: its input can reach {previous:.4g}; CrypTen's tanh is "
+                            f"exact only for |x| <= {limits.tanh_input:g}")
+        previous = r.magnitude
+    if problems:
+        low, high = input_range
+        raise InputError(
+            f"on shares this model could leave the fixed-point range for queries in "
+            f"[{low:g}, {high:g}] (querier.input_range), giving wrong answers without any error:"
+            "\n  - " + "\n  - ".join(problems)
+            + "\nDeclare the real range of the queries in querier.input_range, scale the inputs "
+            "or weights down, or lower precision_bits (each bit less doubles the product range).")
+    return ranges
