@@ -102,10 +102,11 @@ def test_cli_reports_a_missing_port_with_exit_code_2(small_federation, tmp_path)
     assert "network.port" in proc.stderr and "ConfigError" in proc.stderr
 
 
-def start_party(fed: Path, name: str, run_dir: Path, *extra: str) -> subprocess.Popen:
+def start_party(fed: Path, name: str, run_dir: Path, *extra: str,
+                env: dict[str, str] | None = None) -> subprocess.Popen:
     return subprocess.Popen([MPC_FI, "party", "--federation", str(fed), "--party", name,
                              "--run-dir", str(run_dir / name), *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
 def test_one_process_per_party_over_tcp_matches_the_plaintext_twin(small_federation, tmp_path):
@@ -184,4 +185,58 @@ def test_a_party_started_with_another_federation_file_is_refused_by_everyone(sma
     for name in names[:-1]:  # every computing party stops with the same handshake error
         assert procs[name].returncode == 8, outs[name][1][-2000:]
         assert "different federation" in outs[name][1]
+        assert not list((tmp_path / name).glob("result-*.pkl"))
+
+
+def test_a_busy_rendezvous_port_is_named_by_the_party_that_hosts_it(small_federation, tmp_path):
+    import socket
+
+    path, _ = small_federation
+    with socket.socket() as busy:  # another program holds the federation's port
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        fed = with_network(path, tmp_path / "fed.yaml", port=port, timeout_s=10)
+        proc = start_party(fed, "owner0", tmp_path)
+        _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 7, err[-2000:]
+    assert f"owner0 (rank 0, owner) hosts the rendezvous but cannot listen on 127.0.0.1:{port}" \
+        in err
+    assert "Is the port in use" in err
+    assert not list((tmp_path / "owner0").glob("result-*.pkl"))
+
+
+SITECUSTOMIZE = """
+import importlib.metadata as _metadata
+
+_real_version = _metadata.version
+
+
+def _version(name):
+    found = _real_version(name)
+    return found + "+other" if name == "crypten" else found
+
+
+_metadata.version = _version
+"""
+
+
+def test_parties_with_different_package_versions_are_refused_by_everyone(small_federation,
+                                                                         tmp_path):
+    path, _ = small_federation
+    fed = with_network(path, tmp_path / "fed.yaml", port=free_port(), timeout_s=20)
+    # owner1's host has another CrypTen build: its interpreter reports a different version.
+    shim = tmp_path / "other-crypten"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    other_env = {**os.environ, "PYTHONPATH": str(shim)}
+    names = list(FederationConfig.load(fed).party_names)
+    procs = {n: start_party(fed, n, tmp_path, env=other_env if n == "owner1" else None)
+             for n in names}
+    outs = {n: p.communicate(timeout=400) for n, p in procs.items()}
+    for name in names[:-1]:  # every computing party stops with the same handshake error
+        err = outs[name][1]
+        assert procs[name].returncode == 8, err[-2000:]
+        assert "HandshakeError" in err and "install the same versions" in err
+        assert "'crypten': '0.4.1+other'" in err
         assert not list((tmp_path / name).glob("result-*.pkl"))
