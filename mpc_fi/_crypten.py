@@ -11,7 +11,9 @@ It also repairs one bug of CrypTen 0.4.1 that makes opened values wrong: its
 (``tensor.div(self._scale - correction, ...)``, an operator-precedence slip), so
 ``get_plain_text`` returns ``x - 1`` for a negative ``x`` whenever the fraction of ``x * 2**p``
 falls within ``|x| / (2**p - 1)`` of an integer: about one value in 65,000 near -1, one in 110
-near -580, and every value below ``-2**p``. :func:`_exact_decode` replaces it.
+near -580, and every value below ``-2**p``. :func:`_exact_decode` replaces it. And
+``crypten.manual_seed`` (fixed seeds for the generators that mask shares: a testing hook) warns
+with :class:`~mpc_fi.errors.InsecureSettingWarning` when called.
 
 Every party process must import CrypTen through :func:`load_crypten`: spawned children do not
 inherit a patch made in the parent. ``tests/mpc_fi/test_crypten_shim.py`` fails when the alias
@@ -23,7 +25,10 @@ from __future__ import annotations
 import importlib
 import sys
 import types
+import warnings
 from typing import Any
+
+from .errors import InsecureSettingWarning
 
 _OLD_NAME = "torch.onnx._internal.registration"
 _NEW_NAME = "torch.onnx._internal.torchscript_exporter.registration"
@@ -72,4 +77,17 @@ def load_crypten() -> types.ModuleType:
     global CRYPTEN_DECODE
     CRYPTEN_DECODE = crypten.encoder.FixedPointEncoder.decode
     crypten.encoder.FixedPointEncoder.decode = _exact_decode
+    crypten.manual_seed = _loud_manual_seed(crypten.manual_seed)
     return crypten
+
+
+def _loud_manual_seed(real: Any) -> Any:
+    """CrypTen's testing hook that fixes the share generators' seeds, with a warning."""
+    def manual_seed(*args: Any, **kwargs: Any) -> Any:
+        warnings.warn("crypten.manual_seed fixes the seeds of the generators that mask every "
+                      "share: anyone who knows them can undo the sharing. Use it in tests only.",
+                      InsecureSettingWarning, stacklevel=2)
+        return real(*args, **kwargs)
+
+    manual_seed.__doc__ = real.__doc__
+    return manual_seed

@@ -48,6 +48,17 @@ def test_decoding_is_exact_for_negative_values_where_crypten_is_not():
     assert float((theirs - want)[(theirs - want).abs() > 0.5].max()) == pytest.approx(-1.0, abs=0.01)
 
 
+def test_fixing_the_share_generators_seeds_warns():
+    from mpc_fi.errors import InsecureSettingWarning
+
+    crypten = _crypten.load_crypten()
+    with pytest.warns(InsecureSettingWarning, match="anyone who knows them can undo the sharing"):
+        try:
+            crypten.manual_seed(1, 2, 3)
+        except Exception:  # noqa: BLE001 - without crypten.init() CrypTen may refuse; it warned first
+            pass
+
+
 def test_alias_is_idempotent():
     crypten = _crypten.load_crypten()
     assert _crypten.load_crypten() is crypten
