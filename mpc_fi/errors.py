@@ -74,7 +74,8 @@ EXIT_CODES: dict[int, str] = {
     1: "unexpected error (a bug: please report it with the party logs)",
     ConfigError.exit_code: "invalid federation or option (the message names the key)",
     UnsupportedModelError.exit_code: "model cannot be loaded or run on shares",
-    InputError.exit_code: "bad query or model output (shape, NaN/inf, range)",
+    InputError.exit_code: "bad query or model output (shape, NaN/inf, range), or a query too "
+                          "large for the parties' memory",
     ProtocolError.exit_code: "protocol misconfigured or release not allowed",
     BudgetExceededError.exit_code: "privacy budget would be exceeded; nothing was computed",
     PartyFailedError.exit_code: "a party failed or timed out; every party was stopped",

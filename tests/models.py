@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 
@@ -25,3 +26,28 @@ def custom(in_features: int = 6, num_classes: int = 3) -> nn.Module:
 
 def wrong_output(in_features: int = 6, num_classes: int = 3) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_features, num_classes), nn.Flatten(0))
+
+
+class NanWhen(nn.Module):
+    """A linear model whose logits are NaN for every query with a first feature above ``above``."""
+
+    def __init__(self, in_features: int = 6, num_classes: int = 3, above: float = 3.0):
+        super().__init__()
+        self.linear = nn.Linear(in_features, num_classes)
+        self.above = above
+
+    def forward(self, x):
+        out = self.linear(x)
+        return torch.where(x[:, :1] > self.above, torch.full_like(out, float("nan")), out)
+
+
+def nan_when(in_features: int = 6, num_classes: int = 3, above: float = 3.0) -> nn.Module:
+    return NanWhen(in_features, num_classes, above)
+
+
+def huge_logits(in_features: int = 6, num_classes: int = 3) -> nn.Sequential:
+    """Logits far beyond the fixed-point range accepted for sharing (|y| <= 2^15)."""
+    model = nn.Sequential(nn.Linear(in_features, num_classes))
+    with torch.no_grad():
+        model[0].weight.mul_(1e7)
+    return model

@@ -160,6 +160,26 @@ def test_corrupt_and_pickled_weight_files(federation_factory, tmp_path):
         Federation(replace_owner(fed, 1, weights=str(pickled))).run(queries(4))
 
 
+@pytest.mark.parametrize("factory, words", [("tests.models:nan_when", "holds NaN or inf"),
+                                             ("tests.models:huge_logits",
+                                              "exceeds the fixed-point range")])
+def test_a_bad_model_output_mid_run_stops_every_party(federation_factory, tmp_path, factory,
+                                                      words):
+    fed, _ = federation_factory(num_owners=2, num_classes=3, batch_size=4)
+    fed = replace_owner(fed, 1, factory=factory, kwargs={}, weights=None)
+    x = np.clip(queries(12), -2, 2)
+    x[9, 0] = 5.0  # nan_when: owner1's logits turn NaN in the third batch only
+    with pytest.raises(InputError, match=r"\[owner1\]"):
+        Federation(fed, run_dir=tmp_path).run(x)
+    logs = {p.name.split("-")[2][:-4]: p.read_text() for p in tmp_path.glob("party-*.log")}
+    assert words in logs["owner1"]
+    for name in ("owner0", "querier"):
+        assert "InputError: [owner1] reported a bad model output" in logs[name], name
+    if "nan_when" in factory:
+        assert "batch 2/3 done" in logs["querier"] and "batch 3/3 done" not in logs["querier"]
+    assert not list(tmp_path.glob("result-[012].pkl"))  # no partial result
+
+
 def test_model_returning_the_wrong_shape(federation_factory):
     fed, _ = federation_factory(num_owners=2, num_classes=3)
     fed = replace_owner(fed, 0, factory="tests.models:wrong_output", kwargs={}, weights=None)
