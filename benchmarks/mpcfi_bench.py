@@ -10,25 +10,22 @@ Baselines, measured in the same pytest session as the engine:
   logits one after another with ``cryptensor`` and the aggregation runs on CrypTen's own
   ``argmax``/``softmax`` on shares (``full`` mode: the querier shares the query and every owner's
   MLP runs on shares as ``crypten.nn`` modules). Same parties (N owners + querier + TTP dealer),
-  same launcher style (spawned processes, fresh rendezvous), same cost counters (CrypTen's
+  same local parties (:func:`launchers.functions.run_functions`, fresh rendezvous), same cost counters (CrypTen's
   communicator, inference phase only).
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import os
-import queue as queue_mod
 import resource
-import socket
 import time
-import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
+
+from launchers.functions import run_functions
 
 IN_FEATURES = 64
 HIDDEN = 32
@@ -167,76 +164,12 @@ def _classes(case: Case) -> int:
 
 
 # ---------------------------------------------------------------------------------------
-# A small spawner for the direct CrypTen path (like tests/harness.py, plus a TTP dealer)
+# Parties for the direct CrypTen path (the same local parties as the tests and the studies)
 # ---------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _child(rank: int, world: int, port: int, dealer: str, fn: Callable[..., Any], args: tuple,
-           out: Any) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), DISTRIBUTED_BACKEND="gloo",
-                      RENDEZVOUS=f"tcp://127.0.0.1:{port}")
-    try:
-        from mpc_fi._crypten import load_crypten
-
-        crypten = load_crypten()
-        crypten.cfg.mpc.provider = "TTP" if dealer == "ttp" else "TFP"
-        crypten.cfg.communicator.verbose = True
-        if rank == world:
-            torch.manual_seed(int.from_bytes(os.urandom(8), "big") >> 1)
-            crypten.mpc.provider.TTPServer()
-            out.put((rank, "ok", None))
-            return
-        crypten.init()
-        try:
-            result = fn(rank, *args)
-        finally:
-            crypten.uninit()
-        out.put((rank, "ok", result))
-    except BaseException:  # noqa: BLE001 - every failure goes back to the parent
-        out.put((rank, "error", traceback.format_exc()))
-
-
 def spawn(fn: Callable[..., Any], world: int, *args: Any, dealer: str = "ttp",
           timeout_s: float = 900.0) -> list[Any]:
     """Run ``fn(rank, *args)`` in ``world`` CrypTen parties (+ a TTP); results by rank."""
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    port = _free_port()
-    total = world + (1 if dealer == "ttp" else 0)
-    procs = [ctx.Process(target=_child, args=(r, world, port, dealer, fn, args, out), daemon=True)
-             for r in range(total)]
-    for p in procs:
-        p.start()
-    results: dict[int, tuple[str, Any]] = {}
-    deadline = time.monotonic() + timeout_s
-    try:
-        while len(results) < total and time.monotonic() < deadline:
-            try:
-                rank, status, value = out.get(timeout=0.5)
-            except queue_mod.Empty:
-                if any(p.exitcode not in (None, 0) for p in procs):
-                    break
-                continue
-            results[rank] = (status, value)
-            if status == "error":
-                break
-    finally:
-        for p in procs:
-            p.join(0.1 if len(results) < total else 10)
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-    errors = {r: v for r, (s, v) in results.items() if s == "error"}
-    if errors or len(results) < total:
-        text = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items()))
-        missing = [r for r in range(total) if r not in results]
-        raise RuntimeError(f"direct CrypTen run failed{text and ':'}\n{text}"
-                           + (f"\nno result from ranks {missing}" if missing else ""))
-    return [results[r][1] for r in range(world)]
+    return run_functions(fn, [args] * world, dealer=dealer, timeout_s=timeout_s, star=True)
 
 
 # ---------------------------------------------------------------------------------------

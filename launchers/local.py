@@ -6,6 +6,7 @@ import multiprocessing as mp
 import pickle
 import socket
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -85,6 +86,17 @@ class LocalLauncher(Launcher):
                                name=f"mpc-fi-{fed.party_names[rank]}")
             proc.start()
             self.procs.append(proc)
+
+    @staticmethod
+    def run_functions(fn: Callable[..., Any], payloads: Sequence[Any], *, dealer: str = "ttp",
+                      precision_bits: int = 16, timeout_s: float = 600.0,
+                      log_dir: str | None = None, star: bool = False) -> list[Any]:
+        """Run a secure computation that is not inference in local parties: ``fn(rank,
+        payloads[rank])`` in each (see :func:`launchers.functions.run_functions`)."""
+        from .functions import run_functions  # noqa: PLC0415 - functions imports this module
+
+        return run_functions(fn, payloads, dealer=dealer, precision_bits=precision_bits,
+                             timeout_s=timeout_s, log_dir=log_dir, star=star)
 
     def _read(self, path) -> Any:
         with open(path, "rb") as fh:

@@ -80,7 +80,7 @@ def fake_launcher(labels: np.ndarray):
     class Fake:
         started = 0
 
-        def __init__(self, federation, *, run_dir=None, timeout_s=None):
+        def __init__(self, federation, *, run_dir=None, timeout_s=None, memory_limit_mb=None):
             self.federation, self.run_dir = federation, run_dir or "."
 
         def run(self, *, query=None):
