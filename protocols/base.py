@@ -20,6 +20,7 @@ Two optional parts of the interface:
 
 :class:`VoteWrapper` is the base of protocols that reuse another protocol's contributions and
 aggregate and change only what is revealed (a threshold, noise): privacy as a wrapper.
+:class:`JointNoiseVote` adds the joint Gaussian noise of the GNMax family.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from mpc_fi.privacy import QueryCost
 from mpc_fi.result import Prediction
 
 from . import plain_ops, secure_ops
+from .noise import NoiseSource, SystemNoise
 
 
 class Protocol(ABC):
@@ -234,6 +236,38 @@ class VoteWrapper(Protocol):
 
     def plaintext_aggregate(self, logits: Sequence[torch.Tensor]) -> torch.Tensor:
         return self.inner.plaintext_aggregate(logits)
+
+
+class JointNoiseVote(VoteWrapper):
+    """A vote wrapper whose release goes through joint Gaussian noise (PATE's GNMax family).
+
+    Every computing party (the ``N`` owners and the querier) contributes one share of each noise
+    from its own :attr:`noise_source` (:func:`protocols.secure_ops.joint_gaussian`); the twin
+    replays the same draws, party by party, with :meth:`twin_sources` and :meth:`twin_draw`.
+    """
+
+    differentially_private = True
+
+    def __init__(self, *, inner_cls: type[Protocol], **common: Any) -> None:
+        super().__init__(inner_cls=inner_cls, **common)
+        #: this party's private noise supply (tests may swap in a SeededNoise)
+        self.noise_source: NoiseSource = SystemNoise()
+
+    @property
+    def computing_parties(self) -> int:
+        return self.num_owners + 1
+
+    def twin_sources(self, noise_sources: Sequence[NoiseSource] | None) -> list[NoiseSource]:
+        """The computing parties' noise sources to replay (fresh ones when None)."""
+        if noise_sources:
+            return list(noise_sources)
+        return [SystemNoise() for _ in range(self.computing_parties)]
+
+    def twin_draw(self, source: NoiseSource, shape: Sequence[int], sigma: float,
+                  parties: int) -> torch.Tensor:
+        """One party's share of ``N(0, sigma**2)`` noise, fixed-point encoded as on shares."""
+        return plain.encode(source.gaussian(tuple(shape), sigma / math.sqrt(parties)),
+                            self.precision_bits)
 
 
 class IntegerWeighted:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -13,12 +12,12 @@ from mpc_fi.privacy import QueryCost, confident_gnmax_cost
 from mpc_fi.result import Prediction
 
 from . import plain_ops, secure_ops
-from .base import VoteWrapper
+from .base import JointNoiseVote
 from .hard_vote import HardVote
-from .noise import NoiseSource, SystemNoise
+from .noise import NoiseSource
 
 
-class ConfidentGNMax(VoteWrapper):
+class ConfidentGNMax(JointNoiseVote):
     """PATE's Confident-GNMax around hard voting.
 
     For vote counts ``n``: if ``max_j n_j + N(0, sigma_threshold**2) >= threshold`` the querier
@@ -43,7 +42,6 @@ class ConfidentGNMax(VoteWrapper):
                          "visible, the noisy argmax is not)"}
     cost = ("two argmaxes over C (counts, noisy counts) + C comparisons + one multiplication; "
             "noise sharing is local; full mode: + one argmax per owner on shares")
-    differentially_private = True
 
     def __init__(self, *, threshold: float | None = None, sigma_threshold: float | None = None,
                  sigma: float | None = None, **common: Any) -> None:
@@ -56,12 +54,6 @@ class ConfidentGNMax(VoteWrapper):
         self.sigma = self.positive_real_param("sigma", sigma)
         self.threshold_units = plain_ops.threshold_units(self.threshold, per=1,
                                                          precision_bits=self.precision_bits)
-        #: this party's private noise supply (tests may swap in a SeededNoise)
-        self.noise_source: NoiseSource = SystemNoise()
-
-    @property
-    def computing_parties(self) -> int:
-        return self.num_owners + 1
 
     @classmethod
     def privacy_cost(cls, *, params: Mapping[str, Any], num_owners: int, queries: int,
@@ -92,15 +84,12 @@ class ConfidentGNMax(VoteWrapper):
                   noise_sources: Sequence[NoiseSource] | None = None) -> Prediction:
         """Twin; ``noise_sources`` replays each computing party's noise (fresh draws if None)."""
         units = self.plaintext_aggregate(logits)
-        sources = noise_sources or [SystemNoise() for _ in range(self.computing_parties)]
-        root = math.sqrt(len(sources))
+        sources = self.twin_sources(noise_sources)
         check_noise = torch.zeros(units.shape[:-1], dtype=torch.long)
         argmax_noise = torch.zeros(units.shape, dtype=torch.long)
         for src in sources:  # per party: threshold noise first, as on shares
-            check_noise += plain.encode(src.gaussian(units.shape[:-1], self.sigma_threshold / root),
-                                        self.precision_bits)
-            argmax_noise += plain.encode(src.gaussian(units.shape, self.sigma / root),
-                                         self.precision_bits)
+            check_noise += self.twin_draw(src, units.shape[:-1], self.sigma_threshold, len(sources))
+            argmax_noise += self.twin_draw(src, units.shape, self.sigma, len(sources))
         passed = units.max(dim=-1).values + check_noise >= self.threshold_units
         label = plain.argmax_lowest(units + argmax_noise)
         return Prediction(labels=plain_ops.gate(label, passed).numpy())

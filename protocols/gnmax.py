@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -13,12 +12,12 @@ from mpc_fi.privacy import QueryCost, gnmax_cost
 from mpc_fi.result import Prediction
 
 from . import plain_ops, secure_ops
-from .base import VoteWrapper
+from .base import JointNoiseVote
 from .hard_vote import HardVote
-from .noise import NoiseSource, SystemNoise
+from .noise import NoiseSource
 
 
-class GNMax(VoteWrapper):
+class GNMax(JointNoiseVote):
     """PATE's Gaussian NoisyMax around hard voting: ``argmax_j (n_j + N(0, sigma**2))``.
 
     The vote counts ``n`` are :class:`~protocols.hard_vote.HardVote`'s (one vote per owner). The
@@ -43,17 +42,10 @@ class GNMax(VoteWrapper):
                           "same privacy cost)"}
     cost = ("output mode: one argmax over C noisy counts; noise sharing is local (N + 1 sharings "
             "of zero); full mode: + one argmax per owner on shares")
-    differentially_private = True
 
     def __init__(self, *, sigma: float | None = None, **common: Any) -> None:
         super().__init__(inner_cls=HardVote, **common)
         self.sigma = self.positive_real_param("sigma", sigma)
-        #: this party's private noise supply (tests may swap in a SeededNoise)
-        self.noise_source: NoiseSource = SystemNoise()
-
-    @property
-    def computing_parties(self) -> int:
-        return self.num_owners + 1
 
     @classmethod
     def privacy_cost(cls, *, params: Mapping[str, Any], num_owners: int, queries: int,
@@ -73,9 +65,8 @@ class GNMax(VoteWrapper):
                   noise_sources: Sequence[NoiseSource] | None = None) -> Prediction:
         """Twin; ``noise_sources`` replays each computing party's noise (fresh draws if None)."""
         units = self.plaintext_aggregate(logits)
-        sources = noise_sources or [SystemNoise() for _ in range(self.computing_parties)]
-        std = self.sigma / math.sqrt(len(sources))
-        noisy = units + sum(plain.encode(src.gaussian(units.shape, std), self.precision_bits)
+        sources = self.twin_sources(noise_sources)
+        noisy = units + sum(self.twin_draw(src, units.shape, self.sigma, len(sources))
                             for src in sources)
         return Prediction(labels=plain.argmax_lowest(noisy).numpy(),
                           scores=(noisy.to(torch.float64) / self.scale).numpy()
