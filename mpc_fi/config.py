@@ -1,7 +1,7 @@
 """Typed, validated description of a federation.
 
 A federation is described once: as a :class:`FederationConfig` object, or as a YAML/TOML file
-with the same keys (see ``docs/federation.md``). Every validation error names the exact key at
+with the same keys (see the README's federation file). Every validation error names the exact key at
 fault (``owners[1].model.weights``) and, for a misspelt key, the closest valid one.
 """
 

@@ -15,6 +15,10 @@ it can run. The engine takes the smallest plan over all parties (``_Party._plan_
 :mod:`mpc_fi.party`) and answers in batches of that many rows, or refuses with
 :class:`~mpc_fi.errors.InputError` on every party when a single query does not fit.
 ``tests/mpc_fi/test_memory.py`` checks the bound against measured peaks.
+
+Not counted: an owner's own plaintext forward pass in ``output`` mode (any PyTorch model, run
+locally on the batch's queries); an owner with a large model should keep ``batch_size`` to what
+its model can evaluate at once.
 """
 
 from __future__ import annotations
