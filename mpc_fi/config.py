@@ -1,8 +1,8 @@
 """Typed, validated description of a federation.
 
 A federation is described once: as a :class:`FederationConfig` object, or as a YAML/TOML file
-with the same keys (see the README's federation file). Every validation error names the exact key at
-fault (``owners[1].model.weights``) and, for a misspelt key, the closest valid one.
+with the same keys (see the README's federation file). Every validation error names the exact
+key at fault (``owners[1].model.weights``) and, for a misspelt key, the closest valid one.
 """
 
 from __future__ import annotations
