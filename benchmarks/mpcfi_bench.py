@@ -9,9 +9,9 @@ Baselines, measured in the same pytest session as the engine:
 * **direct CrypTen** -- what a CrypTen user writes without mpc-fi: owners secret-share their
   logits one after another with ``cryptensor`` and the aggregation runs on CrypTen's own
   ``argmax``/``softmax`` on shares (``full`` mode: the querier shares the query and every owner's
-  MLP runs on shares as ``crypten.nn`` modules). Same parties (N owners + querier + TTP dealer),
-  same local parties (:func:`launchers.functions.run_functions`, fresh rendezvous), same cost counters (CrypTen's
-  communicator, inference phase only).
+  MLP runs on shares as ``crypten.nn`` modules). Same parties (N owners + querier + TTP dealer)
+  started the same way (:func:`launchers.functions.run_functions`, fresh rendezvous), same cost
+  counters (CrypTen's communicator, inference phase only).
 """
 
 from __future__ import annotations

@@ -123,7 +123,8 @@ def run_functions(fn: Callable[..., Any], payloads: Sequence[Any], *, dealer: st
             try:
                 rank, status, value = out.get(timeout=0.5)
             except queue_mod.Empty:
-                if any(p.exitcode not in (None, 0) for r, p in enumerate(procs) if r not in results):
+                if any(p.exitcode not in (None, 0)
+                       for r, p in enumerate(procs) if r not in results):
                     break
                 continue
             results[rank] = (status, pickle.loads(value) if status == "ok" and value else value)
