@@ -63,6 +63,18 @@ def netem_available() -> bool:
         _ip("netns", "del", name, check=False)
 
 
+def shaper_unavailable_reason() -> str | None:
+    """Why links cannot be shaped here: neither ``tc netem`` nor the TUN emulator (None if one can)."""
+    if netem_available():
+        return None
+    try:
+        os.close(os.open("/dev/net/tun", os.O_RDWR))
+    except OSError as exc:
+        return (f"no sch_netem in this kernel and /dev/net/tun cannot be opened ({exc.strerror}) "
+                "for the userspace link emulator")
+    return None
+
+
 @dataclass(frozen=True)
 class Profile:
     """A link profile: round-trip time added between any two hosts, and each host's rate."""

@@ -15,7 +15,7 @@ import pytest
 from fedkit import clock, log_time, wait_for_line
 from measure_links import measure
 from multihost import federation_for, party_names, querier_labels, start_parties
-from netns import Topology, unavailable_reason
+from netns import Topology, shaper_unavailable_reason, unavailable_reason
 
 REASON = unavailable_reason()
 pytestmark = [pytest.mark.netns,
@@ -116,6 +116,8 @@ def test_a_link_dropping_mid_run_fails_everyone_cleanly(small_federation, hosts,
         assert topo.pids(k) == []
 
 
+@pytest.mark.skipif(REASON is None and shaper_unavailable_reason() is not None,
+                    reason=f"link shaping: {REASON or shaper_unavailable_reason()}")
 def test_an_emulated_wan_link_costs_time_not_rounds(small_federation, tmp_path):
     path, twin = small_federation
     native = measure("native", path, list(twin), tmp_path)
