@@ -64,7 +64,7 @@ def netem_available() -> bool:
 
 
 def shaper_unavailable_reason() -> str | None:
-    """Why links cannot be shaped here: neither ``tc netem`` nor the TUN emulator (None if one can)."""
+    """Why links cannot be shaped: neither ``tc netem`` nor the TUN emulator (None: one can)."""
     if netem_available():
         return None
     try:

@@ -3,7 +3,8 @@
 Each party runs the real entry point, ``ip netns exec <ns> mpc-fi party --federation F --party
 NAME``, and the parties meet at rank 0's namespace address (``10.231.0.1``, plaintext
 acknowledged). Part of the default run (select alone with ``-m netns``); skipped, with the
-reason in pytest's summary, when namespaces cannot be created (not root, no iproute2, not Linux). Namespaces are removed in the fixtures' teardown, also on failure.
+reason in pytest's summary, when namespaces cannot be created (not root, no iproute2, not
+Linux). Namespaces are removed in the fixtures' teardown, also on failure.
 """
 
 from __future__ import annotations
