@@ -10,6 +10,8 @@ experiments.
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 import tempfile
 import time
@@ -236,13 +238,30 @@ def main(argv: list[str] | None = None) -> int:
     warnings.simplefilter("always", InsecureSettingWarning)
     warnings.formatwarning = lambda msg, cat, *a, **k: f"WARNING ({cat.__name__}): {msg}\n"
     try:
-        return args.func(args)
+        code = args.func(args)
     except MpcFiError as exc:
         print(f"mpc-fi: error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return exc.exit_code
+        code = exc.exit_code
     except KeyboardInterrupt:
         print("mpc-fi: interrupted; every party was stopped", file=sys.stderr)
-        return 130
+        code = 130
+    if args.func is cmd_party:
+        _leave(code)
+    return code
+
+
+def _leave(code: int) -> None:
+    """End a party process without interpreter teardown.
+
+    ``mpc-fi party`` ran the party in this process: after a failed run, gloo's threads and
+    sockets are still there, and destroying them at interpreter exit can abort the process
+    (SIGABRT, seen after a link dropped) or hang it, so the exit code would not be the one the
+    party reported. The local launcher's party processes leave the same way.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -103,7 +103,8 @@ def test_a_link_dropping_mid_run_fails_everyone_cleanly(small_federation, hosts,
     topo.set_link(names.index(victim), up=False)
     dropped = clock()
     codes = run.wait(300)
-    assert all(code == 7 for code in codes.values()), codes
+    assert all(code == 7 for code in codes.values()), \
+        (codes, {n: run.outputs[n][1][-3000:] for n in names if codes[n] != 7})
     # Each party gives up within network.timeout_s (twice at most: a party may be waiting on a
     # peer that is itself still waiting), whatever the machine's load does to process exit.
     for name in names:
