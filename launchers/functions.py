@@ -140,13 +140,16 @@ def run_functions(fn: Callable[..., Any], payloads: Sequence[Any], *, dealer: st
     dead = {r: f"exited with code {p.exitcode}" for r, p in enumerate(procs)
             if r not in results and p.exitcode not in (None, 0, -9)}
     missing = [r for r in range(total) if r not in results and r not in dead]
-    if failed or dead or missing:
-        first = min(failed) if failed else (min(dead) if dead else missing[0])
+    if failed or dead:
+        first = min(failed) if failed else min(dead)
         text = "\n".join(f"--- party rank {r} ({_role(r, world)}) ---\n{tb}"
                          for r, tb in sorted({**dead, **failed}.items()))
         if missing:
-            text += (f"\nno result from ranks {missing} within {timeout_s:g} s (stopped after "
-                     "another party failed, or timed out)")
+            text += f"\nstopped without a result: ranks {missing}"
         raise PartyFailedError(f"party rank {first} ({_role(first, world)}) failed:\n{text}",
                                party=_role(first, world), rank=first)
+    if missing:
+        raise PartyFailedError(f"no result from ranks {missing} within {timeout_s:g} s; every "
+                               "party was stopped", party=_role(missing[0], world),
+                               rank=missing[0])
     return [results[r][1] for r in range(world)]
