@@ -1,12 +1,12 @@
 """Batch sizing to memory: split a batch that would not fit, refuse one query that cannot.
 
 A batch's working memory on shares grows linearly with its rows and is dominated by the largest
-single step: CrypTen's comparisons (ReLU, max pooling, argmax) hold about 31-38 int64
-temporaries per element of their input on their own, about 83 per element at a party of a whole
-full-mode run (measured: peak RSS of batches of 8, 512 and 2048 queries, two CNN owners).
-In output mode the measured cost per query (3 owners, 10 classes) was 3.3 KB for soft voting,
-6.6 KB for entropy weighting and 17 KB for top-k ranking; the bound below gives 35, 38 and
-80 KB.
+single step: CrypTen's comparisons (ReLU, max pooling, argmax) hold dozens of int64 temporaries
+per element of their input. Measured as the growth of each party's peak RSS per query
+(``pytest tests/mpc_fi/test_memory.py -k measured -s`` prints it): full mode, two CNN owners,
+299-335 KB against a bound of 516 KB (the largest step, a ReLU over 512 activations, costs up
+to ~670 bytes per element; the bound takes 1024); output mode, 3 owners and 10 classes, soft
+voting 3.0-3.3 KB against 34 KB, top-k ranking 15.6-16.4 KB against 79 KB.
 
 :func:`row_bytes` bounds a query's share of a batch from public facts only (input shape, the
 owners' architectures in ``full`` mode, class count, contribution width), so every party
@@ -35,7 +35,7 @@ from .errors import InputError
 from .models import Architecture
 
 #: Bytes of peak working memory per element of the largest operation's input. Measured end to
-#: end (full mode, CNN owners, ReLU the largest step): ~665 per element, rounded up to 128 int64.
+#: end (full mode, CNN owners, ReLU the largest step): up to ~670 per element; 128 int64 here.
 BYTES_PER_ELEMENT = 128 * 8
 #: Bytes per row that every batch holds whatever the model (the query and its shares, the
 #: contributions, Python and gloo buffers).
