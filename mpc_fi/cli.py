@@ -144,9 +144,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from .config import FederationConfig  # noqa: PLC0415
 
     fed = FederationConfig.load(args.federation)
+    low, high = fed.querier.value_range
+    declared = "" if fed.querier.input_range else " (undeclared: the widest allowed)"
     print(f"ok: {fed.num_owners} owners ({', '.join(o.name for o in fed.owners)}), querier "
           f"{fed.querier.name}, mode {fed.mode}, protocol {fed.protocol.name}, reveal {fed.reveal}, "
-          f"dealer {fed.dealer}, fingerprint {fed.fingerprint()}")
+          f"dealer {fed.dealer}, query values in [{low:g}, {high:g}]{declared}, fingerprint "
+          f"{fed.fingerprint()}")
     return 0
 
 

@@ -132,3 +132,23 @@ def test_unknown_protocol_and_parameter_name_the_key(tmp_path):
     with pytest.raises(ConfigError) as err:
         build_protocol(fed, num_classes=3)
     assert err.value.key == "protocol.temprature"
+
+
+def test_validate_command_prints_the_public_settings_or_names_the_key(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    mpc_fi = str(Path(sys.executable).with_name("mpc-fi"))
+    good = write(tmp_path, GOOD_YAML.replace("querier: {name: clinic",
+                                             "querier: {input_range: [0, 16], name: clinic"))
+    proc = subprocess.run([mpc_fi, "validate", str(good)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("ok: 2 owners (hospital_a, hospital_b), querier clinic")
+    assert "query values in [0, 16], fingerprint" in proc.stdout
+    bad = write(tmp_path, GOOD_YAML.replace("reveal: label", "revael: label"), "bad.yaml")
+    proc = subprocess.run([mpc_fi, "validate", str(bad)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "revael" in proc.stderr and "did you mean 'reveal'" in proc.stderr
