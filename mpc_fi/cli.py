@@ -150,6 +150,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
           f"{fed.querier.name}, mode {fed.mode}, protocol {fed.protocol.name}, reveal {fed.reveal}, "
           f"dealer {fed.dealer}, query values in [{low:g}, {high:g}]{declared}, fingerprint "
           f"{fed.fingerprint()}")
+    print("ranks: " + ", ".join(f"{rank} {fed.role_of(rank)} {name}"
+                                for rank, name in enumerate(fed.party_names)))
     return 0
 
 

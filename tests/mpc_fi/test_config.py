@@ -147,6 +147,8 @@ def test_validate_command_prints_the_public_settings_or_names_the_key(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("ok: 2 owners (hospital_a, hospital_b), querier clinic")
     assert "query values in [0, 16], fingerprint" in proc.stdout
+    assert "ranks: 0 owner hospital_a, 1 owner hospital_b, 2 querier clinic, 3 dealer dealer" \
+        in proc.stdout
     bad = write(tmp_path, GOOD_YAML.replace("reveal: label", "revael: label"), "bad.yaml")
     proc = subprocess.run([mpc_fi, "validate", str(bad)], capture_output=True, text=True,
                           timeout=120)
