@@ -119,7 +119,7 @@ def auto_limit_mb(parties_on_host: int = 1) -> float | None:
 
 
 def plan_rows(batch_size: int, per_row: int, limit_mb: float | None) -> int:
-    """Rows per batch under ``limit_mb`` (``batch_size`` when unlimited); 0 if one row is too many."""
+    """Rows per batch under ``limit_mb`` (``batch_size`` if unlimited); 0: one row is too many."""
     if limit_mb is None:
         return batch_size
     return min(batch_size, int(limit_mb * 2**20 // per_row))

@@ -140,7 +140,8 @@ def activation_ranges(arch: Architecture, params: dict[str, torch.Tensor],
             lo, hi = (F.adaptive_avg_pool2d(lo, a["output_size"]),
                       F.adaptive_avg_pool2d(hi, a["output_size"]))
         elif layer.op == "flatten":
-            lo, hi = lo.flatten(a["start_dim"], a["end_dim"]), hi.flatten(a["start_dim"], a["end_dim"])
+            dims = (a["start_dim"], a["end_dim"])
+            lo, hi = lo.flatten(*dims), hi.flatten(*dims)
         elif layer.op == "softmax":
             lo, hi = torch.zeros_like(lo), torch.ones_like(hi)
         elif layer.op == "log_softmax":
@@ -178,13 +179,12 @@ def check_model_ranges(arch: Architecture, params: dict[str, torch.Tensor],
                 "before truncation")
         elif r.magnitude >= limits.value:
             problems.append(f"{where}: its output can reach {_pow2(r.magnitude)}, past the "
-                            f"{_pow2(limits.value)} that {precision_bits} fractional bits represent")
-        if r.op == "sigmoid" and previous > limits.sigmoid_input:
-            problems.append(f"{where}: its input can reach {previous:.4g}; CrypTen's sigmoid is "
-                            f"exact only for |x| <= {limits.sigmoid_input:g}")
-        if r.op == "tanh" and previous > limits.tanh_input:
-            problems.append(f"{where}: its input can reach {previous:.4g}; CrypTen's tanh is "
-                            f"exact only for |x| <= {limits.tanh_input:g}")
+                            f"{_pow2(limits.value)} that {precision_bits} fractional bits "
+                            "represent")
+        exp_limit = {"sigmoid": limits.sigmoid_input, "tanh": limits.tanh_input}.get(r.op)
+        if exp_limit is not None and previous > exp_limit:
+            problems.append(f"{where}: its input can reach {_pow2(previous)}; CrypTen's {r.op} "
+                            f"is exact only for |x| <= {exp_limit:g}")
         previous = r.magnitude
     if problems:
         low, high = input_range
