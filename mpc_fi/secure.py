@@ -26,7 +26,8 @@ from ._crypten import load_crypten
 from .compare import LAN, NETWORKS, NetworkProfile, ValueRange, argmax_bits
 
 __all__ = ["ValueRange", "Hint", "annotate", "hint_of", "distinct", "argmax_one_hot",
-           "one_hot_to_index", "argmax_index", "EXP_FLOOR", "softmax", "log_softmax"]
+           "one_hot_to_index", "argmax_index", "EXP_FLOOR", "clamp_exponent", "softmax",
+           "log_softmax"]
 
 _HINT_ATTR = "_mpc_fi_hint"
 
@@ -142,9 +143,9 @@ def argmax_index(x: Any, num_classes: int, *, value_range: ValueRange | None = N
 EXP_FLOOR = -16.0
 
 
-def _clamped_exp(shifted: Any) -> Any:
-    """``exp(max(shifted, EXP_FLOOR))`` for ``shifted <= 0``: one comparison more than ``exp``."""
-    return ((shifted - EXP_FLOOR).relu() + EXP_FLOOR).exp()
+def clamp_exponent(shifted: Any) -> Any:
+    """``max(shifted, EXP_FLOOR)`` on shares (one comparison): a safe input for ``exp``."""
+    return (shifted - EXP_FLOOR).relu() + EXP_FLOOR
 
 
 def softmax(x: Any, dim: int = -1) -> Any:
@@ -155,7 +156,7 @@ def softmax(x: Any, dim: int = -1) -> Any:
     ``torch.softmax``.
     """
     crypten = load_crypten()
-    e = _clamped_exp(x - x.max(dim, keepdim=True)[0])
+    e = clamp_exponent(x - x.max(dim, keepdim=True)[0]).exp()
     with crypten.cfg.temp_override({"functions.reciprocal_all_pos": True}):
         inverse = e.sum(dim, keepdim=True).reciprocal()
     return e * inverse
@@ -165,4 +166,4 @@ def log_softmax(x: Any, dim: int = -1) -> Any:
     """Log-softmax on shares with the clamped exponent of :func:`softmax`. Twin:
     ``torch.log_softmax`` (entries below ``EXP_FLOOR`` from the top stay exact: ``x - max``)."""
     shifted = x - x.max(dim, keepdim=True)[0]
-    return shifted - _clamped_exp(shifted).sum(dim, keepdim=True).log()
+    return shifted - clamp_exponent(shifted).exp().sum(dim, keepdim=True).log()

@@ -31,9 +31,6 @@ from .noise import NoiseSource
 #: Below this many classes :func:`top_k_indices` ranks all pairs at once (constant rounds,
 #: ``C(C-1)/2`` comparisons per query); from it on, it takes ``k`` successive argmaxes.
 PAIRWISE_TOP_K_MAX_CLASSES = 32
-#: ``softmax_confidence`` clamps ``logit - max`` at this floor before ``exp`` (see
-#: :data:`mpc_fi.secure.EXP_FLOOR`).
-EXP_FLOOR = secure.EXP_FLOOR
 
 
 def weighted_sum(contributions: Sequence[Any], weights: Sequence[int]) -> Any:
@@ -150,17 +147,18 @@ def softmax_confidence(logits: Any, num_classes: int, *,
     """Softmax probabilities ``(batch, C)`` and ``exp(-power * H)`` ``(batch, 1)`` on shares.
 
     ``H`` is the entropy (nats) of the softmax. With ``d = z - m`` for a shift ``m`` near the
-    maximum (clamped below at :data:`EXP_FLOOR`), ``e = exp(d)``, ``s = sum e`` and ``p = e / s``:
-    ``H = log s - sum p d``, so ``exp(-H) = exp(sum p d) / s`` needs **no logarithm on shares**:
-    the reciprocal ``1 / s`` is the softmax's own, and ``sum p d`` lies in ``[-log C, 0]`` where
-    ``exp`` is accurate. Any shift ``m`` gives the same ``p`` and ``H``, so the maximum is taken
-    as the argmax one-hot dotted with ``z`` (a truncated product is fine). ``power`` is a
-    positive integer: ``exp(-power * H)`` is a power of ``exp(-H)`` by repeated multiplication.
+    maximum (clamped below at :data:`mpc_fi.secure.EXP_FLOOR`), ``e = exp(d)``, ``s = sum e``
+    and ``p = e / s``: ``H = log s - sum p d``, so ``exp(-H) = exp(sum p d) / s`` needs **no
+    logarithm on shares**: the reciprocal ``1 / s`` is the softmax's own, and ``sum p d`` lies
+    in ``[-log C, 0]`` where ``exp`` is accurate. Any shift ``m`` gives the same ``p`` and
+    ``H``, so the maximum is taken as the argmax one-hot dotted with ``z`` (a truncated product
+    is fine). ``power`` is a positive integer: ``exp(-power * H)`` is a power of ``exp(-H)`` by
+    repeated multiplication.
     """
     crypten = load_crypten()
     one_hot = secure.argmax_one_hot(logits, num_classes)
     top = (one_hot * logits).sum(-1, keepdim=True)
-    shifted = (logits - top - EXP_FLOOR).relu() + EXP_FLOOR
+    shifted = secure.clamp_exponent(logits - top)
     e = shifted.exp()
     with crypten.cfg.temp_override({"functions.reciprocal_all_pos": True}):
         inverse = e.sum(-1, keepdim=True).reciprocal()
