@@ -393,23 +393,25 @@ def _run_party(ctx: PartyContext) -> dict[str, Any]:
         return run_dealer(fed)
     t0 = time.perf_counter()
     party = _Party(ctx)
-    try:
-        party.handshake()
-        party.setup()
-        setup_s = time.perf_counter() - t0
-        party.comm.reset_communication_stats()
-        t1 = time.perf_counter()
-        labels, scores = party.infer()
-        stats = party.comm.get_communication_stats()
-        cost = PartyCost(party=party.name, role=role, wall_s=time.perf_counter() - t1,
-                         rounds=int(stats["rounds"]), bytes_sent=int(stats["bytes"]),
-                         peak_rss_mb=_peak_rss_mb())
-        party.log.info("done: %.3f s, %d rounds, %d bytes", cost.wall_s, cost.rounds, cost.bytes_sent)
-        out: dict[str, Any] = {"cost": asdict(cost), "setup_s": setup_s,
-                               "loaded_files": [p for _, p in LOAD_AUDIT],
-                               "batch_rows": party.batch_rows}
-        if role == "querier":
-            out.update(labels=labels, scores=scores)
-        return out
-    finally:
-        party.crypten.uninit()
+    party.handshake()
+    party.setup()
+    setup_s = time.perf_counter() - t0
+    party.comm.reset_communication_stats()
+    t1 = time.perf_counter()
+    labels, scores = party.infer()
+    stats = party.comm.get_communication_stats()
+    cost = PartyCost(party=party.name, role=role, wall_s=time.perf_counter() - t1,
+                     rounds=int(stats["rounds"]), bytes_sent=int(stats["bytes"]),
+                     peak_rss_mb=_peak_rss_mb())
+    party.log.info("done: %.3f s, %d rounds, %d bytes", cost.wall_s, cost.rounds, cost.bytes_sent)
+    out: dict[str, Any] = {"cost": asdict(cost), "setup_s": setup_s,
+                           "loaded_files": [p for _, p in LOAD_AUDIT],
+                           "batch_rows": party.batch_rows}
+    if role == "querier":
+        out.update(labels=labels, scores=scores)
+    # CrypTen's shutdown only after a success: it has party 0 send the dealer "terminate", so
+    # after a failure the dealer would report success for a failed run. A failed party's process
+    # ends right after (the launchers exit without teardown); the dealer sees the connection
+    # close and fails too.
+    party.crypten.uninit()
+    return out
