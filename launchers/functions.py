@@ -9,8 +9,8 @@ path all start their parties here.
 
 It keeps the local launcher's rules: parties are forked from a fork server that preloaded torch
 and CrypTen (:mod:`launchers._preload`), never from the calling process; a fresh free port per
-run; one torch thread per party; the dealer seeds torch's global generator from ``os.urandom``
-before starting (CrypTen's ``TTPServer`` derives every triple from it); results are drained
+run; one torch thread per party; every party and the dealer set CrypTen up through
+:func:`mpc_fi._crypten.configure` (CSPRNG randomness, the same comparison circuit); results are drained
 before joining; every wait is bounded; when a party fails, the others are killed and the error
 names it with its traceback. Like :mod:`launchers.entry`, the child process (and only it) writes
 the environment variables CrypTen reads.
@@ -51,17 +51,13 @@ def _child(rank: int, world: int, port: int, dealer: str, precision_bits: int,
     try:
         import torch  # noqa: PLC0415 - preloaded by the fork server
 
-        from mpc_fi._crypten import load_crypten  # noqa: PLC0415
+        from mpc_fi._crypten import configure  # noqa: PLC0415
 
         torch.set_num_threads(1)  # many parties share few cores
-        crypten = load_crypten()
-        crypten.cfg.mpc.provider = "TTP" if dealer == "ttp" else "TFP"
-        crypten.cfg.encoder.precision_bits = precision_bits
-        crypten.cfg.communicator.verbose = True  # count rounds and bytes
+        # The same patches as an inference party: CSPRNG randomness, exact decoding, the
+        # carry-save comparisons (mpc_fi._crypten.configure).
+        crypten = configure(dealer=dealer, precision_bits=precision_bits)
         if rank == world:
-            # TTPServer seeds its per-party generators from torch's global RNG (constant default
-            # seed): seed it from OS entropy or every run would derive the same triples.
-            torch.manual_seed(int.from_bytes(os.urandom(8), "big") >> 1)
             crypten.mpc.provider.TTPServer()
             out.put((rank, "ok", None))
             return

@@ -11,13 +11,18 @@ It also repairs one bug of CrypTen 0.4.1 that makes opened values wrong: its
 (``tensor.div(self._scale - correction, ...)``, an operator-precedence slip), so
 ``get_plain_text`` returns ``x - 1`` for a negative ``x`` whenever the fraction of ``x * 2**p``
 falls within ``|x| / (2**p - 1)`` of an integer: about one value in 65,000 near -1, one in 110
-near -580, and every value below ``-2**p``. :func:`_exact_decode` replaces it. And
-``crypten.manual_seed`` (fixed seeds for the generators that mask shares: a testing hook) warns
-with :class:`~mpc_fi.errors.InsecureSettingWarning` when called.
-
+near -580, and every value below ``-2**p``. :func:`_exact_decode` replaces it. 
 Every party process must import CrypTen through :func:`load_crypten`: spawned children do not
 inherit a patch made in the parent. ``tests/mpc_fi/test_crypten_shim.py`` fails when the alias
 or the decoding fix stops being needed or stops working.
+
+Randomness: every ``torch.Generator`` CrypTen masks secrets with (32 bits of seed state) is
+replaced by a 256-bit-key CSPRNG (:mod:`mpc_fi.crypten_rng`). ``crypten.manual_seed`` (a testing
+hook) derives keys from every bit of its seeds and warns with
+:class:`~mpc_fi.errors.InsecureSettingWarning`.
+
+All of it is held by one handle, :func:`patches`; :func:`configure` is the one call a party or
+dealer makes to set CrypTen up.
 """
 
 from __future__ import annotations
@@ -25,10 +30,7 @@ from __future__ import annotations
 import importlib
 import sys
 import types
-import warnings
 from typing import Any
-
-from .errors import InsecureSettingWarning
 
 _OLD_NAME = "torch.onnx._internal.registration"
 _NEW_NAME = "torch.onnx._internal.torchscript_exporter.registration"
@@ -67,27 +69,93 @@ def _exact_decode(self, tensor):  # noqa: ANN001 - CrypTen's signature
     return (whole.float() + fraction.float() / self._scale).data
 
 
+class Patches:
+    """Every change mpc-fi makes to CrypTen's behaviour in this process, and their state.
+
+    One handle per process (:func:`patches`). :func:`load_crypten` installs what every process
+    that touches CrypTen needs (the import alias, exact decoding, CSPRNG randomness); a computing
+    party or dealer then calls :func:`configure`, which adds the rest (the cheaper comparison
+    circuit) and sets CrypTen's configuration. :meth:`installed` reads the live state, so a test
+    can check inside each party that nothing was left out or undone.
+    """
+
+    def __init__(self) -> None:
+        self.alias = False
+        self.originals: dict[str, Any] = {}
+        self.components: list[str] = []
+
+    def add(self, name: str, saved: dict[str, Any] | None = None) -> None:
+        if name not in self.components:
+            self.components.append(name)
+        self.originals.update(saved or {})
+
+    def installed(self) -> dict[str, bool]:
+        """Which patches are live right now (read from CrypTen itself, not from flags)."""
+        crypten = sys.modules.get("crypten")
+        if crypten is None:
+            return {}
+        from . import compare, crypten_rng  # noqa: PLC0415
+
+        rng = crypten.common.rng
+        ttp = crypten.mpc.provider.ttp_provider
+        return {
+            "onnx-alias": _OLD_NAME in sys.modules,
+            "exact-decode": crypten.encoder.FixedPointEncoder.decode is _exact_decode,
+            "csprng": (rng.generate_random_ring_element is crypten_rng.generate_random_ring_element
+                       and ttp.generate_kbit_random_tensor is crypten_rng.generate_kbit_random_tensor
+                       and crypten._setup_prng is crypten_rng.setup_prng
+                       and ttp.TTPServer._setup_generators
+                       is crypten_rng._server_setup_generators),
+            "fast-comparisons": crypten.mpc.MPCTensor.__dict__.get("_ltz") is compare._ltz,
+        }
+
+
+_PATCHES = Patches()
+
+
+def patches() -> Patches:
+    """This process's patch handle."""
+    return _PATCHES
+
+
 def load_crypten() -> types.ModuleType:
-    """Import CrypTen on this torch and return the module (idempotent, per process)."""
-    if "crypten" in sys.modules:
+    """Import CrypTen on this torch and return the module (idempotent, per process).
+
+    Installs, before anything can use CrypTen: the ONNX alias, exact fixed-point decoding, and
+    CSPRNG streams in place of every ``torch.Generator`` CrypTen would mask a secret with.
+    """
+    if "crypten" in sys.modules and "csprng" in _PATCHES.components:
         return sys.modules["crypten"]
-    install_alias()
+    _PATCHES.alias = install_alias() or _PATCHES.alias
+    _PATCHES.add("onnx-alias")
     import crypten  # noqa: PLC0415 - the only import of crypten in the code base
 
+    from . import crypten_rng  # noqa: PLC0415 - needs crypten imported
+
     global CRYPTEN_DECODE
-    CRYPTEN_DECODE = crypten.encoder.FixedPointEncoder.decode
-    crypten.encoder.FixedPointEncoder.decode = _exact_decode
-    crypten.manual_seed = _loud_manual_seed(crypten.manual_seed)
+    if crypten.encoder.FixedPointEncoder.decode is not _exact_decode:
+        CRYPTEN_DECODE = crypten.encoder.FixedPointEncoder.decode
+        crypten.encoder.FixedPointEncoder.decode = _exact_decode
+    _PATCHES.add("exact-decode", {"FixedPointEncoder.decode": CRYPTEN_DECODE})
+    _PATCHES.add("csprng", crypten_rng.install(crypten))
     return crypten
 
 
-def _loud_manual_seed(real: Any) -> Any:
-    """CrypTen's testing hook that fixes the share generators' seeds, with a warning."""
-    def manual_seed(*args: Any, **kwargs: Any) -> Any:
-        warnings.warn("crypten.manual_seed fixes the seeds of the generators that mask every "
-                      "share: anyone who knows them can undo the sharing. Use it in tests only.",
-                      InsecureSettingWarning, stacklevel=2)
-        return real(*args, **kwargs)
+def configure(*, dealer: str, precision_bits: int, count_communication: bool = True
+              ) -> types.ModuleType:
+    """Set CrypTen up for one party or dealer process and install every patch; return CrypTen.
 
-    manual_seed.__doc__ = real.__doc__
-    return manual_seed
+    ``dealer`` is ``"ttp"`` (a separate trusted dealer) or ``"insecure-party-dealer"`` (CrypTen's
+    TFP: party 0 generates all correlated randomness). Every party of a run must call it alike.
+    """
+    from .compare import install_fast_comparisons  # noqa: PLC0415 - compare imports this module
+
+    crypten = load_crypten()
+    crypten.cfg.mpc.provider = "TTP" if dealer == "ttp" else "TFP"
+    crypten.cfg.encoder.precision_bits = precision_bits
+    crypten.cfg.communicator.verbose = count_communication  # count rounds and bytes
+    # Every comparison (relu, max, argmax, softmax's max, ...) through the cheaper, output-
+    # identical carry-save circuit of mpc_fi.compare; all parties do it alike.
+    install_fast_comparisons(crypten)
+    _PATCHES.add("fast-comparisons")
+    return crypten

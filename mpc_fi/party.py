@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import math
-import os
 import resource
 import sys
 import time
@@ -33,9 +32,9 @@ import numpy as np
 import torch
 
 from . import errors, secure
-from ._crypten import load_crypten
+from ._crypten import configure, patches
+from .crypten_rng import generators_in_use
 from .bounds import aggregate_range
-from .compare import install_fast_comparisons
 from .audit import WireAudit
 from .config import MAX_QUERY_VALUE, FederationConfig
 from .errors import HandshakeError, InputError, MpcFiError
@@ -76,14 +75,8 @@ def package_versions() -> dict[str, str]:
 
 
 def configure_crypten(fed: FederationConfig) -> Any:
-    crypten = load_crypten()
-    crypten.cfg.mpc.provider = "TTP" if fed.dealer == "ttp" else "TFP"
-    crypten.cfg.encoder.precision_bits = fed.precision_bits
-    crypten.cfg.communicator.verbose = True  # count rounds and bytes
-    # Every comparison (relu, max, argmax, softmax's max, ...) through the cheaper, output-
-    # identical carry-save circuit of mpc_fi.compare; all parties do it alike.
-    install_fast_comparisons(crypten)
-    return crypten
+    """CrypTen set up for this federation, with every mpc-fi patch (:func:`mpc_fi._crypten.configure`)."""
+    return configure(dealer=fed.dealer, precision_bits=fed.precision_bits)
 
 
 def _peak_rss_mb() -> float:
@@ -93,9 +86,9 @@ def _peak_rss_mb() -> float:
 def run_dealer(fed: FederationConfig) -> dict[str, Any]:
     """The trusted dealer: generates correlated randomness, sees no input and no output."""
     crypten = configure_crypten(fed)
-    # CrypTen's TTPServer seeds the per-party generators from torch's global RNG, whose default
-    # seed is a constant: seed it from OS entropy first, or the "random" triples are predictable.
-    torch.manual_seed(int.from_bytes(os.urandom(8), "big") >> 1)
+    # Its per-party keys come from os.urandom (mpc_fi.crypten_rng), not torch's generators.
+    party_logger().info("patches live: %s",
+                        ", ".join(k for k, v in patches().installed().items() if v))
     start = time.perf_counter()
     crypten.mpc.provider.TTPServer()
     return {"cost": asdict(PartyCost(party="dealer", role="dealer", wall_s=time.perf_counter() - start,
@@ -112,6 +105,10 @@ class _Party:
         self.log = party_logger()
         self.crypten = configure_crypten(self.fed)
         self.crypten.init()
+        kinds = generators_in_use()
+        self.log.info("randomness: %s (%d streams); patches live: %s",
+                      ", ".join(sorted(set(kinds.values()))), len(kinds),
+                      ", ".join(k for k, v in patches().installed().items() if v))
         self.comm = self.crypten.communicator.get()
         self.q = self.fed.querier_rank
         self.owner_ranks = list(range(self.fed.num_owners))

@@ -23,7 +23,7 @@ class GNMax(JointNoiseVote):
     The vote counts ``n`` are :class:`~protocols.hard_vote.HardVote`'s (one vote per owner). The
     noise is generated jointly on shares (:func:`protocols.secure_ops.joint_gaussian`): each of
     the ``m = N + 1`` computing parties (owners and querier) draws ``N(0, sigma**2 / m)`` per
-    count from its own CSPRNG-seeded generator (:attr:`noise_source`) and secret-shares it; no
+    count from its own CSPRNG stream (:attr:`noise_source`) and secret-shares it; no
     party sees the total. Only the noisy argmax (or, with ``reveal: scores``, the noisy counts)
     is opened to the querier.
 

@@ -2,22 +2,22 @@
 
 Each computing party (every owner and the querier) draws its own Gaussian share locally and
 secret-shares it (:func:`protocols.secure_ops.joint_gaussian`); no party ever sees the total.
-:class:`SystemNoise` is the only source for real runs: a ``torch.Generator`` seeded with 63 bits
-from ``os.urandom`` (the operating system's CSPRNG), private to one protocol instance in one
-process, never the global torch RNG (which other code seeds with constants).
-:class:`SeededNoise` exists for tests that must replay every party's noise in plaintext; it is
-loud about being insecure.
+:class:`SystemNoise` is the only source for real runs: a :class:`~mpc_fi.csprng.CSPRNG`
+(AES-256-CTR) under a fresh 256-bit key from ``os.urandom``, private to one protocol instance in
+one process; never a ``torch.Generator`` (MT19937 keeps 32 bits of a seed, so noise drawn from
+one could be searched for and subtracted). :class:`SeededNoise` exists for tests that must replay
+every party's noise in plaintext; it is loud about being insecure.
 """
 
 from __future__ import annotations
 
-import os
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
 import torch
 
+from mpc_fi.csprng import CSPRNG
 from mpc_fi.errors import InsecureSettingWarning
 
 
@@ -30,13 +30,13 @@ class NoiseSource(ABC):
 
 
 class SystemNoise(NoiseSource):
-    """Gaussian samples from a generator seeded from the operating system's CSPRNG."""
+    """Gaussian samples from a CSPRNG under a 256-bit key from the operating system."""
 
     def __init__(self) -> None:
-        self._generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "big") >> 1)
+        self._stream = CSPRNG.from_os("dp-noise")
 
     def gaussian(self, shape: Sequence[int], std: float) -> torch.Tensor:
-        return torch.randn(tuple(shape), generator=self._generator, dtype=torch.float64) * std
+        return self._stream.normal(tuple(shape), std)
 
 
 class SeededNoise(NoiseSource):
@@ -46,7 +46,9 @@ class SeededNoise(NoiseSource):
     def __init__(self, seed: int) -> None:
         warnings.warn(f"SeededNoise(seed={seed}): differential-privacy noise from a fixed seed is "
                       "predictable; use it only in tests", InsecureSettingWarning, stacklevel=2)
-        self._generator = torch.Generator().manual_seed(seed)
+        with warnings.catch_warnings():  # warned above, once
+            warnings.simplefilter("ignore", InsecureSettingWarning)
+            self._stream = CSPRNG.from_seed(seed, "dp-noise")
 
     def gaussian(self, shape: Sequence[int], std: float) -> torch.Tensor:
-        return torch.randn(tuple(shape), generator=self._generator, dtype=torch.float64) * std
+        return self._stream.normal(tuple(shape), std)

@@ -52,7 +52,7 @@ def test_fixing_the_share_generators_seeds_warns():
     from mpc_fi.errors import InsecureSettingWarning
 
     crypten = _crypten.load_crypten()
-    with pytest.warns(InsecureSettingWarning, match="anyone who knows them can undo the sharing"):
+    with pytest.warns(InsecureSettingWarning, match="anyone who knows the seeds can undo the sharing"):
         try:
             crypten.manual_seed(1, 2, 3)
         except Exception:  # noqa: BLE001 - without crypten.init() CrypTen may refuse; it warned first
