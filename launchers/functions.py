@@ -41,7 +41,7 @@ def _role(rank: int, world: int) -> str:
 
 def _child(rank: int, world: int, port: int, dealer: str, precision_bits: int,
            fn: Callable[..., Any], payload: Any, star: bool, log_dir: str | None,
-           out: Any) -> None:
+           out: Any, audit_dir: str | None = None) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), DISTRIBUTED_BACKEND="gloo",
                       RENDEZVOUS=f"tcp://127.0.0.1:{port}")
     role = _role(rank, world)
@@ -57,15 +57,30 @@ def _child(rank: int, world: int, port: int, dealer: str, precision_bits: int,
         # The same patches as an inference party: CSPRNG randomness, exact decoding, the
         # carry-save comparisons (mpc_fi._crypten.configure).
         crypten = configure(dealer=dealer, precision_bits=precision_bits)
-        if rank == world:
-            crypten.mpc.provider.TTPServer()
-            out.put((rank, "ok", None))
-            return
-        crypten.init()
+        wire = None
+        if audit_dir is not None:
+            from mpc_fi.audit import WireAudit  # noqa: PLC0415
+
+            log.warning("INSECURE SETTING: wire audit on (shares and keys written to %s)",
+                        audit_dir)
+            wire = WireAudit(rank).install()
         try:
-            value = fn(rank, *payload) if star else fn(rank, payload)
+            if rank == world:
+                crypten.mpc.provider.TTPServer()
+                out.put((rank, "ok", None))
+                return
+            crypten.init()
+            try:
+                value = fn(rank, *payload) if star else fn(rank, payload)
+            finally:
+                from mpc_fi import audit  # noqa: PLC0415
+
+                with audit.opening("dealer", "terminate"):
+                    crypten.uninit()
         finally:
-            crypten.uninit()
+            if wire is not None:
+                wire.uninstall()
+                wire.dump(str(Path(audit_dir) / f"audit-{rank}.pkl"))
         log.info("done")
         # Plain pickle, not the queue's: torch's reducer would pass tensors as shared-memory
         # handles that die with this process.
@@ -77,7 +92,8 @@ def _child(rank: int, world: int, port: int, dealer: str, precision_bits: int,
 
 def run_functions(fn: Callable[..., Any], payloads: Sequence[Any], *, dealer: str = "ttp",
                   precision_bits: int = 16, timeout_s: float = 600.0,
-                  log_dir: str | os.PathLike[str] | None = None, star: bool = False) -> list[Any]:
+                  log_dir: str | os.PathLike[str] | None = None, star: bool = False,
+                  audit_dir: str | os.PathLike[str] | None = None) -> list[Any]:
     """Run ``fn(rank, payloads[rank])`` in each computing party; results by rank.
 
     Parameters
@@ -93,6 +109,9 @@ def run_functions(fn: Callable[..., Any], payloads: Sequence[Any], *, dealer: st
         Call ``fn(rank, *payloads[rank])`` instead.
     log_dir:
         One log per party there (``party-<rank>.log``); None: warnings to stderr only.
+    audit_dir:
+        Record every party's and the dealer's traffic there (``audit-<rank>.pkl``,
+        :mod:`mpc_fi.audit`; tests only: it writes shares and keys to disk).
 
     Raises :class:`~mpc_fi.errors.PartyFailedError` naming the first party that failed, with every
     failed party's traceback, or the ranks that gave no result within ``timeout_s``.
@@ -108,7 +127,8 @@ def run_functions(fn: Callable[..., Any], payloads: Sequence[Any], *, dealer: st
     procs = [ctx.Process(target=_child, daemon=True, name=f"mpc-fi-fn-{rank}",
                          args=(rank, world, port, dealer, precision_bits, fn,
                                payloads[rank] if rank < world else None, star,
-                               None if log_dir is None else str(log_dir), out))
+                               None if log_dir is None else str(log_dir), out,
+                               None if audit_dir is None else str(audit_dir)))
              for rank in range(total)]
     for p in procs:
         p.start()

@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import audit
 from ._crypten import load_crypten
 
 __all__ = [
@@ -189,24 +190,27 @@ class _Counting:
         self.needs.and_words += x.numel()
         return torch.zeros_like(x)
 
-    def open_xor(self, x: torch.Tensor) -> torch.Tensor:
+    def open_bits(self, bits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.needs.dabits += bits.numel()
+        z = torch.zeros(bits.numel(), dtype=torch.int64)
+        return z, z
+
+    def mul(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.needs.mul += x.numel()
         return torch.zeros_like(x)
 
-    def open_sum(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.zeros_like(x)
-
-    def dabits(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        self.needs.dabits += n
-        return torch.zeros(n, dtype=torch.int64), torch.zeros(n, dtype=torch.int64)
-
-    def mul_triples(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        self.needs.mul += n
-        z = torch.zeros(n, dtype=torch.int64)
-        return z, z, z
+    def open_carry(self, words: torch.Tensor, shares: torch.Tensor, t: int) -> torch.Tensor:
+        return torch.zeros_like(words)
 
 
 class _Mpc:
-    """Raw-share operations over CrypTen's communicator, with pooled correlated randomness."""
+    """Raw-share operations over CrypTen's communicator, with pooled correlated randomness.
+
+    Every opening is one of three kinds, each declared to the wire audit (:mod:`mpc_fi.audit`)
+    with the dealer material that masks it: :meth:`and_` (Beaver AND, masks ``a``, ``b``),
+    :meth:`open_bits` (bits XOR daBits), :meth:`mul` (Beaver multiplication), and the low-bit
+    carry sums of :meth:`open_carry` (no mask: see :func:`_drop_zero_low_bits`).
+    """
 
     def __init__(self, needs: _Needs) -> None:
         crypten = load_crypten()
@@ -216,13 +220,18 @@ class _Mpc:
         provider = crypten.mpc.get_default_provider()
         self._and = self._mul = self._dab = None
         self._and_at = self._mul_at = self._dab_at = 0
+        # Where each pool starts in this party's dealer stream (audits only; None otherwise).
+        self._and_off = self._mul_off = self._dab_off = None
         if needs.and_words:
+            self._and_off = audit.dealer_offset()
             a, b, c = provider.generate_binary_triple((needs.and_words,), (needs.and_words,))
             self._and = (a.share, b.share, c.share)
         if needs.dabits:
+            self._dab_off = audit.dealer_offset()
             r_a, r_b = provider.B2A_rng((needs.dabits,))
             self._dab = (r_a.share, r_b.share & 1)
         if needs.mul:
+            self._mul_off = audit.dealer_offset()
             a, b, c = provider.generate_additive_triple((needs.mul,), (needs.mul,), "mul")
             self._mul = (a.share, b.share, c.share)
         self.needs = needs
@@ -231,36 +240,62 @@ class _Mpc:
         return (self._and_at == self.needs.and_words and self._dab_at == self.needs.dabits
                 and self._mul_at == self.needs.mul)
 
+    @staticmethod
+    def _at(base: int | None, index: int, pool: int = 0) -> int | None:
+        """Byte offset in the dealer stream of element ``index`` of the ``pool``-th tensor."""
+        return None if base is None else base + 8 * (pool + index)
+
     def _xor_reduce(self, x: torch.Tensor) -> torch.Tensor:
         return self.comm.all_reduce(x, op=torch.distributed.ReduceOp.BXOR)
 
     def and_(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One round: Beaver AND of binary-shared words ``x`` and ``y`` (same shape)."""
         n = x.numel()
-        a, b, c = (t[self._and_at:self._and_at + n].view(x.shape) for t in self._and)
+        start = self._and_at
+        a, b, c = (t[start:start + n].view(x.shape) for t in self._and)
         self._and_at += n
-        opened = self._xor_reduce(torch.cat([(x ^ a).flatten(), (y ^ b).flatten()]))
+        total = self.needs.and_words
+        with audit.opening("masked", "compare.and", lambda: [
+                audit.part(x, self._at(self._and_off, start), combine="xor"),
+                audit.part(y, self._at(self._and_off, start, total), combine="xor")]):
+            opened = self._xor_reduce(torch.cat([(x ^ a).flatten(), (y ^ b).flatten()]))
         eps, dlt = opened[:n].view(x.shape), opened[n:].view(x.shape)
         z = c ^ (eps & b) ^ (a & dlt)
         if self.rank == 0:
             z = z ^ (eps & dlt)
         return z
 
-    def open_xor(self, x: torch.Tensor) -> torch.Tensor:
-        return self._xor_reduce(x)
-
-    def open_sum(self, x: torch.Tensor) -> torch.Tensor:
-        return self.comm.all_reduce(x)
-
-    def dabits(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        r_a, r_b = (t[self._dab_at:self._dab_at + n] for t in self._dab)
+    def open_bits(self, bits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Open binary-shared bits ``(n,)`` masked by ``n`` daBits: ``(bits ^ r, shares of r)``."""
+        n = bits.numel()
+        start = self._dab_at
+        r_a, r_b = (t[start:start + n] for t in self._dab)
         self._dab_at += n
-        return r_a, r_b
+        with audit.opening("masked", "compare.bits", lambda: [
+                audit.part(bits, self._at(self._dab_off, start), kind="bit", combine="xor",
+                           pack=True)]):
+            opened = unpack_bits(self._xor_reduce(pack_bits((bits ^ r_b).unsqueeze(0))), n)[0]
+        return opened, r_a
 
-    def mul_triples(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        a, b, c = (t[self._mul_at:self._mul_at + n] for t in self._mul)
+    def mul(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One round: Beaver multiplication of integer-shared ``x`` and ``y`` (``(n,)``)."""
+        n = x.numel()
+        start = self._mul_at
+        a, b, c = (t[start:start + n] for t in self._mul)
         self._mul_at += n
-        return a, b, c
+        total = self.needs.mul
+        with audit.opening("masked", "compare.mul", lambda: [
+                audit.part(x, self._at(self._mul_off, start), combine="sub"),
+                audit.part(y, self._at(self._mul_off, start, total), combine="sub")]):
+            masked = self.comm.all_reduce(torch.cat([x - a, y - b]))
+        eps, dlt = masked[:n], masked[n:]
+        return c + eps * b + a * dlt + _public(self, eps * dlt)
+
+    def open_carry(self, words: torch.Tensor, shares: torch.Tensor, t: int) -> torch.Tensor:
+        """The sum of packed low-bit fields of the shares of values whose low ``t`` bits are 0."""
+        with audit.opening("carry", "compare.carry", None,
+                           shares=shares.detach().clone().numpy(), t=t):
+            return self.comm.all_reduce(words)
 
 
 # ---------------------------------------------------------------------------------------
@@ -283,7 +318,7 @@ def _drop_zero_low_bits(be: Any, y: torch.Tensor, t: int) -> torch.Tensor:
     h = (y >> (t - q)) & ((1 << q) - 1)
     width = (world * ((1 << q) - 1)).bit_length()
     words, per = _pack_fields(h, width)
-    total = _unpack_fields(be.open_sum(words), width, per, y.numel())
+    total = _unpack_fields(be.open_carry(words, y, t), width, per, y.numel())
     kappa = (total + (1 << q) - 1) >> q
     return (y >> t) + _public(be, kappa)
 
@@ -359,9 +394,7 @@ def _and_bits(be: Any, bits: torch.Tensor) -> torch.Tensor:
 
 def _b2a(be: Any, bits: torch.Tensor) -> torch.Tensor:
     """Arithmetic (integer) shares of binary-shared bits ``(n,)``, one round, ``n`` daBits."""
-    n = bits.numel()
-    r_a, r_b = be.dabits(n)
-    opened = unpack_bits(be.open_xor(pack_bits((bits ^ r_b).unsqueeze(0))), n)[0]
+    opened, r_a = be.open_bits(bits)
     return r_a - 2 * opened * r_a + _public(be, opened)
 
 
@@ -409,14 +442,9 @@ def _select(be: Any, won: torch.Tensor, values: torch.Tensor, g: int) -> torch.T
     multiplication whose opening does not wait for ``won`` (two independent collectives).
     """
     rows, k = values.shape
-    n = rows * k
-    r_a, r_b = be.dabits(n)
-    a, b, c = be.mul_triples(n)
     v = values.flatten()
-    opened = unpack_bits(be.open_xor(pack_bits((won.flatten() ^ r_b).unsqueeze(0))), n)[0]
-    masked = be.open_sum(torch.cat([r_a - a, v - b]))
-    eps, dlt = masked[:n], masked[n:]
-    r_times_v = c + eps * b + a * dlt + _public(be, eps * dlt)
+    opened, r_a = be.open_bits(won.flatten())
+    r_times_v = be.mul(r_a, v)
     chosen = opened * v + (1 - 2 * opened) * r_times_v
     groups = -(-k // g)
     padded = torch.zeros(rows, groups * g, dtype=torch.int64)

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from . import audit
 from .csprng import CSPRNG, key_to_tensor, new_key, tensor_to_key
 from .errors import InsecureSettingWarning, MpcFiError
 
@@ -112,11 +113,12 @@ def _exchange_keys(next_key: bytes, global_key: bytes) -> tuple[bytes, bytes]:
         return next_key, global_key
     outgoing = key_to_tensor(next_key)
     incoming = torch.zeros_like(outgoing)
-    sent = comm.isend(outgoing, (rank + 1) % world)
-    got = comm.irecv(incoming, src=(rank - 1) % world)
-    sent.wait()
-    got.wait()
-    shared = comm.broadcast(key_to_tensor(global_key), 0)
+    with audit.opening("keys", "przs"):
+        sent = comm.isend(outgoing, (rank + 1) % world)
+        got = comm.irecv(incoming, src=(rank - 1) % world)
+        sent.wait()
+        got.wait()
+        shared = comm.broadcast(key_to_tensor(global_key), 0)
     return tensor_to_key(incoming), tensor_to_key(shared)
 
 

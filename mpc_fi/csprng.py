@@ -116,6 +116,14 @@ class CSPRNG:
         raw = int(seed).to_bytes(max(16, (int(seed).bit_length() + 8) // 8), "big", signed=True)
         return cls(hashlib.sha256(b"mpc-fi/seed/" + raw).digest(), purpose=purpose, device=device)
 
+    @classmethod
+    def _from_stream_key(cls, aes_key: bytes, purpose: str) -> "CSPRNG":
+        """The stream whose derived AES key is ``aes_key`` (audits regenerate dealer material)."""
+        stream = object.__new__(CSPRNG)
+        stream.purpose, stream.device, stream._aes_key = purpose, torch.device("cpu"), aes_key
+        stream._seek(0)
+        return stream
+
     def derive(self, purpose: str) -> "CSPRNG":
         """An independent stream for a sub-purpose (same key, longer label)."""
         child = object.__new__(CSPRNG)

@@ -31,11 +31,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import errors, secure
+from . import audit, errors, secure
 from ._crypten import configure, patches
 from .crypten_rng import generators_in_use
 from .bounds import aggregate_range
-from .audit import WireAudit
 from .config import MAX_QUERY_VALUE, FederationConfig
 from .errors import HandshakeError, InputError, MpcFiError
 from .logs import party_logger
@@ -116,7 +115,8 @@ class _Party:
     # -- collective helpers -------------------------------------------------------------
     def _gather(self, obj: Any) -> list[Any]:
         out: list[Any] = [None] * self.fed.compute_world_size
-        torch.distributed.all_gather_object(out, obj, group=self.comm.main_group)
+        with audit.opening("agree", "gather"):
+            torch.distributed.all_gather_object(out, obj, group=self.comm.main_group)
         return out
 
     def _agree(self, step: Callable[[], Any]) -> tuple[Any, list[Any]]:
@@ -281,7 +281,8 @@ class _Party:
 
     def _status(self, problem: str | None) -> None:
         """One tiny collective per batch so that an owner's failure stops everyone together."""
-        flags = self.comm.all_gather(torch.tensor([0 if problem is None else 1]))
+        with audit.opening("status", "batch"):
+            flags = self.comm.all_gather(torch.tensor([0 if problem is None else 1]))
         if problem is not None:
             raise InputError(f"[{self.name}] {problem}")
         for rank, flag in enumerate(flags):
@@ -309,7 +310,8 @@ class _Party:
         flat = x.to(torch.float32).flatten()
         padded = torch.zeros(flat.numel() + flat.numel() % 2, dtype=torch.float32)
         padded[:flat.numel()] = flat
-        words = self.comm.broadcast(padded.view(torch.int64), self.q)
+        with audit.opening("query", "output-mode query"):
+            words = self.comm.broadcast(padded.view(torch.int64), self.q)
         return words.view(torch.float32)[:flat.numel()].view(x.shape)
 
     def _owner_logits(self, x: torch.Tensor) -> tuple[torch.Tensor | None, str | None]:
@@ -374,13 +376,13 @@ class _Party:
 
 def run_party(ctx: PartyContext) -> dict[str, Any]:
     """Run one party to completion; return plain Python values (no live tensors)."""
-    audit = WireAudit(ctx.rank).install() if ctx.audit_path else None
+    wire = audit.WireAudit(ctx.rank).install() if ctx.audit_path else None
     try:
         return _run_party(ctx)
     finally:
-        if audit is not None:
-            audit.uninstall()
-            audit.dump(ctx.audit_path)
+        if wire is not None:
+            wire.uninstall()
+            wire.dump(ctx.audit_path)
 
 
 def _run_party(ctx: PartyContext) -> dict[str, Any]:
@@ -410,5 +412,6 @@ def _run_party(ctx: PartyContext) -> dict[str, Any]:
     # after a failure the dealer would report success for a failed run. A failed party's process
     # ends right after (the launchers exit without teardown); the dealer sees the connection
     # close and fails too.
-    party.crypten.uninit()
+    with audit.opening("dealer", "terminate"):  # party 0 tells the dealer to stop
+        party.crypten.uninit()
     return out

@@ -16,6 +16,7 @@ from launchers.functions import run_functions
 
 
 def run_parties(fn: Callable[..., Any], world_size: int, *args: Any, dealer: str = "ttp",
-                precision_bits: int = 16, timeout_s: float = 180.0) -> list[Any]:
+                precision_bits: int = 16, timeout_s: float = 180.0,
+                audit_dir: Any = None) -> list[Any]:
     return run_functions(fn, [args] * world_size, dealer=dealer, precision_bits=precision_bits,
-                         timeout_s=timeout_s, star=True)
+                         timeout_s=timeout_s, star=True, audit_dir=audit_dir)

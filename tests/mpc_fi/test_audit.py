@@ -1,7 +1,8 @@
 """What actually crosses the wire: the audit records each party's outgoing traffic and every
 decryption. For every protocol and mode the only decryption is the agreed release, at the
-querier; no owner's weights or individual outputs, and in full mode no query, appear in
-plaintext (or as their fixed-point encoding) in any party's traffic or logs.
+querier; every other opening is masked by fresh dealer material (checked against the dealer's
+keys by :func:`mpc_fi.audit.verify`); no owner's weights or individual outputs, and in full mode
+no query, appear in plaintext (or as their fixed-point encoding) in any party's traffic or logs.
 
 Secrets are searched as whole rows (a contribution, a logit vector, a weight row, a query) in
 every view a message could use; random shares reproduce such a row with negligible probability,
@@ -75,6 +76,12 @@ def test_only_the_release_is_opened_and_no_secret_crosses_the_wire(federation_fa
             assert (value is not None) == (rank == q)
     opened = [v for _, _, v in logs[q].decryptions]
     assert [len(v) for v in opened] == [16, 8]
+
+    # 1b. Every message has a declared reason; every opening is this party's share masked by
+    # dealer material regenerated from the dealer's keys, none of it used twice.
+    assert audit.verify(logs, querier=q, mode=mode, dealer=fed.compute_world_size) == []
+    masked = [s for s in logs[0].sites if s.kind == "masked"]
+    assert masked, "the comparison circuits' openings must be seen"
 
     # 2. Secrets of each owner never appear in any other party's traffic.
     logits = logits_of(models, x)
