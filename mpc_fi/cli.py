@@ -152,6 +152,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
           f"{fed.fingerprint()}")
     print("ranks: " + ", ".join(f"{rank} {fed.role_of(rank)} {name}"
                                 for rank, name in enumerate(fed.party_names)))
+    if not args.no_files:
+        from .preflight import check_files  # noqa: PLC0415
+
+        for line in check_files(fed, parties=args.party):
+            print(f"ok: {line}")
     return 0
 
 
@@ -218,8 +223,19 @@ def build_parser() -> argparse.ArgumentParser:
     protocols = sub.add_parser("protocols", help="list the aggregation protocols and what each reveals")
     protocols.set_defaults(func=cmd_protocols)
 
-    validate = sub.add_parser("validate", help="check a federation file without starting anything")
+    validate = sub.add_parser(
+        "validate", help="check a federation file and the files it names, without starting anything",
+        description="Check a federation file (every key, the protocol and its parameters), then "
+                    "load what it names the way the parties would: each owner's model (factory, "
+                    "weights or ONNX file), the query file, the owners' class counts and, in full "
+                    "mode, the supported layers and fixed-point range. On a host that runs only "
+                    "some parties, name them with --party: the others' files are not checked.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     validate.add_argument("federation", metavar="FILE")
+    validate.add_argument("--party", action="append", metavar="NAME",
+                          help="check only this party's files (repeatable; default: every party)")
+    validate.add_argument("--no-files", action="store_true",
+                          help="check the file's settings only, not the files it names")
     validate.set_defaults(func=cmd_validate)
 
     bench = sub.add_parser("bench", add_help=False,

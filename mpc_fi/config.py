@@ -65,6 +65,9 @@ class ModelSource:
     onnx: str | None = None
     kwargs: Mapping[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        self.validate("model")
+
     def validate(self, key: str) -> None:
         if self.onnx is not None:
             if self.factory is not None or self.weights is not None:
@@ -87,10 +90,11 @@ class ModelSource:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], key: str) -> "ModelSource":
         _check_keys(data, ("factory", "weights", "onnx", "kwargs"), key)
-        src = cls(factory=data.get("factory"), weights=data.get("weights"),
-                  onnx=data.get("onnx"), kwargs=dict(data.get("kwargs") or {}))
-        src.validate(key)
-        return src
+        try:
+            return cls(factory=data.get("factory"), weights=data.get("weights"),
+                       onnx=data.get("onnx"), kwargs=dict(data.get("kwargs") or {}))
+        except ConfigError as exc:  # name the key as the file has it
+            raise ConfigError(exc.bare, key=key + exc.key[len("model"):]) from None
 
     def resolved(self, base: Path) -> "ModelSource":
         """Paths relative to the federation file's folder."""
@@ -108,6 +112,23 @@ class OwnerConfig:
     host: str | None = None
     weight: float = 1.0  # public voting weight (used by weighted protocols)
 
+    def __post_init__(self) -> None:
+        self.validate("owner")
+
+    def validate(self, key: str) -> None:
+        _check_name(self.name, f"{key}.name")
+        if not isinstance(self.model, ModelSource):
+            raise ConfigError("must be a ModelSource", key=f"{key}.model")
+        self.model.validate(f"{key}.model")
+        if self.host is not None and (not isinstance(self.host, str) or not self.host):
+            raise ConfigError(f"must be a host name or address, got {self.host!r}",
+                              key=f"{key}.host")
+        weight = self.weight
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) \
+                or not math.isfinite(weight) or not weight > 0:
+            raise ConfigError(f"must be a positive number, got {weight!r}", key=f"{key}.weight")
+        object.__setattr__(self, "weight", float(weight))
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], key: str) -> "OwnerConfig":
         _check_keys(data, ("name", "model", "host", "weight"), key)
@@ -115,12 +136,12 @@ class OwnerConfig:
             raise ConfigError("missing", key=f"{key}.name")
         if "model" not in data:
             raise ConfigError("missing", key=f"{key}.model")
-        weight = data.get("weight", 1.0)
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
-            raise ConfigError(f"must be a positive number, got {weight!r}", key=f"{key}.weight")
-        return cls(name=_check_name(data["name"], f"{key}.name"),
-                   model=ModelSource.from_dict(data["model"], f"{key}.model"),
-                   host=data.get("host"), weight=float(weight))
+        model = ModelSource.from_dict(data["model"], f"{key}.model")
+        try:
+            return cls(name=data["name"], model=model, host=data.get("host"),
+                       weight=data.get("weight", 1.0))
+        except ConfigError as exc:
+            raise ConfigError(exc.bare, key=key + exc.key[len("owner"):]) from None
 
 
 @dataclass(frozen=True)
@@ -135,7 +156,18 @@ class QuerierConfig:
     #: any input inside it (:mod:`mpc_fi.ranges`). None: ``+-MAX_QUERY_VALUE``.
     input_range: tuple[float, float] | None = None
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self, key: str = "querier") -> None:
+        _check_name(self.name, f"{key}.name")
+        if self.data is not None and (not isinstance(self.data, (str, os.PathLike))
+                                      or not str(self.data)):
+            raise ConfigError(f"must be the path of a .npy, .pt or .csv file, got {self.data!r}",
+                              key=f"{key}.data")
+        if self.host is not None and (not isinstance(self.host, str) or not self.host):
+            raise ConfigError(f"must be a host name or address, got {self.host!r}",
+                              key=f"{key}.host")
         if self.input_range is None:
             return
         value = self.input_range
@@ -159,11 +191,8 @@ class QuerierConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], key: str) -> "QuerierConfig":
         _check_keys(data, ("name", "data", "host", "input_range"), key)
-        cfg = cls(name=_check_name(data.get("name", "querier"), f"{key}.name"),
-                  data=data.get("data"), host=data.get("host"),
-                  input_range=data.get("input_range"))
-        cfg.validate(key)
-        return cfg
+        return cls(name=data.get("name", "querier"), data=data.get("data"),
+                   host=data.get("host"), input_range=data.get("input_range"))
 
 
 @dataclass(frozen=True)
@@ -172,6 +201,13 @@ class ProtocolConfig:
 
     name: str = "soft_vote"
     params: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigError(f"must be a protocol name, got {self.name!r}", key="protocol.name")
+        if not isinstance(self.params, Mapping) or not all(isinstance(k, str) for k in self.params):
+            raise ConfigError("parameters must be a mapping from names to values",
+                              key="protocol")
 
     @classmethod
     def from_value(cls, value: Any, key: str) -> "ProtocolConfig":
@@ -194,22 +230,34 @@ class NetworkConfig:
     acknowledge_plaintext_network: bool = False
     timeout_s: float = 120.0  # bound on start-up rendezvous and on any single wait
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any], key: str) -> "NetworkConfig":
-        _check_keys(data, ("address", "port", "acknowledge_plaintext_network", "timeout_s"), key)
-        port = data.get("port")
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self, key: str = "network") -> None:
+        if not isinstance(self.address, str) or not self.address:
+            raise ConfigError(f"must be a host name or address, got {self.address!r}",
+                              key=f"{key}.address")
+        port = self.port
         if port is not None and (isinstance(port, bool) or not isinstance(port, int)
                                  or not 1 <= port <= 65535):
             raise ConfigError(f"must be an integer in 1..65535, got {port!r}", key=f"{key}.port")
-        ack = data.get("acknowledge_plaintext_network", False)
-        if not isinstance(ack, bool):
+        if not isinstance(self.acknowledge_plaintext_network, bool):
             raise ConfigError("must be true or false", key=f"{key}.acknowledge_plaintext_network")
-        timeout = data.get("timeout_s", 120.0)
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+        timeout = self.timeout_s
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) \
+                or not math.isfinite(timeout) or timeout <= 0:
             raise ConfigError(f"must be a positive number of seconds, got {timeout!r}",
                               key=f"{key}.timeout_s")
-        return cls(address=str(data.get("address", "127.0.0.1")), port=port,
-                   acknowledge_plaintext_network=ack, timeout_s=float(timeout))
+        object.__setattr__(self, "timeout_s", float(timeout))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], key: str) -> "NetworkConfig":
+        _check_keys(data, ("address", "port", "acknowledge_plaintext_network", "timeout_s"), key)
+        address = data.get("address", "127.0.0.1")
+        return cls(address=address if not isinstance(address, (int, float)) else str(address),
+                   port=data.get("port"),
+                   acknowledge_plaintext_network=data.get("acknowledge_plaintext_network", False),
+                   timeout_s=data.get("timeout_s", 120.0))
 
     def is_loopback(self) -> bool:
         if self.address == "localhost":
@@ -247,6 +295,9 @@ class PrivacyConfig:
     epsilon: float
     delta: float
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self, key: str = "privacy") -> None:
         if not isinstance(self.budget_file, str) or not self.budget_file:
             raise ConfigError(f"must be the path of the budget ledger (a JSON file), got "
@@ -267,9 +318,7 @@ class PrivacyConfig:
         for name in ("budget_file", "epsilon", "delta"):
             if name not in data:
                 raise ConfigError("missing", key=f"{key}.{name}")
-        cfg = cls(budget_file=data["budget_file"], epsilon=data["epsilon"], delta=data["delta"])
-        cfg.validate(key)
-        return cfg
+        return cls(budget_file=data["budget_file"], epsilon=data["epsilon"], delta=data["delta"])
 
     def resolved(self, base: Path) -> "PrivacyConfig":
         """The ledger path relative to the federation file's folder."""
@@ -309,7 +358,7 @@ class FederationConfig:
         for i, owner in enumerate(self.owners):
             if not isinstance(owner, OwnerConfig):
                 raise ConfigError("must be an OwnerConfig", key=f"owners[{i}]")
-            owner.model.validate(f"owners[{i}].model")
+            owner.validate(f"owners[{i}]")
         if not isinstance(self.querier, QuerierConfig):
             raise ConfigError("must be a QuerierConfig", key="querier")
         self.querier.validate("querier")
@@ -341,6 +390,16 @@ class FederationConfig:
                 raise ConfigError("must be a PrivacyConfig (budget_file, epsilon, delta)",
                                   key="privacy")
             self.privacy.validate("privacy")
+        if not isinstance(self.protocol, ProtocolConfig):
+            raise ConfigError("must be a ProtocolConfig", key="protocol")
+        if not isinstance(self.network, NetworkConfig):
+            raise ConfigError("must be a NetworkConfig", key="network")
+        self.network.validate("network")
+        # The protocol's own parameters, before any party starts (mpc_fi.plugins finds the
+        # class through its registry; mpc_fi never imports the protocols package itself).
+        from .plugins import check_protocol_params  # noqa: PLC0415 - plugins imports config
+
+        check_protocol_params(self)
         if not self.network.is_loopback() and not self.network.acknowledge_plaintext_network:
             raise ConfigError(
                 f"address {self.network.address} is not loopback: gloo traffic between hosts is "

@@ -20,6 +20,7 @@ class ConfigError(MpcFiError):
 
     def __init__(self, message: str, *, key: str | None = None):
         self.key = key
+        self.bare = message  # without the key, to re-raise under a longer key
         super().__init__(f"{key}: {message}" if key else message)
 
 

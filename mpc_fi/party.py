@@ -36,6 +36,7 @@ from ._crypten import configure, patches
 from .crypten_rng import generators_in_use
 from .bounds import aggregate_range
 from .config import MAX_QUERY_VALUE, FederationConfig
+from .data import validate_queries
 from .errors import HandshakeError, InputError, MpcFiError
 from .logs import party_logger
 from .memory import auto_limit_mb, plan_rows, refuse_message, row_bytes
@@ -167,28 +168,7 @@ class _Party:
             if not self.fed.querier.data:
                 raise InputError("the querier has no queries: pass X to the API or set querier.data")
             data = load_queries(self.fed.querier.data)
-        x = np.asarray(data)
-        if x.dtype.kind not in "fiu":
-            raise InputError(f"queries must be numeric, got dtype {x.dtype}")
-        x = x.astype(np.float32)
-        if x.ndim < 2:
-            raise InputError(f"queries must be (batch, features...), got shape {x.shape}")
-        if x.shape[0] == 0:
-            raise InputError("empty query: no rows to answer")
-        if not np.isfinite(x).all():
-            bad = int((~np.isfinite(x)).any(axis=tuple(range(1, x.ndim))).sum())
-            raise InputError(f"{bad} query row(s) hold NaN or inf")
-        low, high = self.fed.querier.value_range
-        outside = (x < low) | (x > high)
-        if outside.any():
-            rows = int(outside.any(axis=tuple(range(1, x.ndim))).sum())
-            # The message reaches every party: it says how many rows, not their values.
-            if self.fed.querier.input_range is None:
-                raise InputError(f"{rows} query row(s) hold values beyond the fixed-point range "
-                                 f"(|x| <= {MAX_ABS_VALUE:g}); rescale the inputs")
-            raise InputError(f"{rows} query row(s) hold values outside querier.input_range "
-                             f"[{low:g}, {high:g}]; rescale them or declare the real range")
-        return x
+        return validate_queries(data, self.fed.querier)
 
     def setup(self) -> None:
         fed = self.fed

@@ -56,3 +56,16 @@ def build_protocol(federation: Any, *, num_classes: int) -> Any:
         bad = [k for k in params if f"'{k}'" in str(exc)]
         raise ConfigError(f"{federation.protocol.name} does not take this parameter ({exc})",
                           key=f"protocol.{bad[0]}" if bad else "protocol") from None
+
+
+def check_protocol_params(federation: Any) -> None:
+    """The federation's protocol exists and its parameters are valid (before any party starts).
+
+    Raises :class:`~mpc_fi.errors.ConfigError` for an unknown protocol or parameter name and the
+    protocol's :class:`~mpc_fi.errors.ProtocolError` for a missing or out-of-range value, each
+    naming its key. Checks that need the class count wait for start-up.
+    """
+    cls = lookup(PROTOCOLS, federation.protocol.name, key="protocol.name")
+    parse = getattr(cls, "parse_params", None)
+    if parse is not None:
+        parse(dict(federation.protocol.params), num_owners=federation.num_owners)

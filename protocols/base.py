@@ -25,6 +25,7 @@ aggregate and change only what is revealed (a threshold, noise): privacy as a wr
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from abc import ABC, abstractmethod
@@ -35,12 +36,23 @@ import numpy as np
 import torch
 
 from mpc_fi import plain, secure
-from mpc_fi.errors import ProtocolError
+from mpc_fi.errors import ConfigError, ProtocolError
 from mpc_fi.privacy import QueryCost
 from mpc_fi.result import Prediction
 
 from . import plain_ops, secure_ops
 from .noise import NoiseSource, SystemNoise
+
+
+@dataclasses.dataclass(frozen=True)
+class NoParams:
+    """A protocol's own parameters: none. Protocols that take some declare a frozen dataclass
+    like this one as ``Params``, whose :meth:`check` refuses a bad value (naming
+    ``protocol.<name>``) without knowing the class count: the federation checks them when it
+    loads, before any party starts (:func:`mpc_fi.plugins.check_protocol_params`)."""
+
+    def check(self, protocol: type["Protocol"], *, num_owners: int) -> None:
+        """Raise ``protocol.param_error(...)`` for a value out of its range."""
 
 
 class Protocol(ABC):
@@ -68,6 +80,30 @@ class Protocol(ABC):
     #: True when the release is differentially private (the protocol prices it, see
     #: :meth:`privacy_cost`)
     differentially_private: ClassVar[bool] = False
+    #: the protocol's own parameters (a frozen dataclass; see :class:`NoParams`)
+    Params: ClassVar[type] = NoParams
+
+    @classmethod
+    def parse_params(cls, params: Mapping[str, Any], *, num_owners: int) -> Any:
+        """The federation's ``protocol`` parameters as this protocol's :attr:`Params`.
+
+        An unknown name is a :class:`~mpc_fi.errors.ConfigError` naming ``protocol.<name>``; a
+        missing or out-of-range value a :class:`~mpc_fi.errors.ProtocolError` naming it. Checks
+        that need the class count happen when the protocol is built, at start-up.
+        """
+        fields = {f.name: f for f in dataclasses.fields(cls.Params)}
+        for key in params:
+            if key not in fields:
+                raise ConfigError(f"unknown parameter; {cls.name} takes "
+                                  f"{', '.join(fields) or 'none'}", key=f"protocol.{key}")
+        for name, f in fields.items():
+            if name not in params and f.default is dataclasses.MISSING \
+                    and f.default_factory is dataclasses.MISSING:
+                what = f.metadata.get("what")
+                raise cls.param_error(name, "missing" + (f" ({what})" if what else ""))
+        parsed = cls.Params(**params)
+        parsed.check(cls, num_owners=num_owners)
+        return parsed
 
     def __init__(self, *, num_classes: int, num_owners: int, reveal: str = "label",
                  owner_weights: Sequence[float] | None = None, precision_bits: int = 16) -> None:
@@ -172,6 +208,13 @@ class Protocol(ABC):
         return ProtocolError(f"protocol.{param}: {message} ({cls.name})")
 
     @classmethod
+    def integer_param(cls, param: str, value: Any, *, low: int = 1) -> int:
+        """``value`` as an integer >= ``low`` (booleans refused), else a ProtocolError."""
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+            raise cls.param_error(param, f"must be an integer >= {low}, got {value!r}")
+        return int(value)
+
+    @classmethod
     def positive_real_param(cls, param: str, value: Any) -> float:
         """``value`` as a finite float > 0, else a ProtocolError naming ``protocol.<param>``.
 
@@ -183,19 +226,6 @@ class Protocol(ABC):
                 or not math.isfinite(float(value)) or float(value) <= 0:
             raise cls.param_error(param, f"must be a finite number > 0, got {value!r}")
         return float(value)
-
-    @classmethod
-    def check_param_names(cls, params: Mapping[str, Any], *, required: Sequence[str],
-                          optional: Sequence[str] = ()) -> None:
-        """Raise a ProtocolError naming ``protocol.<key>`` for an unknown or missing parameter."""
-        allowed = (*required, *optional)
-        for key in params:
-            if key not in allowed:
-                raise cls.param_error(str(key), f"unknown parameter; {cls.name} takes "
-                                                f"{', '.join(allowed) or 'none'}")
-        for key in required:
-            if key not in params:
-                raise cls.param_error(key, "missing")
 
     def validate_contribution(self, contribution: torch.Tensor, batch: int) -> None:
         want = (batch, self.contribution_width)

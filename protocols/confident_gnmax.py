@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -15,6 +16,20 @@ from . import plain_ops, secure_ops
 from .base import JointNoiseVote
 from .hard_vote import HardVote
 from .noise import NoiseSource
+
+
+@dataclass(frozen=True)
+class ConfidentGNMaxParams:
+    threshold: float = field(metadata={"what": "a vote count in (0, number of owners]"})
+    sigma_threshold: float = field(metadata={"what": "the threshold check's noise std, > 0"})
+    sigma: float = field(metadata={"what": "the noise std per vote count, > 0"})
+
+    def check(self, protocol: Any, *, num_owners: int) -> None:
+        for name in ("threshold", "sigma_threshold", "sigma"):
+            protocol.positive_real_param(name, getattr(self, name))
+        if self.threshold > num_owners:
+            raise protocol.param_error("threshold", f"is a vote count in (0, {num_owners}] (the "
+                                                    f"number of owners), got {self.threshold!r}")
 
 
 class ConfidentGNMax(JointNoiseVote):
@@ -43,24 +58,24 @@ class ConfidentGNMax(JointNoiseVote):
     cost = ("two argmaxes over C (counts, noisy counts) + C comparisons + one multiplication; "
             "noise sharing is local; full mode: + one argmax per owner on shares")
 
+    Params = ConfidentGNMaxParams
+
     def __init__(self, *, threshold: float | None = None, sigma_threshold: float | None = None,
                  sigma: float | None = None, **common: Any) -> None:
         super().__init__(inner_cls=HardVote, **common)
-        self.threshold = self.positive_real_param("threshold", threshold)
-        if self.threshold > self.num_owners:
-            raise self.param_error("threshold", f"is a vote count in (0, {self.num_owners}] (the "
-                                                f"number of owners), got {threshold!r}")
-        self.sigma_threshold = self.positive_real_param("sigma_threshold", sigma_threshold)
-        self.sigma = self.positive_real_param("sigma", sigma)
+        params = self.parse_params({"threshold": threshold, "sigma_threshold": sigma_threshold,
+                                    "sigma": sigma}, num_owners=self.num_owners)
+        self.threshold = float(params.threshold)
+        self.sigma_threshold = float(params.sigma_threshold)
+        self.sigma = float(params.sigma)
         self.threshold_units = plain_ops.threshold_units(self.threshold, per=1,
                                                          precision_bits=self.precision_bits)
 
     @classmethod
     def privacy_cost(cls, *, params: Mapping[str, Any], num_owners: int, queries: int,
                      answered: int | None = None) -> QueryCost:
-        cls.check_param_names(params, required=("threshold", "sigma_threshold", "sigma"))
-        sigma_t = cls.positive_real_param("sigma_threshold", params["sigma_threshold"])
-        sigma = cls.positive_real_param("sigma", params["sigma"])
+        parsed = cls.parse_params(params, num_owners=num_owners)
+        sigma_t, sigma = float(parsed.sigma_threshold), float(parsed.sigma)
         parties = num_owners + 1
         return confident_gnmax_cost(threshold_sigma=plain_ops.effective_sigma(sigma_t, parties),
                                     sigma=plain_ops.effective_sigma(sigma, parties),

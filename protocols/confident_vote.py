@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -18,6 +19,27 @@ from .hard_vote import HardVote
 from .soft_vote import SoftVote
 
 BASES = ("votes", "probability")
+
+
+@dataclass(frozen=True)
+class ConfidentVoteParams:
+    threshold: float = field(metadata={"what": "a vote count in (0, number of owners], or an "
+                                               "averaged probability in (0, 1]"})
+    basis: str = "votes"  # votes | probability
+
+    def check(self, protocol: Any, *, num_owners: int) -> None:
+        if self.basis not in BASES:
+            raise protocol.param_error("basis", f"must be one of {', '.join(BASES)}, got "
+                                                f"{self.basis!r}")
+        high = float(num_owners) if self.basis == "votes" else 1.0
+        t = self.threshold
+        if t is None:
+            raise protocol.param_error("threshold", f"missing (a number in (0, {high:g}])")
+        if isinstance(t, bool) or not isinstance(t, numbers.Real) or not math.isfinite(t) \
+                or not 0 < t <= high:
+            what = "a vote count" if self.basis == "votes" else "an averaged probability"
+            raise protocol.param_error("threshold", f"with basis {self.basis!r} it is {what} in "
+                                                    f"(0, {high:g}], got {t!r}")
 
 
 class ConfidentVote(VoteWrapper):
@@ -41,19 +63,13 @@ class ConfidentVote(VoteWrapper):
     cost = ("one argmax over C + C comparisons (one layer) + one multiplication; "
             "full mode: + the wrapped vote's per-owner argmax (votes) or softmax (probability)")
 
+    Params = ConfidentVoteParams
+
     def __init__(self, *, threshold: float | None = None, basis: str = "votes",
                  **common: Any) -> None:
-        if basis not in BASES:
-            raise self.param_error("basis", f"must be one of {', '.join(BASES)}, got {basis!r}")
+        self.parse_params({"threshold": threshold, "basis": basis},
+                          num_owners=common.get("num_owners", 0))
         super().__init__(inner_cls=HardVote if basis == "votes" else SoftVote, **common)
-        high = float(self.num_owners) if basis == "votes" else 1.0
-        if threshold is None:
-            raise self.param_error("threshold", f"missing (a number in (0, {high:g}])")
-        if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) \
-                or not math.isfinite(threshold) or not 0 < threshold <= high:
-            what = "a vote count" if basis == "votes" else "an averaged probability"
-            raise self.param_error("threshold", f"with basis {basis!r} it is {what} in "
-                                                f"(0, {high:g}], got {threshold!r}")
         self.basis = basis
         self.threshold = float(threshold)
         # the aggregate is a count (votes) or a sum of N probabilities (probability)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,14 @@ from .base import Protocol
 #: 16 fractional bits) and the per-query total inside the range where CrypTen's reciprocal
 #: converges.
 MAX_WEIGHT_RATIO = 1000
+
+
+@dataclass(frozen=True)
+class EntropyWeightedParams:
+    sharpness: int = 1  # weights differ by up to a factor C**sharpness
+
+    def check(self, protocol: Any, *, num_owners: int) -> None:
+        protocol.integer_param("sharpness", self.sharpness)
 
 
 class EntropyWeightedVote(Protocol):
@@ -53,11 +62,11 @@ class EntropyWeightedVote(Protocol):
     cost = ("output mode: one reciprocal + 2 multiplications + one argmax over C; full mode: + per "
             "owner an argmax, a ReLU clamp, 2 exp, a reciprocal and a few multiplications")
 
+    Params = EntropyWeightedParams
+
     def __init__(self, *, sharpness: int = 1, **common: Any) -> None:
         super().__init__(**common)
-        if isinstance(sharpness, bool) or not isinstance(sharpness, numbers.Integral) \
-                or sharpness < 1:
-            raise self.param_error("sharpness", f"must be an integer >= 1, got {sharpness!r}")
+        self.parse_params({"sharpness": sharpness}, num_owners=self.num_owners)
         if self.num_classes ** int(sharpness) > MAX_WEIGHT_RATIO:
             raise self.param_error(
                 "sharpness", f"{sharpness!r} lets weights differ by a factor C**sharpness = "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -15,6 +16,14 @@ from . import plain_ops, secure_ops
 from .base import JointNoiseVote
 from .hard_vote import HardVote
 from .noise import NoiseSource
+
+
+@dataclass(frozen=True)
+class GNMaxParams:
+    sigma: float = field(metadata={"what": "the noise std per vote count, a number > 0"})
+
+    def check(self, protocol: Any, *, num_owners: int) -> None:
+        protocol.positive_real_param("sigma", self.sigma)
 
 
 class GNMax(JointNoiseVote):
@@ -43,6 +52,8 @@ class GNMax(JointNoiseVote):
     cost = ("output mode: one argmax over C noisy counts; noise sharing is local (N + 1 sharings "
             "of zero); full mode: + one argmax per owner on shares")
 
+    Params = GNMaxParams
+
     def __init__(self, *, sigma: float | None = None, **common: Any) -> None:
         super().__init__(inner_cls=HardVote, **common)
         self.sigma = self.positive_real_param("sigma", sigma)
@@ -50,8 +61,7 @@ class GNMax(JointNoiseVote):
     @classmethod
     def privacy_cost(cls, *, params: Mapping[str, Any], num_owners: int, queries: int,
                      answered: int | None = None) -> QueryCost:
-        cls.check_param_names(params, required=("sigma",))
-        sigma = cls.positive_real_param("sigma", params["sigma"])
+        sigma = float(cls.parse_params(params, num_owners=num_owners).sigma)
         return gnmax_cost(sigma=plain_ops.effective_sigma(sigma, num_owners + 1), queries=queries)
 
     def to_reveal(self, aggregate: Any) -> Any:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -12,6 +12,14 @@ from mpc_fi.result import Prediction
 
 from . import plain_ops, secure_ops
 from .soft_vote import SoftVote
+
+
+@dataclass(frozen=True)
+class TopKParams:
+    k: int = 1  # how many labels, most likely first (at most the class count)
+
+    def check(self, protocol: Any, *, num_owners: int) -> None:
+        protocol.integer_param("k", self.k)
 
 
 class TopK(SoftVote):
@@ -29,11 +37,12 @@ class TopK(SoftVote):
                 "scores": "the averaged class distribution (ranked by the querier itself)"}
     cost = ("label: C < 32: C(C-1)/2 + kC comparisons per query in two layers; C >= 32: k "
             "argmaxes over C in sequence. full mode: + one softmax per owner on shares")
+    Params = TopKParams
 
     def __init__(self, *, k: int = 1, **common: Any) -> None:
         super().__init__(**common)
-        if isinstance(k, bool) or not isinstance(k, numbers.Integral) \
-                or not 1 <= k <= self.num_classes:
+        self.parse_params({"k": k}, num_owners=self.num_owners)
+        if not k <= self.num_classes:
             raise self.param_error("k", f"must be an integer in 1..{self.num_classes} (the number "
                                         f"of classes), got {k!r}")
         self.k = int(k)

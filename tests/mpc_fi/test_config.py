@@ -123,14 +123,13 @@ def test_acknowledged_plaintext_network_is_accepted(tmp_path):
 
 
 def test_unknown_protocol_and_parameter_name_the_key(tmp_path):
-    fed = FederationConfig.load(write(tmp_path, GOOD_YAML.replace("soft_vote", "soft_voet")))
+    # Refused when the federation loads, before any party could start.
     with pytest.raises(ConfigError, match="did you mean 'soft_vote'") as err:
-        build_protocol(fed, num_classes=3)
+        FederationConfig.load(write(tmp_path, GOOD_YAML.replace("soft_vote", "soft_voet")))
     assert err.value.key == "protocol.name"
-    fed = FederationConfig.load(write(tmp_path, GOOD_YAML.replace("{name: soft_vote}",
-                                                                  "{name: soft_vote, temprature: 2}")))
     with pytest.raises(ConfigError) as err:
-        build_protocol(fed, num_classes=3)
+        FederationConfig.load(write(tmp_path, GOOD_YAML.replace(
+            "{name: soft_vote}", "{name: soft_vote, temprature: 2}")))
     assert err.value.key == "protocol.temprature"
 
 

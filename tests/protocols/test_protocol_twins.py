@@ -312,7 +312,7 @@ def test_privacy_costs_come_from_the_accountant_at_the_unsubtractable_std():
         assert REGISTRY[name].privacy_cost(params={}, num_owners=3, queries=5) is None
     with pytest.raises(ProtocolError, match=r"protocol\.sigma: missing"):
         REGISTRY["gnmax"].privacy_cost(params={}, num_owners=3, queries=1)
-    with pytest.raises(ProtocolError, match=r"protocol\.k: unknown"):
+    with pytest.raises(ConfigError, match=r"protocol\.k: unknown"):
         REGISTRY["gnmax"].privacy_cost(params={"sigma": 1, "k": 2}, num_owners=3, queries=1)
 
 

@@ -1,0 +1,83 @@
+"""Checks of what one host names in a federation, before any party starts (``mpc-fi validate``).
+
+:class:`~mpc_fi.config.FederationConfig` already refuses every bad setting when it is built
+(each section and the protocol's parameters, :mod:`mpc_fi.plugins`). What remains are the files:
+each owner's model (the factory imports and builds, the weights or ONNX file exists and loads
+into it), the querier's query file, and what the parties would check once they meet: the owners'
+class counts against each other and, in full mode, the supported layers and the fixed-point
+range of every model for the declared input range. :func:`check_files` runs those checks with
+the same functions the parties run, so it raises the same error classes (prefixed with the
+party's name, as the parties' agreed errors are); a party whose files live on another host is
+skipped when ``parties`` leaves it out.
+
+The launcher of a local run does not call it: loading every owner's model in one process would
+read every owner's private files there. ``mpc-fi validate`` runs on each host for its own parties.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .config import FederationConfig
+from .errors import InputError, MpcFiError
+
+
+def _named(party: str, exc: MpcFiError) -> MpcFiError:
+    """The same error class, prefixed with the party like the parties' agreed errors."""
+    out = type(exc).__new__(type(exc))
+    MpcFiError.__init__(out, f"[{party}] {exc}")
+    out.__dict__.update({k: v for k, v in exc.__dict__.items() if k != "args"})
+    return out
+
+
+def check_files(federation: FederationConfig, *, parties: Sequence[str] | None = None
+                ) -> list[str]:
+    """Load what ``parties`` (default: every party) name; one line per check, or raise.
+
+    Raises the first :class:`~mpc_fi.errors.MpcFiError` a party would raise at start-up for the
+    same file: ``UnsupportedModelError`` (missing, corrupt or pickled weights, an ONNX file that
+    does not load, a factory that cannot be imported or built, full mode: an unsupported layer),
+    ``InputError`` (a missing or unreadable query file, bad query values, owners disagreeing on
+    the class count, a model that could overflow the fixed-point range).
+    """
+    from .data import load_queries, validate_queries  # noqa: PLC0415
+    from .models import extract_architecture, load_owner_model, output_classes  # noqa: PLC0415
+
+    wanted = set(parties) if parties is not None else set(federation.party_names)
+    unknown = wanted - set(federation.party_names)
+    if unknown:
+        federation.rank_of(sorted(unknown)[0])  # raises a ConfigError listing the parties
+    lines: list[str] = []
+    shape = None
+    q = federation.querier
+    if q.name in wanted and q.data:
+        try:
+            x = validate_queries(load_queries(q.data), q)
+        except MpcFiError as exc:
+            raise _named(q.name, exc) from None
+        shape = tuple(x.shape[1:])
+        lines.append(f"{q.name}: {x.shape[0]} queries of shape {shape} in {q.data}")
+    classes: dict[str, int] = {}
+    for owner in federation.owners:
+        if owner.name not in wanted:
+            continue
+        try:
+            model = load_owner_model(owner.model)
+            what = f"{type(model).__name__}, {sum(p.numel() for p in model.parameters()):,} " \
+                   "parameters"
+            if shape is not None:
+                classes[owner.name] = output_classes(model, shape)
+                what += f", {classes[owner.name]} classes"
+                if federation.mode == "full":
+                    from .ranges import check_model_ranges  # noqa: PLC0415
+
+                    arch, params = extract_architecture(model, shape)
+                    check_model_ranges(arch, params, q.value_range, federation.precision_bits)
+                    what += ", supported on shares, fixed-point range ok"
+        except MpcFiError as exc:
+            raise _named(owner.name, exc) from None
+        lines.append(f"{owner.name}: model loads ({what})")
+    if len(set(classes.values())) > 1:
+        raise InputError("owners disagree on the number of classes: "
+                         + ", ".join(f"{k}={v}" for k, v in classes.items()))
+    return lines
