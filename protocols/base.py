@@ -35,13 +35,14 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from mpc_fi import plain, secure
+from mpc_fi import plain
 from mpc_fi.errors import ConfigError, ProtocolError
 from mpc_fi.privacy import QueryCost
 from mpc_fi.result import Prediction
 
 from . import plain_ops, secure_ops
 from .noise import NoiseSource, SystemNoise
+from .ops import Ops, PlainOps, SecureOps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,11 +168,22 @@ class Protocol(ABC):
             total = total + c
         return total
 
-    def to_reveal(self, aggregate: Any) -> Any:
-        """The one shared tensor opened to the querier."""
+    def release(self, ops: Ops, aggregate: Any) -> Any:
+        """What is opened to the querier, written once against ``ops``.
+
+        On :class:`~protocols.ops.SecureOps` it runs on the shared aggregate (:meth:`to_reveal`);
+        on :class:`~protocols.ops.PlainOps` on the plaintext aggregate (:meth:`plaintext`).
+        Default: the label (argmax, lowest index on ties) or the aggregate itself.
+        """
         if self.reveal == "label":
-            return secure.argmax_index(aggregate, self.num_classes)
+            return ops.argmax_index(aggregate, self.num_classes)
         return aggregate
+
+    def to_reveal(self, aggregate: Any) -> Any:
+        """The one shared tensor opened to the querier: :meth:`release` on shares."""
+        return self.release(SecureOps(precision_bits=self.precision_bits,
+                                      noise_source=getattr(self, "noise_source", None)),
+                            aggregate)
 
     def decode(self, opened: torch.Tensor) -> Prediction:
         """Turn what the querier opened into a :class:`Prediction`."""
@@ -184,9 +196,18 @@ class Protocol(ABC):
         """Public post-processing of an opened aggregate into the released scores."""
         return aggregate.numpy()
 
-    @abstractmethod
-    def plaintext(self, logits: Sequence[torch.Tensor]) -> Prediction:
-        """Plaintext twin from each owner's logits, with the same encoding and tie rule."""
+    def plaintext(self, logits: Sequence[torch.Tensor], *,
+                  noise_sources: Sequence[NoiseSource] | None = None) -> Prediction:
+        """Plaintext twin from each owner's logits: the same :meth:`release` on plaintext ops.
+
+        The aggregate is :meth:`plaintext_aggregate` decoded (exact for fixed-point units); the
+        result is decoded as the querier decodes what it opens. ``noise_sources`` replays each
+        computing party's noise for the differentially private releases (fresh draws if None).
+        """
+        aggregate = self.plaintext_aggregate(logits).to(torch.float64) / self.scale
+        ops = PlainOps(precision_bits=self.precision_bits, noise_sources=noise_sources,
+                       parties=self.num_owners + 1)
+        return self.decode(self.release(ops, aggregate))
 
     def plaintext_aggregate(self, logits: Sequence[torch.Tensor]) -> torch.Tensor:
         """The combined aggregate as the shares hold it: integer fixed-point units (int64).
@@ -215,6 +236,13 @@ class Protocol(ABC):
         return int(value)
 
     @classmethod
+    def inner_param(cls, value: Any) -> None:
+        """A wrapper's ``inner`` parameter names one of its :attr:`inner_choices`."""
+        choices = getattr(cls, "inner_choices", ())
+        if value not in choices:
+            raise cls.param_error("inner", f"must be one of {', '.join(choices)}, got {value!r}")
+
+    @classmethod
     def positive_real_param(cls, param: str, value: Any) -> float:
         """``value`` as a finite float > 0, else a ProtocolError naming ``protocol.<param>``.
 
@@ -240,16 +268,41 @@ class Protocol(ABC):
 class VoteWrapper(Protocol):
     """A protocol that reuses ``inner``'s contributions and aggregate and changes only the release.
 
-    Subclasses pass the wrapped class as ``inner_cls`` (it is built with the same common
-    arguments) and implement :meth:`to_reveal`, :meth:`decode` and :meth:`plaintext`; everything
-    up to the aggregate is delegated, so the wrapped protocol's twin
-    (:meth:`plaintext_aggregate`) stays valid.
+    ``inner`` is a protocol instance (``GNMax(inner=HardVote(num_classes=4, num_owners=3),
+    sigma=2.0)``; the common arguments come from it) or, from a federation file, the name of one
+    of :attr:`inner_choices` (built with the same common arguments); None: :attr:`default_inner`.
+    Subclasses implement :meth:`release` and :meth:`decode`; everything up to the aggregate is
+    delegated, so the wrapped protocol's twin (:meth:`plaintext_aggregate`) stays valid.
     """
 
-    def __init__(self, *, inner_cls: type[Protocol], **common: Any) -> None:
+    #: names of the protocols this wrapper may wrap (its release assumes their aggregate)
+    inner_choices: ClassVar[tuple[str, ...]] = ("hard_vote",)
+    default_inner: ClassVar[str] = "hard_vote"
+
+    def __init__(self, *, inner: "Protocol | str | None" = None, **common: Any) -> None:
+        if isinstance(inner, Protocol):
+            if inner.name not in self.inner_choices:
+                raise self.param_error("inner", f"{self.name} wraps {', '.join(self.inner_choices)}"
+                                                f", not {inner.name}")
+            for key, value in (("num_classes", inner.num_classes), ("num_owners", inner.num_owners),
+                               ("owner_weights", inner.owner_weights),
+                               ("precision_bits", inner.precision_bits)):
+                common.setdefault(key, value)
+            super().__init__(**common)
+            if (inner.num_classes, inner.num_owners) != (self.num_classes, self.num_owners):
+                raise self.param_error("inner", "the wrapped protocol was built for another "
+                                                "federation (classes or owners differ)")
+            self.inner = inner
+            return
         super().__init__(**common)
+        name = self.default_inner if inner is None else inner
+        if name not in self.inner_choices:
+            raise self.param_error("inner", f"must be one of {', '.join(self.inner_choices)}, got "
+                                            f"{inner!r}")
+        from . import REGISTRY  # noqa: PLC0415 - the package imports this module
+
         # The wrapper decides what is revealed; the inner protocol only aggregates.
-        self.inner = inner_cls(**{**common, "reveal": "label"})
+        self.inner = REGISTRY[name](**{**common, "reveal": "label"})
 
     @property
     def contribution_width(self) -> int:
@@ -273,31 +326,22 @@ class JointNoiseVote(VoteWrapper):
 
     Every computing party (the ``N`` owners and the querier) contributes one share of each noise
     from its own :attr:`noise_source` (:func:`protocols.secure_ops.joint_gaussian`); the twin
-    replays the same draws, party by party, with :meth:`twin_sources` and :meth:`twin_draw`.
+    replays every party's draws through :class:`~protocols.ops.PlainOps`. Both wrap vote counts
+    or summed distributions: one owner changes the aggregate by at most sqrt(2) in L2 norm, the
+    sensitivity the privacy accounting assumes.
     """
 
     differentially_private = True
+    inner_choices = ("hard_vote", "soft_vote")
 
-    def __init__(self, *, inner_cls: type[Protocol], **common: Any) -> None:
-        super().__init__(inner_cls=inner_cls, **common)
+    def __init__(self, *, inner: "Protocol | str | None" = None, **common: Any) -> None:
+        super().__init__(inner=inner, **common)
         #: this party's private noise supply (tests may swap in a SeededNoise)
         self.noise_source: NoiseSource = SystemNoise()
 
     @property
     def computing_parties(self) -> int:
         return self.num_owners + 1
-
-    def twin_sources(self, noise_sources: Sequence[NoiseSource] | None) -> list[NoiseSource]:
-        """The computing parties' noise sources to replay (fresh ones when None)."""
-        if noise_sources:
-            return list(noise_sources)
-        return [SystemNoise() for _ in range(self.computing_parties)]
-
-    def twin_draw(self, source: NoiseSource, shape: Sequence[int], sigma: float,
-                  parties: int) -> torch.Tensor:
-        """One party's share of ``N(0, sigma**2)`` noise, fixed-point encoded as on shares."""
-        return plain.encode(source.gaussian(tuple(shape), sigma / math.sqrt(parties)),
-                            self.precision_bits)
 
 
 class IntegerWeighted:
@@ -326,9 +370,3 @@ class IntegerWeighted:
     def plaintext_aggregate(self, logits: Sequence[torch.Tensor]) -> torch.Tensor:
         return sum(w * plain.encode(self.local_contribution(lg), self.precision_bits)
                    for w, lg in zip(self.integer_weights, logits, strict=True))
-
-    def plaintext(self, logits: Sequence[torch.Tensor]) -> Prediction:
-        total = self.plaintext_aggregate(logits)
-        scores = (total.to(torch.float64) / self.scale / sum(self.integer_weights)).numpy()
-        return Prediction(labels=plain.argmax_lowest(total).numpy(),
-                          scores=scores if self.reveal == "scores" else None)

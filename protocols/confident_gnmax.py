@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 
-from mpc_fi import plain, secure
 from mpc_fi.privacy import QueryCost, confident_gnmax_cost
-from mpc_fi.result import Prediction
 
-from . import plain_ops, secure_ops
+from . import plain_ops
 from .base import JointNoiseVote
-from .hard_vote import HardVote
-from .noise import NoiseSource
 
 
 @dataclass(frozen=True)
@@ -23,10 +18,12 @@ class ConfidentGNMaxParams:
     threshold: float = field(metadata={"what": "a vote count in (0, number of owners]"})
     sigma_threshold: float = field(metadata={"what": "the threshold check's noise std, > 0"})
     sigma: float = field(metadata={"what": "the noise std per vote count, > 0"})
+    inner: str = "hard_vote"  # the aggregate the noise is added to: hard_vote | soft_vote
 
     def check(self, protocol: Any, *, num_owners: int) -> None:
         for name in ("threshold", "sigma_threshold", "sigma"):
             protocol.positive_real_param(name, getattr(self, name))
+        protocol.inner_param(self.inner)
         if self.threshold > num_owners:
             raise protocol.param_error("threshold", f"is a vote count in (0, {num_owners}] (the "
                                                     f"number of owners), got {self.threshold!r}")
@@ -61,8 +58,8 @@ class ConfidentGNMax(JointNoiseVote):
     Params = ConfidentGNMaxParams
 
     def __init__(self, *, threshold: float | None = None, sigma_threshold: float | None = None,
-                 sigma: float | None = None, **common: Any) -> None:
-        super().__init__(inner_cls=HardVote, **common)
+                 sigma: float | None = None, inner: Any = None, **common: Any) -> None:
+        super().__init__(inner=inner, **common)
         params = self.parse_params({"threshold": threshold, "sigma_threshold": sigma_threshold,
                                     "sigma": sigma}, num_owners=self.num_owners)
         self.threshold = float(params.threshold)
@@ -82,29 +79,13 @@ class ConfidentGNMax(JointNoiseVote):
                                     checked=queries,
                                     answered=queries if answered is None else answered)
 
-    def to_reveal(self, aggregate: Any) -> Any:
+    def release(self, ops: Any, aggregate: Any) -> Any:
         c = self.num_classes
         # Same order of draws at every party: threshold noise, then argmax noise.
-        check_noise = secure_ops.joint_gaussian(aggregate.size()[:-1], self.sigma_threshold,
-                                                self.noise_source)
-        argmax_noise = secure_ops.joint_gaussian(aggregate.size(), self.sigma, self.noise_source)
+        check_noise = ops.joint_noise(aggregate.size()[:-1], self.sigma_threshold)
+        argmax_noise = ops.joint_noise(aggregate.size(), self.sigma)
         # max_j n_j + noise >= T  iff  the (noise-free) argmax's entry + noise >= T.
-        winner = secure.argmax_one_hot(aggregate, c)
-        reached = secure_ops.above(aggregate + check_noise.unsqueeze(-1), self.threshold_units,
-                                   self.precision_bits)
+        winner = ops.argmax_one_hot(aggregate, c)
+        reached = ops.above(aggregate + check_noise.unsqueeze(-1), self.threshold_units)
         passed = (winner * reached).sum(-1)
-        return secure_ops.gate(passed, secure.argmax_index(aggregate + argmax_noise, c))
-
-    def plaintext(self, logits: Sequence[torch.Tensor], *,
-                  noise_sources: Sequence[NoiseSource] | None = None) -> Prediction:
-        """Twin; ``noise_sources`` replays each computing party's noise (fresh draws if None)."""
-        units = self.plaintext_aggregate(logits)
-        sources = self.twin_sources(noise_sources)
-        check_noise = torch.zeros(units.shape[:-1], dtype=torch.long)
-        argmax_noise = torch.zeros(units.shape, dtype=torch.long)
-        for src in sources:  # per party: threshold noise first, as on shares
-            check_noise += self.twin_draw(src, units.shape[:-1], self.sigma_threshold, len(sources))
-            argmax_noise += self.twin_draw(src, units.shape, self.sigma, len(sources))
-        passed = units.max(dim=-1).values + check_noise >= self.threshold_units
-        label = plain.argmax_lowest(units + argmax_noise)
-        return Prediction(labels=plain_ops.gate(label, passed).numpy())
+        return ops.gate(passed, ops.argmax_index(aggregate + argmax_noise, c))

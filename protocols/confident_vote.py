@@ -4,19 +4,13 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 
-from mpc_fi import plain, secure
-from mpc_fi.result import Prediction
 
-from . import plain_ops, secure_ops
+from . import plain_ops
 from .base import VoteWrapper
-from .hard_vote import HardVote
-from .soft_vote import SoftVote
 
 BASES = ("votes", "probability")
 
@@ -64,12 +58,13 @@ class ConfidentVote(VoteWrapper):
             "full mode: + the wrapped vote's per-owner argmax (votes) or softmax (probability)")
 
     Params = ConfidentVoteParams
+    inner_choices = ("hard_vote", "soft_vote")
 
     def __init__(self, *, threshold: float | None = None, basis: str = "votes",
                  **common: Any) -> None:
         self.parse_params({"threshold": threshold, "basis": basis},
                           num_owners=common.get("num_owners", 0))
-        super().__init__(inner_cls=HardVote if basis == "votes" else SoftVote, **common)
+        super().__init__(inner="hard_vote" if basis == "votes" else "soft_vote", **common)
         self.basis = basis
         self.threshold = float(threshold)
         # the aggregate is a count (votes) or a sum of N probabilities (probability)
@@ -77,13 +72,8 @@ class ConfidentVote(VoteWrapper):
         self.threshold_units = plain_ops.threshold_units(threshold, per=per,
                                                          precision_bits=self.precision_bits)
 
-    def to_reveal(self, aggregate: Any) -> Any:
+    def release(self, ops: Any, aggregate: Any) -> Any:
         # The winner passes iff its own entry reaches the threshold, i.e. iff the maximum does.
-        one_hot = secure.argmax_one_hot(aggregate, self.num_classes)
-        passed = secure_ops.above(aggregate, self.threshold_units, self.precision_bits)
-        return secure_ops.gated_label(one_hot, passed, self.num_classes)
-
-    def plaintext(self, logits: Sequence[torch.Tensor]) -> Prediction:
-        units = self.plaintext_aggregate(logits)
-        passed = units.max(dim=-1).values >= self.threshold_units
-        return Prediction(labels=plain_ops.gate(plain.argmax_lowest(units), passed).numpy())
+        one_hot = ops.argmax_one_hot(aggregate, self.num_classes)
+        passed = ops.above(aggregate, self.threshold_units)
+        return ops.gated_label(one_hot, passed, self.num_classes)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -12,7 +11,6 @@ import torch
 
 from mpc_fi import plain
 from mpc_fi._crypten import load_crypten
-from mpc_fi.result import Prediction
 
 from . import plain_ops, secure_ops
 from .base import Protocol
@@ -103,11 +101,6 @@ class EntropyWeightedVote(Protocol):
         u = torch.stack([x[:, c] for x in parts])  # (N, batch)
         w = u / u.sum(0)
         return (w.unsqueeze(-1) * torch.stack([x[:, :c] for x in parts])).sum(0)
-
-    def plaintext(self, logits: Sequence[torch.Tensor]) -> Prediction:
-        agg = self.plaintext_aggregate(logits) / self.scale
-        return Prediction(labels=plain.argmax_lowest(agg).numpy(),
-                          scores=agg.numpy() if self.reveal == "scores" else None)
 
     def scores_from_aggregate(self, aggregate: torch.Tensor) -> np.ndarray:
         return aggregate.numpy()

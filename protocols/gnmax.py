@@ -2,28 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 
-from mpc_fi import plain, secure
 from mpc_fi.privacy import QueryCost, gnmax_cost
-from mpc_fi.result import Prediction
 
-from . import plain_ops, secure_ops
+from . import plain_ops
 from .base import JointNoiseVote
-from .hard_vote import HardVote
-from .noise import NoiseSource
 
 
 @dataclass(frozen=True)
 class GNMaxParams:
     sigma: float = field(metadata={"what": "the noise std per vote count, a number > 0"})
+    inner: str = "hard_vote"  # the aggregate the noise is added to: hard_vote | soft_vote
 
     def check(self, protocol: Any, *, num_owners: int) -> None:
         protocol.positive_real_param("sigma", self.sigma)
+        protocol.inner_param(self.inner)
 
 
 class GNMax(JointNoiseVote):
@@ -54,8 +51,8 @@ class GNMax(JointNoiseVote):
 
     Params = GNMaxParams
 
-    def __init__(self, *, sigma: float | None = None, **common: Any) -> None:
-        super().__init__(inner_cls=HardVote, **common)
+    def __init__(self, *, sigma: float | None = None, inner: Any = None, **common: Any) -> None:
+        super().__init__(inner=inner, **common)
         self.sigma = self.positive_real_param("sigma", sigma)
 
     @classmethod
@@ -64,20 +61,8 @@ class GNMax(JointNoiseVote):
         sigma = float(cls.parse_params(params, num_owners=num_owners).sigma)
         return gnmax_cost(sigma=plain_ops.effective_sigma(sigma, num_owners + 1), queries=queries)
 
-    def to_reveal(self, aggregate: Any) -> Any:
-        noisy = aggregate + secure_ops.joint_gaussian(aggregate.size(), self.sigma,
-                                                      self.noise_source)
+    def release(self, ops: Any, aggregate: Any) -> Any:
+        noisy = aggregate + ops.joint_noise(aggregate.size(), self.sigma)
         if self.reveal == "label":
-            return secure.argmax_index(noisy, self.num_classes)
+            return ops.argmax_index(noisy, self.num_classes)
         return noisy
-
-    def plaintext(self, logits: Sequence[torch.Tensor], *,
-                  noise_sources: Sequence[NoiseSource] | None = None) -> Prediction:
-        """Twin; ``noise_sources`` replays each computing party's noise (fresh draws if None)."""
-        units = self.plaintext_aggregate(logits)
-        sources = self.twin_sources(noise_sources)
-        noisy = units + sum(self.twin_draw(src, units.shape, self.sigma, len(sources))
-                            for src in sources)
-        return Prediction(labels=plain.argmax_lowest(noisy).numpy(),
-                          scores=(noisy.to(torch.float64) / self.scale).numpy()
-                          if self.reveal == "scores" else None)

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
 from mpc_fi import plain, secure
-from mpc_fi.result import Prediction
 
 from .base import Protocol
 
@@ -37,9 +35,3 @@ class HardVote(Protocol):
 
     def scores_from_aggregate(self, aggregate: torch.Tensor) -> np.ndarray:
         return aggregate.round().long().numpy()
-
-    def plaintext(self, logits: Sequence[torch.Tensor]) -> Prediction:
-        counts = sum(self.local_contribution(lg) for lg in logits)
-        labels = plain.argmax_lowest(counts).numpy()
-        return Prediction(labels=labels,
-                          scores=counts.long().numpy() if self.reveal == "scores" else None)

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-from mpc_fi import plain
-from mpc_fi.result import Prediction
 
 from .base import Protocol
 
@@ -40,9 +37,3 @@ class LogitAverage(Protocol):
 
     def scores_from_aggregate(self, aggregate: torch.Tensor) -> np.ndarray:
         return (aggregate / self.num_owners).numpy()
-
-    def plaintext(self, logits: Sequence[torch.Tensor]) -> Prediction:
-        total = self.plaintext_aggregate(logits)
-        scores = (total.to(torch.float64) / self.scale / self.num_owners).numpy()
-        return Prediction(labels=plain.argmax_lowest(total).numpy(),
-                          scores=scores if self.reveal == "scores" else None)

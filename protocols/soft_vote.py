@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-from mpc_fi import plain, secure
-from mpc_fi.result import Prediction
+from mpc_fi import secure
 
 from .base import Protocol
 
@@ -38,9 +36,3 @@ class SoftVote(Protocol):
 
     def scores_from_aggregate(self, aggregate: torch.Tensor) -> np.ndarray:
         return (aggregate / self.num_owners).numpy()
-
-    def plaintext(self, logits: Sequence[torch.Tensor]) -> Prediction:
-        total = sum(plain.encode(self.local_contribution(lg), self.precision_bits) for lg in logits)
-        labels = plain.argmax_lowest(total).numpy()
-        scores = (total.to(torch.float64) / (1 << self.precision_bits) / self.num_owners).numpy()
-        return Prediction(labels=labels, scores=scores if self.reveal == "scores" else None)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,11 +52,11 @@ class TopK(SoftVote):
         pairwise = self.reveal == "label" and c < secure_ops.PAIRWISE_TOP_K_MAX_CLASSES
         return max(super().row_elements, c * (c - 1) // 2 + self.k * c if pairwise else 0)
 
-    def to_reveal(self, aggregate: Any) -> Any:
+    def release(self, ops: Any, aggregate: Any) -> Any:
         if self.reveal == "label":
             # each owner's probabilities sum to 1, so |aggregate| <= N (plus rounding)
-            return secure_ops.top_k_indices(aggregate, self.num_classes, self.k,
-                                            bound=self.num_owners + 1)
+            return ops.top_k_indices(aggregate, self.num_classes, self.k,
+                                     bound=self.num_owners + 1)
         return aggregate
 
     def decode(self, opened: torch.Tensor) -> Prediction:
@@ -65,9 +64,3 @@ class TopK(SoftVote):
             return Prediction(labels=opened.round().long().reshape(-1, self.k).numpy())
         return Prediction(labels=plain_ops.top_k_lowest(opened, self.k).numpy(),
                           scores=self.scores_from_aggregate(opened))
-
-    def plaintext(self, logits: Sequence[torch.Tensor]) -> Prediction:
-        total = self.plaintext_aggregate(logits)
-        scores = (total.to(torch.float64) / self.scale / self.num_owners).numpy()
-        return Prediction(labels=plain_ops.top_k_lowest(total, self.k).numpy(),
-                          scores=scores if self.reveal == "scores" else None)
