@@ -85,3 +85,21 @@ def mini_resnet(channels: int = 4, num_classes: int = 3) -> nn.Module:
 def layernorm_gelu_mlp(in_features: int = 6, num_classes: int = 3) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_features, 16), nn.LayerNorm(16), nn.GELU(),
                          nn.Linear(16, num_classes))
+
+
+class RaisesWhen(nn.Module):
+    """A linear model that raises for any batch holding a first feature above ``above``."""
+
+    def __init__(self, in_features: int = 6, num_classes: int = 3, above: float = 3.0):
+        super().__init__()
+        self.linear = nn.Linear(in_features, num_classes)
+        self.above = above
+
+    def forward(self, x):
+        if bool((x[:, 0] > self.above).any()):
+            raise ValueError("feature 0 out of the training range")
+        return self.linear(x)
+
+
+def raises_when(in_features: int = 6, num_classes: int = 3, above: float = 3.0) -> nn.Module:
+    return RaisesWhen(in_features, num_classes, above)

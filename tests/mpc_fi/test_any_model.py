@@ -330,3 +330,14 @@ def test_factory_folder_is_on_sys_path_only_while_loading(tmp_path):
             load_owner_model(ModelSource(factory="nowhere_module:build", factory_dir=str(tmp_path)))
     finally:
         sys.modules.pop("beside_fed_model2", None)
+
+
+def test_a_model_that_raises_on_a_batch_stops_every_party_together():
+    fed = federation([ModelSource(factory="tests.models:raises_when"),
+                      ModelSource(factory="tests.models:raises_when")])
+    x, _ = tabular(32, seed=13)
+    x[:, 0] = np.clip(x[:, 0], -2, 2)
+    x[20, 0] = 5.0  # in the second batch of 16
+    with pytest.raises(InputError, match="the model failed on a batch: ValueError: feature 0 out "
+                                         "of the training range"):
+        Federation(fed, timeout_s=120).run(x)
