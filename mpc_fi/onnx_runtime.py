@@ -142,13 +142,15 @@ class OnnxRuntimeModel(nn.Module):
             self.session = onnxruntime.InferenceSession(
                 path, sess_options=options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime's own errors (unknown op, bad graph, ...)
-            raise UnsupportedModelError(f"onnxruntime cannot load {path}: {_first_line(exc)}") from None
+            raise UnsupportedModelError(
+                f"onnxruntime cannot load {path}: {_first_line(exc)}") from None
 
         inputs = self.session.get_inputs()
         if len(inputs) != 1:
             raise UnsupportedModelError(
-                f"ONNX model {path} takes {len(inputs)} inputs ({', '.join(i.name for i in inputs)}); "
-                "a model must take exactly one input tensor (the query)")
+                f"ONNX model {path} takes {len(inputs)} inputs "
+                f"({', '.join(i.name for i in inputs)}); a model must take exactly one input tensor "
+                "(the query)")
         inp = inputs[0]
         if inp.type not in _FLOAT_INPUTS:
             raise UnsupportedModelError(
