@@ -57,20 +57,22 @@ class ModelSource:
 
     Either ``factory`` (``package.module:function`` building a ``torch.nn.Module``, with
     ``kwargs``) plus ``weights`` (a ``state_dict`` file, loaded with ``weights_only=True``),
-    or ``onnx`` (an ONNX file).
+    or ``onnx`` (an ONNX file). ``factory_dir``: the folder the factory module is imported from
+    first (before ``sys.path``); a federation file sets it to its own folder by default.
     """
 
     factory: str | None = None
     weights: str | None = None
     onnx: str | None = None
     kwargs: Mapping[str, Any] = field(default_factory=dict)
+    factory_dir: str | None = None
 
     def __post_init__(self) -> None:
         self.validate("model")
 
     def validate(self, key: str) -> None:
         if self.onnx is not None:
-            if self.factory is not None or self.weights is not None:
+            if self.factory is not None or self.weights is not None or self.factory_dir is not None:
                 raise ConfigError("give either 'onnx' or 'factory' + 'weights', not both", key=key)
             if not isinstance(self.onnx, str) or not self.onnx:
                 raise ConfigError("must be a path to an ONNX file", key=f"{key}.onnx")
@@ -83,24 +85,31 @@ class ModelSource:
                               key=f"{key}.factory")
         if self.weights is not None and (not isinstance(self.weights, str) or not self.weights):
             raise ConfigError("must be a path to a state_dict file", key=f"{key}.weights")
+        if self.factory_dir is not None and (not isinstance(self.factory_dir, str)
+                                             or not self.factory_dir):
+            raise ConfigError("must be the folder of the factory module", key=f"{key}.factory_dir")
         if not isinstance(self.kwargs, Mapping):
             raise ConfigError("must be a mapping of keyword arguments for the factory",
                               key=f"{key}.kwargs")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], key: str) -> "ModelSource":
-        _check_keys(data, ("factory", "weights", "onnx", "kwargs"), key)
+        _check_keys(data, ("factory", "weights", "onnx", "kwargs", "factory_dir"), key)
         try:
             return cls(factory=data.get("factory"), weights=data.get("weights"),
-                       onnx=data.get("onnx"), kwargs=dict(data.get("kwargs") or {}))
+                       onnx=data.get("onnx"), kwargs=dict(data.get("kwargs") or {}),
+                       factory_dir=data.get("factory_dir"))
         except ConfigError as exc:  # name the key as the file has it
-            raise ConfigError(exc.bare, key=key + exc.key[len("model"):]) from None
+            raise ConfigError(exc.bare, key=key + (exc.key or "model")[len("model"):]) from None
 
     def resolved(self, base: Path) -> "ModelSource":
-        """Paths relative to the federation file's folder."""
+        """Paths relative to the federation file's folder; a factory module is looked up there."""
         def fix(p: str | None) -> str | None:
             return None if p is None else str((base / os.path.expanduser(p)).resolve())
-        return dataclasses.replace(self, weights=fix(self.weights), onnx=fix(self.onnx))
+        factory_dir = self.factory_dir if self.factory_dir is not None else (
+            "." if self.factory is not None else None)
+        return dataclasses.replace(self, weights=fix(self.weights), onnx=fix(self.onnx),
+                                   factory_dir=fix(factory_dir))
 
 
 @dataclass(frozen=True)
@@ -141,7 +150,7 @@ class OwnerConfig:
             return cls(name=data["name"], model=model, host=data.get("host"),
                        weight=data.get("weight", 1.0))
         except ConfigError as exc:
-            raise ConfigError(exc.bare, key=key + exc.key[len("owner"):]) from None
+            raise ConfigError(exc.bare, key=key + (exc.key or "owner")[len("owner"):]) from None
 
 
 @dataclass(frozen=True)

@@ -7,15 +7,20 @@ shapes, never values. In ``full`` mode every party evaluates the same chain with
 :func:`secure_forward`, the owner being the source of the parameter shares.
 
 Only the owner's process calls :func:`load_owner_model`; each load is recorded in
-:data:`LOAD_AUDIT` so that tests can check which process read which file.
+:data:`LOAD_AUDIT` so that tests can check which process read which file. In ``output`` mode an
+owner runs its model itself, so any ``torch.nn.Module`` works, and an ONNX file runs as it is
+through onnxruntime (:mod:`mpc_fi.onnx_runtime`); only ``full`` mode needs the supported-layer
+subset below.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 import os
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +29,7 @@ from torch import nn
 
 from .config import ModelSource
 from . import secure
-from .errors import InputError, UnsupportedModelError
+from .errors import InputError, MpcFiError, UnsupportedModelError
 
 #: (pid, path) of every weights/ONNX file read by this process.
 LOAD_AUDIT: list[tuple[int, str]] = []
@@ -181,7 +186,8 @@ def _walk(module: nn.Module, prefix: str, out: list[tuple[str, nn.Module]],
             "model as torch.nn.Sequential of supported layers "
             f"({', '.join(sorted(t.__name__ for t in SUPPORTED_LAYERS))})")
     else:
-        problems.append(f"{where} ({kind}): not supported on shares")
+        problems.append(f"{where} ({kind}): not supported on shares; use the supported layers "
+                        f"({', '.join(sorted(t.__name__ for t in SUPPORTED_LAYERS))})")
 
 
 def extract_architecture(model: nn.Module, input_shape: tuple[int, ...]
@@ -210,7 +216,8 @@ def extract_architecture(model: nn.Module, input_shape: tuple[int, ...]
     if problems:
         raise UnsupportedModelError(
             "the model cannot run on shares (mode 'full'):\n  - " + "\n  - ".join(problems)
-            + "\n(mode 'output' runs any PyTorch model locally at its owner)")
+            + "\n(or use mode 'output': there each owner runs its own model locally, so any "
+            "PyTorch model works)")
     num_classes = output_classes(model, input_shape)
     return Architecture(tuple(layers), tuple(input_shape), num_classes), params
 
@@ -220,6 +227,8 @@ def output_classes(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     with torch.no_grad():
         try:
             out = model(torch.zeros((2, *input_shape)))
+        except MpcFiError:  # the model's own explanation (e.g. an ONNX input that does not fit)
+            raise
         except Exception as exc:  # the user's model on the querier's announced shape
             raise InputError(
                 f"queries of shape ('batch', {', '.join(map(str, input_shape))}) do not fit this "
@@ -236,12 +245,30 @@ def output_classes(model: nn.Module, input_shape: tuple[int, ...]) -> int:
 # ---------------------------------------------------------------------------------------
 # Loading (owner process only)
 # ---------------------------------------------------------------------------------------
-def _import_factory(spec: str) -> Callable[..., nn.Module]:
+@contextlib.contextmanager
+def _importable_from(folder: str | None) -> Iterator[None]:
+    """Let imports find modules in ``folder`` (first) for the duration of the block only."""
+    if folder is None:
+        yield
+        return
+    sys.path.insert(0, folder)
+    importlib.invalidate_caches()
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ValueError):
+            sys.path.remove(folder)
+
+
+def _import_factory(spec: str, folder: str | None = None) -> Callable[..., nn.Module]:
     module_name, _, attr = spec.partition(":")
     try:
-        module = importlib.import_module(module_name)
+        with _importable_from(folder):
+            module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise UnsupportedModelError(f"cannot import model factory module {module_name!r}: {exc}") from None
+        where = f" (looked in {folder} and on sys.path)" if folder else ""
+        raise UnsupportedModelError(
+            f"cannot import model factory module {module_name!r}{where}: {exc}") from None
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise UnsupportedModelError(f"{spec!r}: {module_name} has no callable {attr!r}")
@@ -269,18 +296,32 @@ def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_owner_model(source: ModelSource) -> nn.Module:
-    """Build an owner's model from its source, in evaluation mode. Owner process only."""
-    if source.onnx is not None:
-        from .onnx_import import load_onnx_model  # noqa: PLC0415 - only ONNX owners need it
+def load_owner_model(source: ModelSource, *, mode: str = "output") -> nn.Module:
+    """Build an owner's model from its source, in evaluation mode. Owner process only.
 
+    ``mode="output"`` (the owner runs the model itself): an ONNX file becomes an
+    :class:`~mpc_fi.onnx_runtime.OnnxRuntimeModel` (any graph onnxruntime runs; probabilities of
+    scikit-learn models become log-probabilities). ``mode="full"``: an ONNX file is converted to
+    a ``torch.nn.Sequential`` of layers that run on shares (:mod:`mpc_fi.onnx_import`), refusing
+    anything else. A factory is imported from ``source.factory_dir`` (the federation file's
+    folder) first, then from ``sys.path``; that folder is on ``sys.path`` only while the factory
+    module is imported and the factory runs.
+    """
+    if source.onnx is not None:
         if not os.path.isfile(source.onnx):
             raise UnsupportedModelError(f"ONNX file not found: {source.onnx}")
         LOAD_AUDIT.append((os.getpid(), os.path.abspath(source.onnx)))
-        return load_onnx_model(source.onnx).eval()
-    factory = _import_factory(source.factory or "")
+        if mode == "full":
+            from .onnx_import import load_onnx_model  # noqa: PLC0415 - only ONNX owners need it
+
+            return load_onnx_model(source.onnx).eval()
+        from .onnx_runtime import OnnxRuntimeModel  # noqa: PLC0415 - imports onnxruntime
+
+        return OnnxRuntimeModel(source.onnx).eval()
+    factory = _import_factory(source.factory or "", source.factory_dir)
     try:
-        model = factory(**dict(source.kwargs))
+        with _importable_from(source.factory_dir):  # the factory may import its neighbours
+            model = factory(**dict(source.kwargs))
     except TypeError as exc:
         raise UnsupportedModelError(f"model factory {source.factory} rejected its kwargs: {exc}") from None
     if not isinstance(model, nn.Module):

@@ -1,5 +1,8 @@
 """Import an ONNX model as a ``torch.nn.Sequential`` of layers that can run on secret shares.
 
+This is ``full`` mode's importer. In ``output`` mode an owner runs its ONNX file as it is with
+onnxruntime (:mod:`mpc_fi.onnx_runtime`), so none of the restrictions below apply there.
+
 Only a *single chain* of layers is supported: one graph input, one graph output, and every
 computing node consumes the previous node's output plus initializers/constants. This is the
 subset :data:`mpc_fi.models.SUPPORTED_LAYERS` can evaluate on shares (CrypTen), so every model this
@@ -59,6 +62,8 @@ _ALTERNATIVES: dict[str, str] = {
     "Upsample": "a fixed-size model without upsampling",
     "GlobalMaxPool": "AdaptiveAvgPool2d(1) (GlobalAveragePool)",
     "Add": "a bias only right after MatMul (i.e. nn.Linear); no skip connections",
+    "ReduceMean": "nn.AdaptiveAvgPool2d(1) + nn.Flatten() (GlobalAveragePool), not x.mean(...)",
+    "ArgMax": "the class scores as output (the protocol takes the argmax on shares)",
 }
 
 _BATCH = "batch"  # the batch dimension inside folded shape vectors (e.g. from Shape(x)[0])
@@ -500,7 +505,9 @@ def load_onnx_model(path: str) -> nn.Sequential:
         try:
             if converter is None:
                 op = n.op if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op}"
-                alt = _ALTERNATIVES.get(n.op)
+                alt = _ALTERNATIVES.get(n.op) if n.domain in ("", "ai.onnx") else (
+                    "mode 'output' (scikit-learn models run there, at their owner)"
+                    if n.domain == "ai.onnx.ml" else None)
                 raise _NodeError(f"op {op} is not supported on shares" + (f"; use {alt}" if alt else ""))
             ctx.layers.append(converter(n, ctx))
         except _NodeError as exc:
@@ -508,5 +515,6 @@ def load_onnx_model(path: str) -> nn.Sequential:
     if problems:
         raise UnsupportedModelError(
             f"ONNX model {path} cannot be converted to layers that run on shares:\n  - "
-            + "\n  - ".join(problems) + f"\n(to fix: {_HINT})")
+            + "\n  - ".join(problems) + f"\n(to fix: {_HINT}; or use mode 'output', where the "
+            "owner runs this file as it is with onnxruntime)")
     return nn.Sequential(*ctx.layers).eval()

@@ -181,7 +181,7 @@ class _Party:
         def owner_setup() -> Any:
             if self.role != "owner":
                 return None
-            self.model = load_owner_model(fed.owners[self.rank].model)
+            self.model = load_owner_model(fed.owners[self.rank].model, mode=fed.mode)
             self.log.info("loaded own model (%d weight file(s) read by this process)", len(LOAD_AUDIT))
             if fed.mode == "full":
                 self.arch, self.params = extract_architecture(self.model, self.input_shape)
@@ -295,8 +295,12 @@ class _Party:
         return words.view(torch.float32)[:flat.numel()].view(x.shape)
 
     def _owner_logits(self, x: torch.Tensor) -> tuple[torch.Tensor | None, str | None]:
-        with torch.no_grad():
-            logits = self.model(x)
+        try:
+            with torch.no_grad():
+                logits = self.model(x)
+        except Exception as exc:  # reported through _status, so every party stops together
+            self.log.exception("the model failed on a batch")
+            return None, f"the model failed on a batch: {type(exc).__name__}: {exc}"
         want = (x.shape[0], self.num_classes)
         if tuple(logits.shape) != want:
             return None, f"model output has shape {tuple(logits.shape)}, expected {want}"
