@@ -62,7 +62,7 @@ def check_files(federation: FederationConfig, *, parties: Sequence[str] | None =
         if owner.name not in wanted:
             continue
         try:
-            model = load_owner_model(owner.model)
+            model = load_owner_model(owner.model, mode=federation.mode)
             what = f"{type(model).__name__}, {sum(p.numel() for p in model.parameters()):,} " \
                    "parameters"
             if shape is not None:
