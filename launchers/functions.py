@@ -52,9 +52,13 @@ def _child(rank: int, world: int, port: int, dealer: str, precision_bits: int,
         import torch  # noqa: PLC0415 - preloaded by the fork server
 
         from mpc_fi._crypten import load_crypten  # noqa: PLC0415
+        from mpc_fi.wire import install_object_channel  # noqa: PLC0415
 
         torch.set_num_threads(1)  # many parties share few cores
         crypten = load_crypten()
+        # CrypTen's object messages (dealer requests, sizes) as checked JSON, never pickle: in
+        # every party and the dealer alike.
+        install_object_channel(crypten)
         crypten.cfg.mpc.provider = "TTP" if dealer == "ttp" else "TFP"
         crypten.cfg.encoder.precision_bits = precision_bits
         crypten.cfg.communicator.verbose = True  # count rounds and bytes

@@ -2,7 +2,7 @@
 
 When enabled for a party, every outgoing torch.distributed call of that process is recorded with
 the data it puts on the wire (its own contribution to a collective, a point-to-point payload, a
-broadcast from itself, a pickled object), and every decryption of a shared tensor
+broadcast from itself, a JSON message of :mod:`mpc_fi.wire`), and every decryption of a shared tensor
 (``get_plain_text``) is recorded with its destination and, at the party that receives it, the
 opened value. Records go to one file per party so that tests can check that only the agreed
 release is opened, only at the querier, and that no secret crosses the wire in plaintext.
@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from . import wire
 
 #: torch.distributed calls whose first tensor argument is (part of) what this rank sends.
 _SENDING_CALLS = ("send", "isend", "reduce", "all_reduce", "gather", "all_gather", "scatter")
@@ -88,14 +90,17 @@ class WireAudit:
 
         self._patch(dist, "broadcast", broadcast_factory)
 
-        def gather_object_factory(original):
+        def json_factory(original):
             @functools.wraps(original)
-            def wrapper(output, obj, *args, **kwargs):
-                sent.append(WireRecord("all_gather_object", None, pickle.dumps(obj)))
-                return original(output, obj, *args, **kwargs)
+            def wrapper(obj, *args, **kwargs):
+                payload = original(obj, *args, **kwargs)
+                sent.append(WireRecord("json", None, payload))
+                return payload
             return wrapper
 
-        self._patch(dist, "all_gather_object", gather_object_factory)
+        # Every JSON message (handshake, agreements, CrypTen's object channel) as encoded here,
+        # before framing; mpc_fi.wire looks ``encode`` up at each call.
+        self._patch(wire, "encode", json_factory)
 
         from ._crypten import load_crypten  # noqa: PLC0415
 
