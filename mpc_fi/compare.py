@@ -111,10 +111,10 @@ class ValueRange:
         return ValueRange(lo, hi, min(62, self.zero_low_bits + extra))
 
 
+_INT64 = wire.Int(-(1 << 63), (1 << 63) - 1)
 #: A :class:`ValueRange` on the wire: 64-bit signed bounds, ``lo <= hi``, 0..62 zero bits.
 VALUE_RANGE_WIRE = wire.Convert(
-    wire.Record({"lo": wire.Int(-(1 << 63), (1 << 63) - 1), "hi": wire.Int(-(1 << 63), (1 << 63) - 1),
-                 "zero_low_bits": wire.Int(0, 62)}),
+    wire.Record({"lo": _INT64, "hi": _INT64, "zero_low_bits": wire.Int(0, 62)}),
     lambda d: ValueRange(d["lo"], d["hi"], d["zero_low_bits"]))
 
 

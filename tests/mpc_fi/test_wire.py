@@ -116,6 +116,19 @@ def test_malformed_messages_are_refused_with_the_reason():
     refused(b'[null, {"lo": 1.0, "hi": 0.0, "integer": true}]', AGGREGATE_RANGE_WIRE, "empty")
 
 
+@pytest.mark.parametrize("length, why", [(-1, "could not encode"), (0, "announced 0 bytes"),
+                                         (1 << 20 | 1, f"announced {1 << 20 | 1} bytes")])
+def test_a_bad_length_prefix_is_refused_naming_the_sender(length, why):
+    names = ["owner0", "owner1", "querier"]
+    with pytest.raises(WireFormatError, match=rf"party querier \(rank 2\) .*{why}") as info:
+        wire._refuse_length(length, 1 << 20, 2, 0, None, names, "hello")
+    assert (info.value.party, info.value.rank) == ("querier", 2)
+    wire._refuse_length(1 << 20, 1 << 20, 2, 0, None, names, "hello")  # at the limit: fine
+    own = WireFormatError("cannot encode a Tensor for the wire")
+    with pytest.raises(WireFormatError, match="this party could not send its hello: cannot"):
+        wire._refuse_length(-1, 1 << 20, 2, 2, own, names, "hello")
+
+
 def _arch_message(**layer):
     base = {"path": "0", "op": "linear", "args": {}, "params": {"weight": [3, 4]}}
     return {"layers": [{**base, **layer}], "input_shape": [4], "num_classes": 3}
@@ -144,8 +157,8 @@ def test_an_architecture_has_bounded_layers_and_parameters():
                       for i in range(4097)]
     refused(json.dumps(many).encode(), ARCHITECTURE_WIRE, "4097 items")
     big = _arch_message()
-    big["layers"] = [{"path": str(i), "op": "linear", "args": {}, "params": {"weight": [1 << 14, 1 << 14]}}
-                     for i in range(5)]
+    big["layers"] = [{"path": str(i), "op": "linear", "args": {},
+                      "params": {"weight": [1 << 14, 1 << 14]}} for i in range(5)]
     refused(json.dumps(big).encode(), ARCHITECTURE_WIRE, "parameters")
     twins = _arch_message()
     twins["layers"] = twins["layers"] * 2
@@ -163,7 +176,8 @@ def test_failures_travel_as_allow_listed_classes_with_clean_messages():
     assert wire.describe_failure(InputError("bad row")) == {"type": "InputError",
                                                           "message": "bad row"}
     assert wire.describe_failure(_PluginError("p"))["type"] == "ProtocolError"
-    assert wire.describe_failure(KeyError("k")) == {"type": "MpcFiError", "message": "KeyError: 'k'"}
+    assert wire.describe_failure(KeyError("k")) == {"type": "MpcFiError",
+                                                   "message": "KeyError: 'k'"}
     sent = {"type": "InputError", "message": "two\nlines\x1b[31m red\u202e" + "x" * 10_000}
     failure = roundtrip(sent, wire.FAILURE)
     assert "\x1b" not in failure["message"] and "\u202e" not in failure["message"]
