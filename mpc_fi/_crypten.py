@@ -75,7 +75,7 @@ class Patches:
     One handle per process (:func:`patches`). :func:`load_crypten` installs what every process
     that touches CrypTen needs (the import alias, exact decoding, CSPRNG randomness); a computing
     party or dealer then calls :func:`configure`, which adds the rest (the cheaper comparison
-    circuit) and sets CrypTen's configuration. :meth:`installed` reads the live state, so a test
+    circuit, CrypTen's object messages as checked JSON) and sets CrypTen's configuration. :meth:`installed` reads the live state, so a test
     can check inside each party that nothing was left out or undone.
     """
 
@@ -94,7 +94,7 @@ class Patches:
         crypten = sys.modules.get("crypten")
         if crypten is None:
             return {}
-        from . import compare, crypten_rng  # noqa: PLC0415
+        from . import compare, crypten_rng, wire  # noqa: PLC0415
 
         rng = crypten.common.rng
         ttp = crypten.mpc.provider.ttp_provider
@@ -107,6 +107,7 @@ class Patches:
                        and ttp.TTPServer._setup_generators
                        is crypten_rng._server_setup_generators),
             "fast-comparisons": crypten.mpc.MPCTensor.__dict__.get("_ltz") is compare._ltz,
+            "object-channel": wire.object_channel_installed(crypten),
         }
 
 
@@ -149,6 +150,7 @@ def configure(*, dealer: str, precision_bits: int, count_communication: bool = T
     TFP: party 0 generates all correlated randomness). Every party of a run must call it alike.
     """
     from .compare import install_fast_comparisons  # noqa: PLC0415 - compare imports this module
+    from .wire import install_object_channel  # noqa: PLC0415
 
     crypten = load_crypten()
     crypten.cfg.mpc.provider = "TTP" if dealer == "ttp" else "TFP"
@@ -158,4 +160,7 @@ def configure(*, dealer: str, precision_bits: int, count_communication: bool = T
     # identical carry-save circuit of mpc_fi.compare; all parties do it alike.
     install_fast_comparisons(crypten)
     _PATCHES.add("fast-comparisons")
+    # CrypTen's object messages (dealer requests, sizes) as checked JSON, never pickle.
+    install_object_channel(crypten)
+    _PATCHES.add("object-channel")
     return crypten

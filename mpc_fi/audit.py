@@ -41,6 +41,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from . import wire
 from .csprng import CSPRNG
 
 #: torch.distributed calls whose first tensor argument is (part of) what this rank sends.
@@ -164,7 +165,6 @@ class WireAudit:
     # -- install --------------------------------------------------------------------------
     def install(self) -> "WireAudit":
         global ACTIVE
-        rank = self.log.rank
         sent = self.log.sent
 
         def here() -> int | None:
@@ -198,14 +198,30 @@ class WireAudit:
 
         self._patch(dist, "broadcast", broadcast_factory)
 
-        def gather_object_factory(original: Any) -> Any:
+        def json_factory(original: Any) -> Any:
             @functools.wraps(original)
-            def wrapper(output: Any, obj: Any, *args: Any, **kwargs: Any) -> Any:
-                sent.append(WireRecord("all_gather_object", None, pickle.dumps(obj), here()))
-                return original(output, obj, *args, **kwargs)
+            def wrapper(obj: Any, *args: Any, **kwargs: Any) -> Any:
+                payload = original(obj, *args, **kwargs)
+                sent.append(WireRecord("json", None, payload, here()))
+                return payload
             return wrapper
 
-        self._patch(dist, "all_gather_object", gather_object_factory)
+        # Every JSON message (handshake, agreements, CrypTen's object channel) as encoded here,
+        # before framing; mpc_fi.wire looks ``encode`` up at each call.
+        self._patch(wire, "encode", json_factory)
+
+        def agreement_factory(name: str) -> Callable[[Any], Any]:
+            def factory(original: Any) -> Any:
+                @functools.wraps(original)
+                def wrapper(*args: Any, **kwargs: Any) -> Any:
+                    with self.site("agree", name, [], {}):
+                        return original(*args, **kwargs)
+                return wrapper
+            return factory
+
+        # Handshake, error agreement and set-up metadata: checked JSON (mpc_fi.wire).
+        self._patch(wire, "gather_json", agreement_factory("gather_json"))
+        self._patch(wire, "broadcast_json", agreement_factory("broadcast_json"))
 
         from ._crypten import load_crypten  # noqa: PLC0415
 

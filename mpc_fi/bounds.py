@@ -28,7 +28,8 @@ from typing import Any
 
 import torch
 
-from .compare import ValueRange
+from . import wire
+from .compare import VALUE_RANGE_WIRE, ValueRange
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,28 @@ class ContributionRange:
             return ("contribution is not integer-valued although set-up agreed it is (votes); "
                     "give the protocol an aggregate_range() method")
         return None
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"lo": self.lo, "hi": self.hi, "integer": self.integer}
+
+    @staticmethod
+    def from_wire(value: Any) -> "ContributionRange":
+        """A range a peer sent, checked (:data:`CONTRIBUTION_RANGE_WIRE`)."""
+        return CONTRIBUTION_RANGE_WIRE.check(value)
+
+
+def _ordered(d: dict[str, Any]) -> ContributionRange:
+    if d["hi"] < d["lo"]:
+        raise ValueError(f"empty range: hi={d['hi']} < lo={d['lo']}")
+    return ContributionRange(d["lo"], d["hi"], d["integer"])
+
+
+#: A :class:`ContributionRange` on the wire: finite bounds, ``lo <= hi``.
+CONTRIBUTION_RANGE_WIRE = wire.Convert(
+    wire.Record({"lo": wire.Float(), "hi": wire.Float(), "integer": wire.Bool()}), _ordered)
+#: What every party publishes of :func:`aggregate_range` so that all use the same circuit.
+AGGREGATE_RANGE_WIRE = wire.Tuple(wire.Optional(VALUE_RANGE_WIRE),
+                                  wire.Optional(CONTRIBUTION_RANGE_WIRE))
 
 
 def _probe_logits(num_classes: int, limit: float) -> list[torch.Tensor]:

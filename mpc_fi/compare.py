@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import audit
+from . import audit, wire
 from ._crypten import load_crypten
 
 __all__ = [
@@ -96,11 +96,26 @@ class ValueRange:
             return 64, 0
         return k + 1, t
 
+    def to_wire(self) -> dict[str, int]:
+        return {"lo": self.lo, "hi": self.hi, "zero_low_bits": self.zero_low_bits}
+
+    @staticmethod
+    def from_wire(value: Any) -> "ValueRange":
+        """A range a peer sent, checked (:data:`VALUE_RANGE_WIRE`); WireFormatError otherwise."""
+        return VALUE_RANGE_WIRE.check(value)
+
     def scaled(self, factor: int) -> "ValueRange":
         """The range of ``factor * value`` for a public non-negative integer ``factor``."""
         lo, hi = sorted((self.lo * factor, self.hi * factor))
         extra = (factor & -factor).bit_length() - 1 if factor else 0
         return ValueRange(lo, hi, min(62, self.zero_low_bits + extra))
+
+
+_INT64 = wire.Int(-(1 << 63), (1 << 63) - 1)
+#: A :class:`ValueRange` on the wire: 64-bit signed bounds, ``lo <= hi``, 0..62 zero bits.
+VALUE_RANGE_WIRE = wire.Convert(
+    wire.Record({"lo": _INT64, "hi": _INT64, "zero_low_bits": wire.Int(0, 62)}),
+    lambda d: ValueRange(d["lo"], d["hi"], d["zero_low_bits"]))
 
 
 @dataclass(frozen=True)

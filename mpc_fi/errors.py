@@ -70,6 +70,26 @@ class HandshakeError(MpcFiError):
     exit_code = 8
 
 
+class WireFormatError(MpcFiError):
+    """A peer sent a message outside the fixed wire schema (:mod:`mpc_fi.wire`): not JSON, too
+    large, too deep, or the wrong structure for its kind. Nothing it sent was interpreted; every
+    honest party stops with this error, naming the peer."""
+
+    exit_code = 9
+
+    def __init__(self, message: str, *, party: str | None = None, rank: int | None = None):
+        self.party = party
+        self.rank = rank
+        super().__init__(message)
+
+
+#: The error classes a peer may name when it reports a failure (:func:`mpc_fi.wire.peer_error`).
+#: A name outside this table is a malformed message; never looked up in this module by name.
+PEER_ERRORS: dict[str, type[MpcFiError]] = {cls.__name__: cls for cls in (
+    MpcFiError, ConfigError, UnsupportedModelError, InputError, ProtocolError,
+    BudgetExceededError, PartyFailedError, HandshakeError, WireFormatError)}
+
+
 EXIT_CODES: dict[int, str] = {
     0: "success",
     1: "unexpected error (a bug: please report it with the party logs)",
@@ -81,6 +101,8 @@ EXIT_CODES: dict[int, str] = {
     BudgetExceededError.exit_code: "privacy budget would be exceeded; nothing was computed",
     PartyFailedError.exit_code: "a party failed or timed out; every party was stopped",
     HandshakeError.exit_code: "parties disagree at start-up (fingerprint, versions, shapes)",
+    WireFormatError.exit_code: "a peer sent a message outside the wire schema (a rogue or "
+                               "incompatible party); every party was stopped",
     130: "interrupted (Ctrl-C); every party was stopped",
 }
 

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .config import ModelSource
-from . import secure
+from . import secure, wire
 from .errors import InputError, MpcFiError, UnsupportedModelError
 
 #: (pid, path) of every weights/ONNX file read by this process.
@@ -58,6 +58,79 @@ class Architecture:
 
     def describe(self) -> str:
         return " -> ".join(layer.op for layer in self.layers)
+
+    def to_wire(self) -> dict[str, Any]:
+        """The JSON form other parties receive (:mod:`mpc_fi.wire`): kinds, arguments, shapes."""
+        return {"layers": [{"path": layer.path, "op": layer.op, "args": dict(layer.args),
+                            "params": {k: list(v) for k, v in layer.params.items()}}
+                           for layer in self.layers],
+                "input_shape": list(self.input_shape), "num_classes": self.num_classes}
+
+    @staticmethod
+    def from_wire(value: Any) -> "Architecture":
+        """An architecture a peer sent, every field checked (:data:`ARCHITECTURE_WIRE`)."""
+        return ARCHITECTURE_WIRE.check(value)
+
+
+# What each layer kind may carry on the wire: its arguments, and its parameters' dimensions
+# (required, optional). A kind outside these tables is refused.
+_POS, _NONNEG, _AXIS = wire.Int(1, 1 << 16), wire.Int(0, 1 << 16), wire.Int(-8, 7)
+_POS2, _NONNEG2 = wire.Tuple(_POS, _POS), wire.Tuple(_NONNEG, _NONNEG)
+_POOL = wire.Record({"kernel_size": _POS2, "stride": _POS2, "padding": _NONNEG2})
+_NONE = wire.Record({})
+LAYER_ARGS_WIRE: dict[str, wire.Record] = {
+    "linear": _NONE,
+    "conv2d": wire.Record({"stride": _POS2, "padding": _NONNEG2, "dilation": _POS2,
+                           "groups": _POS}),
+    "affine": wire.Record({"channel_dim": wire.Int(0, 7)}),
+    "relu": _NONE, "sigmoid": _NONE, "tanh": _NONE, "identity": _NONE,
+    "max_pool2d": _POOL, "avg_pool2d": _POOL,
+    "adaptive_avg_pool2d": wire.Record({"output_size": _POS2}),
+    "flatten": wire.Record({"start_dim": _AXIS, "end_dim": _AXIS}),
+    "softmax": wire.Record({"dim": _AXIS}), "log_softmax": wire.Record({"dim": _AXIS}),
+}
+_LAYER_PARAMS: dict[str, tuple[dict[str, int], dict[str, int]]] = {
+    "linear": ({"weight": 2}, {"bias": 1}),
+    "conv2d": ({"weight": 4}, {"bias": 1}),
+    "affine": ({"scale": 1, "shift": 1}, {}),
+}
+#: Most layers, and most parameter elements in all, of an architecture from a peer.
+MAX_LAYERS = 4096
+MAX_PARAMETERS = 1 << 30
+
+
+def _params_schema(op: str) -> wire.Record:
+    required, optional = _LAYER_PARAMS.get(op, ({}, {}))
+    shape = {d: wire.Shape(min_dims=d, max_dims=d) for d in (1, 2, 4)}
+    return wire.Record({k: shape[d] for k, d in required.items()},
+                       {k: shape[d] for k, d in optional.items()})
+
+
+def _layer(value: dict[str, Any]) -> LayerSpec:
+    op = value["op"]
+    args = LAYER_ARGS_WIRE[op].check(value["args"], f"layer {value['path']!r} args")
+    params = _params_schema(op).check(value["params"], f"layer {value['path']!r} params")
+    return LayerSpec(path=value["path"], op=op, args=args, params=params)
+
+
+def _architecture(value: dict[str, Any]) -> Architecture:
+    layers = value["layers"]
+    total = sum(math.prod(shape) for layer in layers for shape in layer.params.values())
+    if total > MAX_PARAMETERS:
+        raise ValueError(f"{total} parameters (at most {MAX_PARAMETERS})")
+    if len({layer.path for layer in layers}) != len(layers):
+        raise ValueError("two layers share a path")
+    return Architecture(layers, value["input_shape"], value["num_classes"])
+
+
+_LAYER_WIRE = wire.Convert(wire.Record({"path": wire.Str(256), "op": wire.Enum(*LAYER_ARGS_WIRE),
+                                        "args": wire.Any_, "params": wire.Any_}), _layer)
+#: An :class:`Architecture` on the wire: known layer kinds only, each with exactly its
+#: arguments (bounded integers) and parameter shapes (non-negative, bounded element counts).
+ARCHITECTURE_WIRE = wire.Convert(
+    wire.Record({"layers": wire.Array(_LAYER_WIRE, MAX_LAYERS),
+                 "input_shape": wire.Shape(min_dims=1), "num_classes": wire.Int(2, 1 << 20)}),
+    _architecture)
 
 
 # ---------------------------------------------------------------------------------------

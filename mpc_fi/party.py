@@ -31,17 +31,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import audit, errors, secure
+from . import audit, secure, wire
 from ._crypten import configure, patches
+from .bounds import AGGREGATE_RANGE_WIRE, aggregate_range
 from .crypten_rng import generators_in_use
-from .bounds import aggregate_range
 from .config import MAX_QUERY_VALUE, FederationConfig
 from .data import validate_queries
 from .errors import HandshakeError, InputError, MpcFiError
 from .logs import party_logger
 from .memory import auto_limit_mb, plan_rows, refuse_message, row_bytes
-from .models import LOAD_AUDIT, Architecture, extract_architecture, load_owner_model, \
-    output_classes, secure_forward
+from .models import ARCHITECTURE_WIRE, LOAD_AUDIT, Architecture, extract_architecture, \
+    load_owner_model, output_classes, secure_forward
 from .plugins import build_protocol
 from .ranges import check_model_ranges
 from .result import PartyCost
@@ -114,37 +114,30 @@ class _Party:
         self.owner_ranks = list(range(self.fed.num_owners))
 
     # -- collective helpers -------------------------------------------------------------
-    def _gather(self, obj: Any) -> list[Any]:
-        out: list[Any] = [None] * self.fed.compute_world_size
-        with audit.opening("agree", "gather"):
-            torch.distributed.all_gather_object(out, obj, group=self.comm.main_group)
-        return out
+    def _gather(self, obj: Any, schema: wire.Schema | list[wire.Schema], what: str) -> list[Any]:
+        """Every party's ``obj`` as checked JSON (:func:`mpc_fi.wire.gather_json`), by rank."""
+        return wire.gather_json(obj, schema, group=self.comm.main_group,
+                                names=self.fed.party_names, what=what)
 
-    def _agree(self, step: Callable[[], Any]) -> tuple[Any, list[Any]]:
-        """Run ``step`` locally, then exchange outcomes; raise the same error on every party."""
-        value, failure = None, None
-        try:
-            value = step()
-        except MpcFiError as exc:
-            failure = (type(exc).__name__, str(exc))
-        except Exception as exc:  # a bug or a user's model: still stop everyone together
-            self.log.exception("local failure")
-            failure = ("MpcFiError", f"{type(exc).__name__}: {exc}")
-        outcomes = self._gather((failure, value))
-        for rank, (fail, _) in enumerate(outcomes):
-            if fail is not None:
-                cls = getattr(errors, fail[0], MpcFiError)
-                party = self.fed.party_names[rank]
-                exc = cls(f"[{party}] {fail[1]}") if cls is not errors.PartyFailedError \
-                    else cls(fail[1], party=party, rank=rank)
-                raise exc
-        return value, [v for _, v in outcomes]
+    def _agree(self, step: Callable[[], Any], schema: wire.Schema | list[wire.Schema],
+               what: str) -> tuple[Any, list[Any]]:
+        """Run ``step`` locally, then exchange outcomes; raise the same error on every party.
+
+        ``schema`` (one, or one per rank) is what each party's value must look like on the wire.
+        """
+        def on_error(exc: BaseException) -> None:
+            if not isinstance(exc, MpcFiError):  # a bug or a user's model: log its traceback
+                self.log.error("local failure", exc_info=exc)
+
+        values = wire.agree(step, schema, group=self.comm.main_group,
+                            names=self.fed.party_names, what=what, on_error=on_error)
+        return values[self.rank], values
 
     # -- phases -------------------------------------------------------------------------
     def handshake(self) -> None:
         mine = {"name": self.name, "fingerprint": self.fed.fingerprint(),
                 "versions": package_versions()}
-        hellos = self._gather(mine)
+        hellos = self._gather(mine, wire.HELLO, "handshake message")
         for rank, hello in enumerate(hellos):
             expected = self.fed.party_names[rank]
             if hello["name"] != expected:
@@ -173,7 +166,11 @@ class _Party:
     def setup(self) -> None:
         fed = self.fed
         self.queries = None
-        meta, all_meta = self._agree(lambda: self._querier_meta() if self.role == "querier" else None)
+        # Only the querier announces queries; anything else from another seat is malformed.
+        meta_schema = [wire.QUERY_META if r == self.q else wire.NULL
+                       for r in range(fed.compute_world_size)]
+        meta, all_meta = self._agree(lambda: self._querier_meta() if self.role == "querier" else None,
+                                     meta_schema, "query announcement")
         n, shape = all_meta[self.q]
         self.num_queries, self.input_shape = n, tuple(shape)
         self.log.info("querier announced %d queries of shape %s", n, self.input_shape)
@@ -194,7 +191,12 @@ class _Party:
                 return {"classes": self.arch.num_classes, "arch": self.arch}
             return {"classes": output_classes(self.model, self.input_shape)}
 
-        _, published = self._agree(owner_setup)
+        setup_schema = wire.Record({"classes": wire.Int(2, 1 << 20), "arch": ARCHITECTURE_WIRE}
+                                   if fed.mode == "full" else {"classes": wire.Int(2, 1 << 20)})
+        _, published = self._agree(owner_setup, [setup_schema if r in self.owner_ranks
+                                                 else wire.NULL
+                                                 for r in range(fed.compute_world_size)],
+                                   "owner set-up")
         classes = {fed.party_names[r]: published[r]["classes"] for r in self.owner_ranks}
         if len(set(classes.values())) != 1:
             raise InputError("owners disagree on the number of classes: "
@@ -210,7 +212,8 @@ class _Party:
                                     num_classes=self.num_classes,
                                     precision_bits=fed.precision_bits, logit_limit=MAX_ABS_VALUE)
             # The range picks the comparison circuit: every party must use the same one.
-            if all(other == found for other in self._gather(found)):
+            agreed = self._gather(found, AGGREGATE_RANGE_WIRE, "value range")
+            if all(other == found for other in agreed):
                 self.aggregate_range, self.contribution_range = found
         self.log.info("protocol %s, %d classes, mode %s", self.protocol.name, self.num_classes, fed.mode)
         self.batch_rows = self._plan_batches()
@@ -230,7 +233,7 @@ class _Party:
                 limit = auto_limit_mb()
             return plan_rows(fed.batch_size, per_row, limit), limit
 
-        _, plans = self._agree(plan)
+        _, plans = self._agree(plan, wire.BATCH_PLAN, "batch plan")
         tightest = min(range(len(plans)), key=lambda r: (plans[r][0], r))
         rows, its_limit = plans[tightest]
         who = self.fed.party_names[tightest]
@@ -360,13 +363,13 @@ class _Party:
 
 def run_party(ctx: PartyContext) -> dict[str, Any]:
     """Run one party to completion; return plain Python values (no live tensors)."""
-    wire = audit.WireAudit(ctx.rank).install() if ctx.audit_path else None
+    recorder = audit.WireAudit(ctx.rank).install() if ctx.audit_path else None
     try:
         return _run_party(ctx)
     finally:
-        if wire is not None:
-            wire.uninstall()
-            wire.dump(ctx.audit_path)
+        if recorder is not None:
+            recorder.uninstall()
+            recorder.dump(ctx.audit_path)
 
 
 def _run_party(ctx: PartyContext) -> dict[str, Any]:

@@ -171,7 +171,7 @@ def plaintext_coalition_values(units: Sequence[torch.Tensor], labels: np.ndarray
 # ---------------------------------------------------------------------------------------
 def _party(rank: int, payload: dict[str, Any]) -> dict[str, Any] | None:
     """One computing party of the coalition-value computation (see the module docstring)."""
-    from .. import errors, secure  # noqa: PLC0415
+    from .. import secure, wire  # noqa: PLC0415
     from .._crypten import load_crypten  # noqa: PLC0415
     from ..bounds import contribution_range  # noqa: PLC0415
     from ..compare import ValueRange  # noqa: PLC0415
@@ -187,28 +187,22 @@ def _party(rank: int, payload: dict[str, Any]) -> dict[str, Any] | None:
     bits = payload["precision_bits"]
     coalitions = torch.as_tensor(payload["coalitions"], dtype=torch.long)  # public
     role = "owner" if rank < n else "querier"
+    names = [f"owner{r}" for r in range(n)] + ["querier"]
 
-    def agree(step: Callable[[], Any]) -> list[Any]:
-        """Run ``step``, exchange (failure, value); every party raises the same error."""
-        value, failure = None, None
-        try:
-            value = step()
-        except Exception as exc:  # noqa: BLE001 - stop every party together, never one alone
-            failure = (type(exc).__name__, str(exc))
-        outcomes: list[Any] = [None] * (n + 1)
-        torch.distributed.all_gather_object(outcomes, (failure, value), group=group)
-        for r, (fail, _) in enumerate(outcomes):
-            if fail is not None:
-                cls = getattr(errors, fail[0], errors.MpcFiError)
-                who = f"owner{r}" if r < n else "querier"
-                raise cls(f"[{who}] {fail[1]}") if issubclass(cls, errors.MpcFiError) \
-                    else errors.MpcFiError(f"[{who}] {fail[0]}: {fail[1]}")
-        return [v for _, v in outcomes]
+    def agree(step: Callable[[], Any], schema: Any, what: str) -> list[Any]:
+        """Run ``step``, exchange (failure, value) as checked JSON; every party raises the same
+        error (:func:`mpc_fi.wire.agree`)."""
+        return wire.agree(step, schema, group=group, names=names, what=what)
 
-    # 1. the queries go to the owners (output mode); labels stay with the querier
-    box = [payload["x"] if role == "querier" else None]
-    torch.distributed.broadcast_object_list(box, src=q, group=group)
-    x = torch.as_tensor(box[0], dtype=torch.float32)
+    # 1. the queries go to the owners (output mode); labels stay with the querier. Their shape
+    # travels as checked JSON, the values as a float32 tensor: nothing a peer sends is unpickled.
+    shape = wire.broadcast_json(
+        list(np.shape(payload["x"])) if role == "querier" else None,
+        wire.Shape(min_dims=2, max_elements=wire.MAX_ELEMENTS), src=q, group=group, names=names,
+        what="query shape")
+    x = torch.as_tensor(payload["x"], dtype=torch.float32).contiguous() if role == "querier" \
+        else torch.zeros(shape, dtype=torch.float32)
+    torch.distributed.broadcast(x, src=q, group=group)
     m = x.shape[0]
 
     private: dict[str, Any] = {}  # this party's own values; never sent anywhere
@@ -226,7 +220,8 @@ def _party(rank: int, payload: dict[str, Any]) -> dict[str, Any] | None:
         private["logits"] = logits
         return {"classes": int(logits.shape[1])}  # public: the class count only
 
-    published = agree(local)
+    published = agree(local, [wire.Record({"classes": wire.Int(2, 1 << 20)})] * n
+                      + [wire.Record({})], "class count")
     num_classes = {p["classes"] for p in published[:n]}
     if len(num_classes) != 1:
         raise InputError(f"owners disagree on the number of classes: {sorted(num_classes)}")
@@ -251,7 +246,7 @@ def _party(rank: int, payload: dict[str, Any]) -> dict[str, Any] | None:
         private["certainty"] = plain.encode(certainty(logits).sum(), bits).reshape(1)
         return None
 
-    agree(contribution)
+    agree(contribution, wire.NULL, "contribution check")
 
     # 2. each owner shares its contribution once (integer units at precision 0: exact)
     zeros = torch.zeros(m, c, dtype=torch.long)
