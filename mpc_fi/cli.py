@@ -243,9 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
                                 "(see `mpc-fi bench --help`)")
     bench.set_defaults(func=None)
 
-    from .study.cli import add_study_subcommand  # noqa: PLC0415
+    # Commands that live beside the engine (``mpc-fi study``: the studies package) come through
+    # the ``mpc_fi.commands`` entry point group: mpc_fi never imports them itself.
+    from importlib.metadata import entry_points  # noqa: PLC0415
 
-    add_study_subcommand(sub)
+    for ep in sorted(entry_points(group="mpc_fi.commands"), key=lambda e: e.name):
+        ep.load()(sub)
     return parser
 
 

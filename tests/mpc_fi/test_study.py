@@ -16,11 +16,11 @@ import torch
 
 from mpc_fi import PartyFailedError, ProtocolError
 from mpc_fi.plugins import PROTOCOLS, registry
-from mpc_fi.study import contribution as contrib
-from mpc_fi.study import leakage, noniid
-from mpc_fi.study.cli import study_main
-from mpc_fi.study.common import parse_param_overrides, protocol_specs
-from mpc_fi.study.runner import run_parties
+from studies import contribution as contrib
+from studies import leakage, noniid
+from studies.cli import study_main
+from studies.common import parse_param_overrides, protocol_specs
+from studies.runner import run_parties
 
 
 # ---------------------------------------------------------------------------------------
@@ -294,7 +294,7 @@ def test_study_main_rejects_a_noisy_protocol_for_shapley(tmp_path, capsys):
 def test_study_subcommand_attaches_to_a_parent_cli(tmp_path):
     import argparse
 
-    from mpc_fi.study.cli import add_study_subcommand, run_study
+    from studies.cli import add_study_subcommand, run_study
 
     parent = argparse.ArgumentParser(prog="mpc-fi")
     add_study_subcommand(parent.add_subparsers(dest="command", required=True))

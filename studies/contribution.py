@@ -48,8 +48,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import plain
-from ..errors import InputError, ProtocolError
+from mpc_fi import plain
+from mpc_fi.errors import InputError, ProtocolError
 from .common import ProtocolSpec, protocol_specs
 
 #: Exact Shapley values up to this many owners (2**N - 1 coalitions on shares); sampling above.
@@ -171,13 +171,13 @@ def plaintext_coalition_values(units: Sequence[torch.Tensor], labels: np.ndarray
 # ---------------------------------------------------------------------------------------
 def _party(rank: int, payload: dict[str, Any]) -> dict[str, Any] | None:
     """One computing party of the coalition-value computation (see the module docstring)."""
-    from .. import secure, wire  # noqa: PLC0415
-    from .._crypten import load_crypten  # noqa: PLC0415
-    from ..bounds import contribution_range  # noqa: PLC0415
-    from ..compare import ValueRange  # noqa: PLC0415
-    from ..models import load_owner_model  # noqa: PLC0415
-    from ..party import MAX_ABS_VALUE  # noqa: PLC0415
-    from ..plugins import PROTOCOLS, lookup  # noqa: PLC0415
+    from mpc_fi import secure, wire  # noqa: PLC0415
+    from mpc_fi._crypten import load_crypten  # noqa: PLC0415
+    from mpc_fi.bounds import contribution_range  # noqa: PLC0415
+    from mpc_fi.compare import ValueRange  # noqa: PLC0415
+    from mpc_fi.models import load_owner_model  # noqa: PLC0415
+    from mpc_fi.party import MAX_ABS_VALUE  # noqa: PLC0415
+    from mpc_fi.plugins import PROTOCOLS, lookup  # noqa: PLC0415
 
     crypten = load_crypten()  # already loaded and initialised by the runner
     comm = crypten.communicator.get()
@@ -567,7 +567,7 @@ def run_shapley(cfg: ShapleyConfig = ShapleyConfig(), *, show_progress: bool = T
     """Contribution scores for every (N, alpha); rows (one per owner) and the reports."""
     import tempfile  # noqa: PLC0415
 
-    from .. import demo  # noqa: PLC0415
+    from mpc_fi import demo  # noqa: PLC0415
     from .common import Progress  # noqa: PLC0415
 
     torch.set_num_threads(1)

@@ -12,7 +12,7 @@ owners, each owner trained on its share) and scored on the held-out 30 %, which 
   agreement of the secure run with its twin (1.0 expected for every protocol without noise).
 
 Weighted protocols get each owner's training-set size as its public weight. Protocols that
-require parameters get :func:`mpc_fi.study.common.default_params`; protocols that abstain are
+require parameters get :func:`studies.common.default_params`; protocols that abstain are
 scored with abstentions counted wrong (``accuracy``) and on answered queries only
 (``accuracy_answered``, with ``coverage``).
 """
@@ -85,8 +85,8 @@ def _labels(pred_labels: Any) -> np.ndarray:
 def run_cell(combo: tuple[str, str], n: int, alpha: float, seed: int, cfg: NoniidConfig,
              workdir: Path, progress: Callable[[str], None] | None = None) -> list[Row]:
     """Train one cell's owners and score owners and protocols; rows in long format."""
-    from .. import demo  # noqa: PLC0415
-    from ..config import ProtocolConfig  # noqa: PLC0415
+    from mpc_fi import demo  # noqa: PLC0415
+    from mpc_fi.config import ProtocolConfig  # noqa: PLC0415
 
     dataset, arch = combo
     key = {"dataset": dataset, "arch": arch, "owners": n, "alpha": alpha, "seed": seed}
@@ -130,7 +130,7 @@ def run_cell(combo: tuple[str, str], n: int, alpha: float, seed: int, cfg: Nonii
             xq, yq, tq = x[:cfg.secure_queries], y[:cfg.secure_queries], twin[:cfg.secure_queries]
         t1 = time.perf_counter()
         try:
-            from ..federation import Federation  # noqa: PLC0415
+            from mpc_fi.federation import Federation  # noqa: PLC0415
 
             got = _labels(Federation(fed, timeout_s=cfg.timeout_s,
                                      run_dir=workdir / f"run-{spec.name}").run(xq).prediction.labels)

@@ -18,7 +18,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ..plugins import LAUNCHERS, lookup
+from mpc_fi.plugins import LAUNCHERS, lookup
 
 
 def run_parties(fn: Callable[[int, Any], Any], payloads: Sequence[Any], *,

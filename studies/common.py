@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError, MpcFiError
-from ..plugins import PROTOCOLS, registry
+from mpc_fi.errors import ConfigError, MpcFiError
+from mpc_fi.plugins import PROTOCOLS, registry
 
 Row = dict[str, Any]
 

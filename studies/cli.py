@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, MpcFiError
+from mpc_fi.errors import ConfigError, MpcFiError
 
 _EXAMPLES = """\
 examples:
@@ -26,7 +26,7 @@ examples:
 
 
 def _combo(text: str) -> tuple[str, str]:
-    from ..demo import DATASETS  # noqa: PLC0415
+    from mpc_fi.demo import DATASETS  # noqa: PLC0415
 
     dataset, _, arch = text.partition(":")
     if dataset not in DATASETS or arch not in ("mlp", "cnn") or \

@@ -15,20 +15,21 @@ Modules, in dependency order:
                        label-free rewards compared with them
 * :mod:`.leakage`      model extraction and membership inference per release policy
 * :mod:`.plots`        figures (matplotlib, imported lazily)
-* :mod:`.cli`          :func:`study_main`, wired as ``mpc-fi study`` (also ``python -m mpc_fi.study``)
+* :mod:`.cli`          :func:`study_main`, wired as ``mpc-fi study`` (also ``python -m studies``)
 
 Like :mod:`mpc_fi.demo`, the studies play every organisation at once to train the owners and to
 score the results; the secure parts never hand one owner's predictions to anyone.
-Nothing here imports ``protocols`` or ``launchers``: protocol classes come from
-:func:`mpc_fi.plugins.registry` and secure inference runs through :class:`mpc_fi.Federation`.
-Importing this package imports nothing else.
+This package sits beside the engine (``mpc_fi`` never imports it): ``mpc-fi study`` finds it
+through the ``mpc_fi.commands`` entry point (``setup.cfg``). Nothing here imports ``protocols``
+or ``launchers``: protocol classes come from :func:`mpc_fi.plugins.registry` and secure inference
+runs through :class:`mpc_fi.Federation`. Importing this package imports nothing else.
 """
 
 from __future__ import annotations
 
 
 def study_main(argv: list[str] | None = None) -> int:
-    """``mpc-fi study ...``: see :func:`mpc_fi.study.cli.study_main`."""
+    """``mpc-fi study ...``: see :func:`studies.cli.study_main`."""
     from .cli import study_main as main  # noqa: PLC0415 - keep the package import free
 
     return main(argv)

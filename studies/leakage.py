@@ -95,7 +95,7 @@ class World:
 def build_world(cfg: LeakageConfig, seed: int) -> World:
     from sklearn.model_selection import train_test_split  # noqa: PLC0415
 
-    from .. import demo  # noqa: PLC0415
+    from mpc_fi import demo  # noqa: PLC0415
 
     x, y = demo.load_dataset(cfg.dataset)
     c = int(y.max()) + 1
@@ -119,7 +119,7 @@ class Oracle:
     """The federation as the querier sees it, one policy at a time (plaintext twins)."""
 
     def __init__(self, world: World, cfg: LeakageConfig, seed: int) -> None:
-        from ..plugins import PROTOCOLS, registry  # noqa: PLC0415
+        from mpc_fi.plugins import PROTOCOLS, registry  # noqa: PLC0415
 
         self.world, self.cfg = world, cfg
         n, c = len(world.models), world.num_classes
@@ -273,7 +273,7 @@ def owner_gap(world: World, target: int) -> float:
 
 def dp_epsilon(sigma: float, num_owners: int, queries: int, delta: float) -> float:
     """Epsilon of ``queries`` GNMax answers at the querier's effective noise (mpc_fi.privacy)."""
-    from ..privacy import epsilon_for, gnmax_cost  # noqa: PLC0415
+    from mpc_fi.privacy import epsilon_for, gnmax_cost  # noqa: PLC0415
 
     eff = sigma * math.sqrt(num_owners / (num_owners + 1))
     return epsilon_for([gnmax_cost(sigma=eff, queries=queries)], delta=delta)

@@ -1,7 +1,0 @@
-"""``python -m mpc_fi.study ...`` (the same as ``mpc-fi study ...``)."""
-
-import sys
-
-from .cli import study_main
-
-sys.exit(study_main())
