@@ -51,36 +51,33 @@ def _child(rank: int, world: int, port: int, dealer: str, precision_bits: int,
     try:
         import torch  # noqa: PLC0415 - preloaded by the fork server
 
-        from mpc_fi._crypten import configure  # noqa: PLC0415
+        from mpc_fi.runtime import Session, SessionSpec  # noqa: PLC0415
 
         torch.set_num_threads(1)  # many parties share few cores
-        # The same patches as an inference party: CSPRNG randomness, exact decoding, the
-        # carry-save comparisons (mpc_fi._crypten.configure).
-        crypten = configure(dealer=dealer, precision_bits=precision_bits)
-        wire = None
+        # The same runtime as an inference party: every patch (CSPRNG randomness, exact
+        # decoding, the comparison circuit, JSON object messages), the same roles and shutdown.
+        spec = SessionSpec.generic(world, dealer="ttp" if dealer == "ttp" else
+                                   "insecure-party-dealer", precision_bits=precision_bits)
+        session = Session(spec, rank)
+        recorder = None
         if audit_dir is not None:
             from mpc_fi.audit import WireAudit  # noqa: PLC0415
 
             log.warning("INSECURE SETTING: wire audit on (shares and keys written to %s)",
                         audit_dir)
-            wire = WireAudit(rank).install()
+            recorder = WireAudit(rank).install()
         try:
-            if rank == world:
-                crypten.mpc.provider.TTPServer()
+            session.start()
+            if session.role == "dealer":
+                session.serve_dealer()
                 out.put((rank, "ok", None))
                 return
-            crypten.init()
-            try:
-                value = fn(rank, *payload) if star else fn(rank, payload)
-            finally:
-                from mpc_fi import audit  # noqa: PLC0415
-
-                with audit.opening("dealer", "terminate"):
-                    crypten.uninit()
+            value = fn(rank, *payload) if star else fn(rank, payload)
+            session.close()  # after a success only: party 0 then tells the dealer to stop
         finally:
-            if wire is not None:
-                wire.uninstall()
-                wire.dump(str(Path(audit_dir) / f"audit-{rank}.pkl"))
+            if recorder is not None:
+                recorder.uninstall()
+                recorder.dump(str(Path(audit_dir) / f"audit-{rank}.pkl"))
         log.info("done")
         # Plain pickle, not the queue's: torch's reducer would pass tensors as shared-memory
         # handles that die with this process.

@@ -739,7 +739,7 @@ def install_fast_comparisons(crypten: Any) -> None:
     rounds, and never changes its communication pattern on a local error (CrypTen's A2B retries
     a different circuit after a local out-of-memory error, desynchronising the parties). Every
     party of a federation must call it alike: the engine does, in
-    :func:`mpc_fi.party.configure_crypten`. Idempotent; :func:`uninstall_fast_comparisons`
+    :func:`mpc_fi._crypten.configure`. Idempotent; :func:`uninstall_fast_comparisons`
     restores CrypTen's method.
     """
     global _CRYPTEN_LTZ

@@ -32,12 +32,10 @@ import numpy as np
 import torch
 
 from . import audit, secure, wire
-from ._crypten import configure, patches
 from .bounds import AGGREGATE_RANGE_WIRE, aggregate_range
-from .crypten_rng import generators_in_use
 from .config import MAX_QUERY_VALUE, FederationConfig
 from .data import validate_queries
-from .errors import HandshakeError, InputError, MpcFiError
+from .errors import HandshakeError, InputError
 from .logs import party_logger
 from .memory import auto_limit_mb, plan_rows, refuse_message, row_bytes
 from .models import ARCHITECTURE_WIRE, LOAD_AUDIT, Architecture, extract_architecture, \
@@ -45,6 +43,7 @@ from .models import ARCHITECTURE_WIRE, LOAD_AUDIT, Architecture, extract_archite
 from .plugins import build_protocol
 from .ranges import check_model_ranges
 from .result import PartyCost
+from .runtime import Session, SessionSpec
 
 #: Largest |value| accepted in a query or model output before sharing. Fixed-point products are
 #: formed at scale 2**(2*precision) inside 64-bit integers; this keeps them far from overflow.
@@ -74,25 +73,16 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def configure_crypten(fed: FederationConfig) -> Any:
-    """CrypTen set up for this federation, with every mpc-fi patch (:func:`mpc_fi._crypten.configure`)."""
-    return configure(dealer=fed.dealer, precision_bits=fed.precision_bits)
-
-
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def run_dealer(fed: FederationConfig) -> dict[str, Any]:
     """The trusted dealer: generates correlated randomness, sees no input and no output."""
-    crypten = configure_crypten(fed)
-    # Its per-party keys come from os.urandom (mpc_fi.crypten_rng), not torch's generators.
-    party_logger().info("patches live: %s",
-                        ", ".join(k for k, v in patches().installed().items() if v))
-    start = time.perf_counter()
-    crypten.mpc.provider.TTPServer()
-    return {"cost": asdict(PartyCost(party="dealer", role="dealer", wall_s=time.perf_counter() - start,
-                                     rounds=0, bytes_sent=0, peak_rss_mb=_peak_rss_mb()))}
+    session = Session(SessionSpec.of_federation(fed), fed.compute_world_size).start()
+    wall = session.serve_dealer()
+    return {"cost": asdict(PartyCost(party="dealer", role="dealer", wall_s=wall, rounds=0,
+                                     bytes_sent=0, peak_rss_mb=_peak_rss_mb()))}
 
 
 class _Party:
@@ -103,35 +93,19 @@ class _Party:
         self.role = self.fed.role_of(self.rank)
         self.name = self.fed.party_names[self.rank]
         self.log = party_logger()
-        self.crypten = configure_crypten(self.fed)
-        self.crypten.init()
-        kinds = generators_in_use()
-        self.log.info("randomness: %s (%d streams); patches live: %s",
-                      ", ".join(sorted(set(kinds.values()))), len(kinds),
-                      ", ".join(k for k, v in patches().installed().items() if v))
-        self.comm = self.crypten.communicator.get()
+        self.session = Session(SessionSpec.of_federation(self.fed), self.rank).start()
+        self.crypten = self.session.crypten
+        self.comm = self.session.comm
         self.q = self.fed.querier_rank
         self.owner_ranks = list(range(self.fed.num_owners))
 
     # -- collective helpers -------------------------------------------------------------
     def _gather(self, obj: Any, schema: wire.Schema | list[wire.Schema], what: str) -> list[Any]:
-        """Every party's ``obj`` as checked JSON (:func:`mpc_fi.wire.gather_json`), by rank."""
-        return wire.gather_json(obj, schema, group=self.comm.main_group,
-                                names=self.fed.party_names, what=what)
+        return self.session.gather(obj, schema, what)
 
     def _agree(self, step: Callable[[], Any], schema: wire.Schema | list[wire.Schema],
                what: str) -> tuple[Any, list[Any]]:
-        """Run ``step`` locally, then exchange outcomes; raise the same error on every party.
-
-        ``schema`` (one, or one per rank) is what each party's value must look like on the wire.
-        """
-        def on_error(exc: BaseException) -> None:
-            if not isinstance(exc, MpcFiError):  # a bug or a user's model: log its traceback
-                self.log.error("local failure", exc_info=exc)
-
-        values = wire.agree(step, schema, group=self.comm.main_group,
-                            names=self.fed.party_names, what=what, on_error=on_error)
-        return values[self.rank], values
+        return self.session.agree(step, schema, what)
 
     # -- phases -------------------------------------------------------------------------
     def handshake(self) -> None:
@@ -399,6 +373,5 @@ def _run_party(ctx: PartyContext) -> dict[str, Any]:
     # after a failure the dealer would report success for a failed run. A failed party's process
     # ends right after (the launchers exit without teardown); the dealer sees the connection
     # close and fails too.
-    with audit.opening("dealer", "terminate"):  # party 0 tells the dealer to stop
-        party.crypten.uninit()
+    party.session.close()
     return out

@@ -171,35 +171,32 @@ def plaintext_coalition_values(units: Sequence[torch.Tensor], labels: np.ndarray
 # ---------------------------------------------------------------------------------------
 def _party(rank: int, payload: dict[str, Any]) -> dict[str, Any] | None:
     """One computing party of the coalition-value computation (see the module docstring)."""
-    from mpc_fi import secure, wire  # noqa: PLC0415
-    from mpc_fi._crypten import load_crypten  # noqa: PLC0415
+    from mpc_fi import runtime, secure, wire  # noqa: PLC0415
     from mpc_fi.bounds import contribution_range  # noqa: PLC0415
     from mpc_fi.compare import ValueRange  # noqa: PLC0415
     from mpc_fi.models import load_owner_model  # noqa: PLC0415
     from mpc_fi.party import MAX_ABS_VALUE  # noqa: PLC0415
     from mpc_fi.plugins import PROTOCOLS, lookup  # noqa: PLC0415
 
-    crypten = load_crypten()  # already loaded and initialised by the runner
-    comm = crypten.communicator.get()
-    group = comm.main_group
+    session = runtime.current()  # started by the launcher: CrypTen set up, parties joined
+    crypten = session.crypten
+    group = session.comm.main_group
     n = payload["num_owners"]
     q = n  # the querier's rank
     bits = payload["precision_bits"]
     coalitions = torch.as_tensor(payload["coalitions"], dtype=torch.long)  # public
     role = "owner" if rank < n else "querier"
-    names = [f"owner{r}" for r in range(n)] + ["querier"]
 
     def agree(step: Callable[[], Any], schema: Any, what: str) -> list[Any]:
         """Run ``step``, exchange (failure, value) as checked JSON; every party raises the same
-        error (:func:`mpc_fi.wire.agree`)."""
-        return wire.agree(step, schema, group=group, names=names, what=what)
+        error (:meth:`mpc_fi.runtime.Session.agree`)."""
+        return session.agree(step, schema, what)[1]
 
     # 1. the queries go to the owners (output mode); labels stay with the querier. Their shape
     # travels as checked JSON, the values as a float32 tensor: nothing a peer sends is unpickled.
-    shape = wire.broadcast_json(
-        list(np.shape(payload["x"])) if role == "querier" else None,
-        wire.Shape(min_dims=2, max_elements=wire.MAX_ELEMENTS), src=q, group=group, names=names,
-        what="query shape")
+    shape = session.broadcast(list(np.shape(payload["x"])) if role == "querier" else None,
+                              wire.Shape(min_dims=2, max_elements=wire.MAX_ELEMENTS), src=q,
+                              what="query shape")
     x = torch.as_tensor(payload["x"], dtype=torch.float32).contiguous() if role == "querier" \
         else torch.zeros(shape, dtype=torch.float32)
     torch.distributed.broadcast(x, src=q, group=group)
