@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedkit import alive, logged_pids, session_members, wait_for_line
+from fedkit import alive, listening, logged_pids, session_members, wait_for_line
 from launchers import LocalLauncher
 from mpc_fi.cli import build_parser
 from mpc_fi.config import FederationConfig
@@ -47,6 +47,24 @@ def test_every_log_line_names_its_party_and_labels_match_the_twin(small_federati
             assert m, line
             assert (int(m.group(1)), m.group(2), m.group(3)) == (rank, fed.role_of(rank), name)
     assert not any(alive(pid) for pid in logged_pids(tmp_path).values())
+
+
+def test_parties_listen_on_the_loopback_address_only(small_federation, tmp_path):
+    path, twin = small_federation
+    fed = FederationConfig.load(path)
+    launcher = LocalLauncher(fed, run_dir=tmp_path, timeout_s=180)
+    launcher.start()
+    try:
+        assert wait_for_line(launcher.log_path(fed.querier_rank), "handshake ok", 120)
+        sockets = listening(pids=[p.pid for p in launcher.procs])
+        results = launcher.wait()
+    finally:
+        launcher.terminate()
+    port = int(re.search(r"rendezvous tcp://127\.0\.0\.1:(\d+)",
+                         launcher.log_path(0).read_text()).group(1))
+    assert ("127.0.0.1", port) in sockets  # the rendezvous store, hosted by rank 0
+    assert {address for address, _ in sockets} == {"127.0.0.1"}, sockets  # no '0.0.0.0', '::'
+    np.testing.assert_array_equal(results[fed.querier_rank]["labels"], twin)
 
 
 def test_a_frozen_party_stops_everyone_within_the_hang_timeout(small_federation, tmp_path):
