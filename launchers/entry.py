@@ -28,7 +28,7 @@ from mpc_fi.errors import MpcFiError, PartyFailedError
 from mpc_fi.logs import LOGGER_NAME, setup_party_logging
 from mpc_fi.party import PartyContext, run_party
 
-from . import rendezvous
+from . import lifeline, rendezvous
 from .base import insecure_settings, write_atomic
 
 HEARTBEAT_S = 1.0
@@ -210,9 +210,20 @@ def _heartbeat(path: Path) -> None:
     threading.Thread(target=beat, name="mpc-fi-heartbeat", daemon=True).start()
 
 
-def child_main(*args: Any, **kwargs: Any) -> None:
-    """multiprocessing target: run the party (``party_main``'s arguments) and exit with its code."""
+def child_main(*args: Any, launcher: tuple[int, int | None] | None = None,
+               **kwargs: Any) -> None:
+    """multiprocessing target: run the party (``party_main``'s arguments) and exit with its code.
+
+    ``launcher`` is ``(pid, start time)`` of the launching process
+    (:func:`launchers.lifeline.this_process`): the party leaves as soon as that process is gone,
+    even while it waits on a peer or computes (its parent is the fork server, so
+    ``PR_SET_PDEATHSIG`` alone does not see the launcher die).
+    """
     _die_with_parent()
+    if launcher is not None:
+        pid = launcher[0]
+        lifeline.exit_when_gone(*launcher, code=PartyFailedError.exit_code, before_exit=lambda: (
+            logging.getLogger(LOGGER_NAME).error("the launcher (pid %d) is gone: leaving", pid)))
     _heartbeat(heartbeat_file(Path(args[2]), args[1]))
     code = party_main(*args, **kwargs)
     logging_shutdown()

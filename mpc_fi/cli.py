@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import EXIT_CODES, InsecureSettingWarning, MpcFiError
+from .errors import EXIT_CODES, InsecureSettingWarning, MpcFiError, Terminated
 
 EPILOG = "exit codes:\n" + "\n".join(f"  {code:>3}  {text}" for code, text in EXIT_CODES.items())
 
@@ -250,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mpc-fi: interrupted; every party was stopped", file=sys.stderr)
         code = 130
+    except Terminated as exc:  # SIGTERM during a run: the launcher stopped the parties first
+        print("mpc-fi: terminated (SIGTERM); every party was stopped", file=sys.stderr)
+        code = exc.exit_code
     if args.func is cmd_party:
         _leave(code)
     return code

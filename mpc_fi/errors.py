@@ -69,6 +69,20 @@ class HandshakeError(MpcFiError):
     exit_code = 8
 
 
+class Terminated(SystemExit):
+    """SIGTERM reached the launching process while its parties ran; every party was stopped.
+
+    Not an :class:`MpcFiError`: like ``SystemExit``, which it extends, it ends the program
+    unless caught, with exit code 143 (128 + SIGTERM, what a shell reports for a process killed
+    by SIGTERM).
+    """
+
+    exit_code = 143
+
+    def __init__(self) -> None:
+        super().__init__(self.exit_code)
+
+
 EXIT_CODES: dict[int, str] = {
     0: "success",
     1: "unexpected error (a bug: please report it with the party logs)",
@@ -81,6 +95,7 @@ EXIT_CODES: dict[int, str] = {
     PartyFailedError.exit_code: "a party failed or timed out; every party was stopped",
     HandshakeError.exit_code: "parties disagree at start-up (fingerprint, versions, shapes)",
     130: "interrupted (Ctrl-C); every party was stopped",
+    Terminated.exit_code: "terminated (SIGTERM); every party was stopped",
 }
 
 

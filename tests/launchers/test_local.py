@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from fedkit import alive, listening, logged_pids, session_members, wait_for_line
 from launchers import LocalLauncher
@@ -140,13 +141,65 @@ def test_ctrl_c_stops_every_party_and_leaves_no_orphans(small_federation, tmp_pa
     assert len(pids) == 4 and not any(alive(pid) for pid in pids.values())
 
 
-@pytest.mark.slow
-def test_killing_the_launcher_takes_the_parties_with_it(small_federation, tmp_path):
+@pytest.fixture(scope="module")
+def long_federation(small_federation, tmp_path_factory):
+    """The small federation's owners on 240 queries in batches of 2: 120 batches, several
+    seconds of work after the first ones."""
     path, _ = small_federation
-    proc = run_cli_until(tmp_path, path, "handshake ok")
-    os.kill(proc.pid, signal.SIGKILL)  # no chance to clean up: PR_SET_PDEATHSIG must
-    proc.communicate(timeout=120)
+    data = yaml.safe_load(path.read_text())
+    folder = tmp_path_factory.mktemp("fed-long")
+    np.save(folder / "queries.npy", np.tile(np.load(data["querier"]["data"]), (10, 1)))
+    data["querier"]["data"] = str(folder / "queries.npy")
+    data["batch_size"] = 2
+    (folder / "federation.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    return folder / "federation.yaml"
+
+
+API_RUN = """
+import sys
+
+from mpc_fi import Federation
+
+if __name__ == "__main__":
+    Federation(sys.argv[1], run_dir=sys.argv[2], timeout_s=300).run()
+"""
+
+
+@pytest.mark.parametrize("how, sig", [
+    ("cli", signal.SIGKILL), ("cli", signal.SIGTERM),
+    pytest.param("api", signal.SIGKILL, marks=pytest.mark.slow),
+    pytest.param("api", signal.SIGTERM, marks=pytest.mark.slow)],
+    ids=["cli-sigkill", "cli-sigterm", "api-sigkill", "api-sigterm"])
+def test_the_federation_never_outlives_its_launcher(long_federation, tmp_path, how, sig):
+    run_dir = tmp_path / "run"
+    if how == "cli":
+        cmd = [MPC_FI, "run", "--federation", str(long_federation), "--run-dir", str(run_dir),
+               "--timeout", "300"]
+    else:  # a Python program inside Federation.run
+        (tmp_path / "api_run.py").write_text(API_RUN)
+        cmd = [sys.executable, str(tmp_path / "api_run.py"), str(long_federation), str(run_dir)]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    querier_log = run_dir / "party-2-querier.log"
+    if not wait_for_line(querier_log, r"batch 2/120 done", 180):
+        proc.kill()
+        pytest.fail("the parties never got going: " + proc.communicate()[1][-2000:])
+    assert len(session_members(proc.pid)) >= 6  # launcher, fork server, 4 parties
+    os.kill(proc.pid, sig)
+    _, err = proc.communicate(timeout=120)
+    if sig == signal.SIGKILL:
+        assert proc.returncode == -signal.SIGKILL
+    else:  # the launcher stopped the parties itself, then left with 128 + SIGTERM
+        assert proc.returncode == 143, err
+        if how == "cli":
+            assert "terminated (SIGTERM); every party was stopped" in err
+    # Every party and the fork server leave within seconds (10 s asked; generous hang guard).
     deadline = time.monotonic() + 30
     while session_members(proc.pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert session_members(proc.pid) == []
+    pids = logged_pids(run_dir)
+    assert len(pids) == 4 and not any(alive(pid) for pid in pids.values())
+    # They stopped; they did not finish the run.
+    assert "batch 120/120" not in querier_log.read_text()
+    assert not list(run_dir.glob("result-*.pkl"))
