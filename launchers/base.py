@@ -27,7 +27,9 @@ class Launcher(ABC):
     this host (:class:`~launchers.host.HostLauncher`, which returns ``{its rank: result}``).
 
     ``run_dir`` receives one log per party (``party-<rank>-<name>.log``, every line tagged with
-    rank, role and name) and the result files; a fresh temporary folder by default.
+    rank, role and name) and the result files; a fresh temporary folder by default. A reused
+    folder is cleared of the previous run's files for these parties when they start (its logs
+    are kept once, as ``party-<rank>-<name>.log.1``).
     ``memory_limit_mb`` bounds each party's working memory for a batch (:mod:`mpc_fi.memory`:
     larger batches are split, a query that cannot fit is refused); None: a share of the memory
     available on the host.

@@ -46,6 +46,23 @@ def heartbeat_file(run_dir: Path, rank: int) -> Path:
     return run_dir / f".heartbeat-{rank}"
 
 
+def log_file(run_dir: Path, rank: int, name: str) -> Path:
+    return run_dir / f"party-{rank}-{name}.log"
+
+
+def clear_previous_run(run_dir: Path, rank: int, name: str) -> None:
+    """Make a reused run folder safe for party ``rank``: an earlier run's heartbeat would be
+    blamed on this party as a freeze, its error and result files taken for this run's. They
+    are removed; its log is kept once, as ``party-<rank>-<name>.log.1``."""
+    for path in (heartbeat_file(run_dir, rank), error_file(run_dir, rank),
+                 result_file(run_dir, rank), run_dir / f"audit-{rank}.pkl"):
+        for stale in (path, path.with_name(path.name + ".tmp")):
+            stale.unlink(missing_ok=True)
+    log = log_file(run_dir, rank, name)
+    if log.exists():
+        log.replace(log.with_name(log.name + ".1"))
+
+
 def party_env(federation: FederationConfig, rank: int, rendezvous: str,
               gloo_ifname: str | None = None) -> dict[str, str]:
     """What CrypTen reads from the environment. ``WORLD_SIZE`` is CrypTen's: the computing
@@ -117,7 +134,7 @@ def party_main(federation: FederationConfig, rank: int, run_dir: str, env: dict[
     os.environ.update(env)
     name = federation.party_names[rank]
     role = federation.role_of(rank)
-    log_path = run_path / f"party-{rank}-{name}.log" if log_to_file else None
+    log_path = log_file(run_path, rank, name) if log_to_file else None
     log = setup_party_logging(log_path, rank=rank, role=role, name=name)
     root = logging.getLogger()
     if echo_stderr and log_path is not None:

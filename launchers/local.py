@@ -18,7 +18,8 @@ from mpc_fi.memory import auto_limit_mb
 
 from . import lifeline
 from .base import Launcher, sigterm_raises, wait_until
-from .entry import child_main, error_file, heartbeat_file, party_env, result_file
+from .entry import child_main, clear_previous_run, error_file, heartbeat_file, party_env, \
+    result_file
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -79,6 +80,8 @@ class LocalLauncher(Launcher):
         ctx.set_forkserver_preload(["launchers._preload"])
         # Every party shares this host's memory: each gets an equal part unless a limit is set.
         memory = self.memory_limit_mb or auto_limit_mb(len(fed.party_names))
+        for rank, name in enumerate(fed.party_names):  # the run folder may be reused
+            clear_previous_run(self.run_dir, rank, name)
         launcher = lifeline.this_process()  # every party leaves when this process is gone
         for rank in range(len(fed.party_names)):
             args = (fed, rank, str(self.run_dir), party_env(fed, rank, rendezvous),

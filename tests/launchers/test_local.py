@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import signal
 import subprocess
@@ -66,6 +67,36 @@ def test_parties_listen_on_the_loopback_address_only(small_federation, tmp_path)
     assert ("127.0.0.1", port) in sockets  # the rendezvous store, hosted by rank 0
     assert {address for address, _ in sockets} == {"127.0.0.1"}, sockets  # no '0.0.0.0', '::'
     np.testing.assert_array_equal(results[fed.querier_rank]["labels"], twin)
+
+
+def test_a_reused_run_dir_ignores_the_previous_runs_files(small_federation, tmp_path):
+    path, twin = small_federation
+    fed = FederationConfig.load(path)
+    # What an earlier run leaves behind: heartbeats older than hang_timeout_s (taken for frozen
+    # parties before the new ones beat), an error and a result that are not this run's.
+    hour_ago = time.time() - 3600
+    for rank, name in enumerate(fed.party_names):
+        heartbeat = tmp_path / f".heartbeat-{rank}"
+        heartbeat.touch()
+        os.utime(heartbeat, (hour_ago, hour_ago))
+        (tmp_path / f"party-{rank}-{name}.log").write_text("a line of the previous run\n")
+    with open(tmp_path / "error-0.pkl", "wb") as fh:
+        pickle.dump({"type": "ConfigError", "message": "stale", "party": "owner0", "rank": 0,
+                     "phase": None}, fh)
+    with open(tmp_path / "result-2.pkl", "wb") as fh:
+        pickle.dump({"labels": np.full(len(twin), 99)}, fh)
+    launcher = LocalLauncher(fed, run_dir=tmp_path, timeout_s=180)
+    launcher.start()
+    try:
+        assert not (tmp_path / "error-0.pkl").exists()
+        results = launcher.wait()
+    finally:
+        launcher.terminate()
+    np.testing.assert_array_equal(results[fed.querier_rank]["labels"], twin)
+    for rank in range(len(fed.party_names)):
+        log = launcher.log_path(rank)
+        assert "previous run" not in log.read_text()
+        assert log.with_name(log.name + ".1").read_text() == "a line of the previous run\n"
 
 
 def test_a_frozen_party_stops_everyone_within_the_hang_timeout(small_federation, tmp_path):
