@@ -72,7 +72,7 @@ class Launcher(ABC):
     _sigterm_pending = False
 
     @contextlib.contextmanager
-    def stopping(self) -> Iterator[None]:
+    def terminating(self) -> Iterator[None]:
         """Wrap the body of :meth:`terminate`: a SIGTERM arriving meanwhile does not cut it short;
         :class:`~mpc_fi.errors.Terminated` is raised once every party is stopped."""
         outer = self._stopping

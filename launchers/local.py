@@ -216,7 +216,7 @@ class LocalLauncher(Launcher):
             party=fed.party_names[rank], rank=rank, log_tail=self.log_tail(rank))
 
     def terminate(self) -> None:
-        with self.stopping():
+        with self.terminating():
             alive = [p for p in self.procs if p.is_alive()]
             self._terminated |= {self.procs.index(p) for p in alive}
             for p in alive:

@@ -17,9 +17,10 @@ import yaml
 
 from fedkit import alive, listening, logged_pids, session_members, wait_for_line
 from launchers import LocalLauncher
+from launchers.base import sigterm_raises
 from mpc_fi.cli import build_parser
 from mpc_fi.config import FederationConfig
-from mpc_fi.errors import EXIT_CODES, PartyFailedError
+from mpc_fi.errors import EXIT_CODES, PartyFailedError, Terminated
 
 MPC_FI = str(Path(sys.executable).with_name("mpc-fi"))
 LINE = re.compile(r"^\d\d:\d\d:\d\d\.\d{3} \[rank (\d) (owner|querier|dealer) (\w+)\] "
@@ -170,6 +171,24 @@ def test_ctrl_c_stops_every_party_and_leaves_no_orphans(small_federation, tmp_pa
     assert session_members(proc.pid) == []
     pids = logged_pids(tmp_path)
     assert len(pids) == 4 and not any(alive(pid) for pid in pids.values())
+
+
+def test_sigterm_raises_terminated_but_never_cuts_terminate_short(small_federation, tmp_path):
+    launcher = LocalLauncher(FederationConfig.load(small_federation[0]), run_dir=tmp_path)
+    with pytest.raises(Terminated):
+        with sigterm_raises(launcher):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises here
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    stopped = []
+    with pytest.raises(Terminated):
+        with sigterm_raises(launcher):
+            with launcher.terminating():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.2)  # the handler runs here, and lets terminate() go on
+                stopped.append(True)
+    assert stopped == [True]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
 @pytest.fixture(scope="module")
