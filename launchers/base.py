@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import pickle
+import signal
 import tempfile
+import threading
 import time
 import warnings
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from mpc_fi.config import FederationConfig
-from mpc_fi.errors import InsecureSettingWarning
+from mpc_fi.errors import InsecureSettingWarning, Terminated
 from mpc_fi.memory import check_limit
 
 
@@ -23,7 +27,9 @@ class Launcher(ABC):
     this host (:class:`~launchers.host.HostLauncher`, which returns ``{its rank: result}``).
 
     ``run_dir`` receives one log per party (``party-<rank>-<name>.log``, every line tagged with
-    rank, role and name) and the result files; a fresh temporary folder by default.
+    rank, role and name) and the result files; a fresh temporary folder by default. A reused
+    folder is cleared of the previous run's files for these parties when they start (its logs
+    are kept once, as ``party-<rank>-<name>.log.1``).
     ``memory_limit_mb`` bounds each party's working memory for a batch (:mod:`mpc_fi.memory`:
     larger batches are split, a query that cannot fit is refused); None: a share of the memory
     available on the host.
@@ -52,11 +58,32 @@ class Launcher(ABC):
 
     def run(self, *, query: np.ndarray | None = None, timeout_s: float | None = None
             ) -> dict[int, dict[str, Any]]:
-        self.start(query=query)
+        """Start, wait, and stop every party whatever happens (an error, Ctrl-C, SIGTERM: see
+        :func:`sigterm_raises`)."""
+        with sigterm_raises(self):
+            try:
+                self.start(query=query)
+                return self.wait(timeout_s)
+            finally:
+                self.terminate()
+
+    #: True while :meth:`terminate` runs: a SIGTERM then waits for it (see :func:`sigterm_raises`).
+    _stopping = False
+    _sigterm_pending = False
+
+    @contextlib.contextmanager
+    def terminating(self) -> Iterator[None]:
+        """Wrap the body of :meth:`terminate`: a SIGTERM arriving meanwhile does not cut it short;
+        :class:`~mpc_fi.errors.Terminated` is raised once every party is stopped."""
+        outer = self._stopping
+        self._stopping = True
         try:
-            return self.wait(timeout_s)
+            yield
         finally:
-            self.terminate()
+            self._stopping = outer
+        if not outer and self._sigterm_pending:
+            self._sigterm_pending = False
+            raise Terminated()
 
     def log_path(self, rank: int) -> Path:
         return self.run_dir / f"party-{rank}-{self.federation.party_names[rank]}.log"
@@ -79,6 +106,34 @@ class Launcher(ABC):
             if sep and not msg.startswith(("starting", "exit")):
                 return msg
         return None
+
+
+@contextlib.contextmanager
+def sigterm_raises(launcher: Launcher) -> Iterator[None]:
+    """While the parties run, SIGTERM to this process raises :class:`~mpc_fi.errors.Terminated`.
+
+    Left to its default action, SIGTERM would end this process at once, leaving the parties to
+    notice on their own (:mod:`launchers.lifeline`); raised as an exception, it lets the
+    launcher's ``finally`` stop every party first, and a CLI report it. Only in the main thread
+    (the one that runs Python's signal handlers) and only while SIGTERM has its default action:
+    a handler the application installed stays in charge. Nested uses are no-ops.
+    """
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if launcher._stopping:  # let terminate() finish; it raises Terminated then
+            launcher._sigterm_pending = True
+            return
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def warn_insecure(federation: FederationConfig) -> None:

@@ -28,7 +28,7 @@ from mpc_fi.errors import MpcFiError, PartyFailedError
 from mpc_fi.logs import LOGGER_NAME, setup_party_logging
 from mpc_fi.party import PartyContext, run_party
 
-from . import rendezvous
+from . import lifeline, rendezvous
 from .base import insecure_settings, write_atomic
 
 HEARTBEAT_S = 1.0
@@ -44,6 +44,23 @@ def error_file(run_dir: Path, rank: int) -> Path:
 
 def heartbeat_file(run_dir: Path, rank: int) -> Path:
     return run_dir / f".heartbeat-{rank}"
+
+
+def log_file(run_dir: Path, rank: int, name: str) -> Path:
+    return run_dir / f"party-{rank}-{name}.log"
+
+
+def clear_previous_run(run_dir: Path, rank: int, name: str) -> None:
+    """Make a reused run folder safe for party ``rank``: an earlier run's heartbeat would be
+    blamed on this party as a freeze, its error and result files taken for this run's. They
+    are removed; its log is kept once, as ``party-<rank>-<name>.log.1``."""
+    for path in (heartbeat_file(run_dir, rank), error_file(run_dir, rank),
+                 result_file(run_dir, rank), run_dir / f"audit-{rank}.pkl"):
+        for stale in (path, path.with_name(path.name + ".tmp")):
+            stale.unlink(missing_ok=True)
+    log = log_file(run_dir, rank, name)
+    if log.exists():
+        log.replace(log.with_name(log.name + ".1"))
 
 
 def party_env(federation: FederationConfig, rank: int, rendezvous: str,
@@ -117,7 +134,7 @@ def party_main(federation: FederationConfig, rank: int, run_dir: str, env: dict[
     os.environ.update(env)
     name = federation.party_names[rank]
     role = federation.role_of(rank)
-    log_path = run_path / f"party-{rank}-{name}.log" if log_to_file else None
+    log_path = log_file(run_path, rank, name) if log_to_file else None
     log = setup_party_logging(log_path, rank=rank, role=role, name=name)
     root = logging.getLogger()
     if echo_stderr and log_path is not None:
@@ -210,9 +227,20 @@ def _heartbeat(path: Path) -> None:
     threading.Thread(target=beat, name="mpc-fi-heartbeat", daemon=True).start()
 
 
-def child_main(*args: Any, **kwargs: Any) -> None:
-    """multiprocessing target: run the party (``party_main``'s arguments) and exit with its code."""
+def child_main(*args: Any, launcher: tuple[int, int | None] | None = None,
+               **kwargs: Any) -> None:
+    """multiprocessing target: run the party (``party_main``'s arguments) and exit with its code.
+
+    ``launcher`` is ``(pid, start time)`` of the launching process
+    (:func:`launchers.lifeline.this_process`): the party leaves as soon as that process is gone,
+    even while it waits on a peer or computes (its parent is the fork server, so
+    ``PR_SET_PDEATHSIG`` alone does not see the launcher die).
+    """
     _die_with_parent()
+    if launcher is not None:
+        pid = launcher[0]
+        lifeline.exit_when_gone(*launcher, code=PartyFailedError.exit_code, before_exit=lambda: (
+            logging.getLogger(LOGGER_NAME).error("the launcher (pid %d) is gone: leaving", pid)))
     _heartbeat(heartbeat_file(Path(args[2]), args[1]))
     code = party_main(*args, **kwargs)
     logging_shutdown()

@@ -12,8 +12,9 @@ and CrypTen (:mod:`launchers._preload`), never from the calling process; a fresh
 run; one torch thread per party; every party and the dealer set CrypTen up through
 :func:`mpc_fi._crypten.configure` (CSPRNG randomness, the same comparison circuit); results are drained
 before joining; every wait is bounded; when a party fails, the others are killed and the error
-names it with its traceback. Like :mod:`launchers.entry`, the child process (and only it) writes
-the environment variables CrypTen reads.
+names it with its traceback; no party outlives the calling process (:mod:`launchers.lifeline`).
+Like :mod:`launchers.entry`, the child process (and only it) writes the environment variables
+CrypTen reads.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from typing import Any
 from mpc_fi.errors import PartyFailedError
 from mpc_fi.logs import setup_party_logging
 
+from . import lifeline
 from .local import free_port
 
 
@@ -41,7 +43,10 @@ def _role(rank: int, world: int) -> str:
 
 def _child(rank: int, world: int, port: int, dealer: str, precision_bits: int,
            fn: Callable[..., Any], payload: Any, star: bool, log_dir: str | None,
-           out: Any, audit_dir: str | None = None) -> None:
+           out: Any, audit_dir: str | None = None,
+           launcher: tuple[int, int | None] | None = None) -> None:
+    if launcher is not None:  # never outlive the calling process (see launchers.lifeline)
+        lifeline.exit_when_gone(*launcher, code=PartyFailedError.exit_code)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), DISTRIBUTED_BACKEND="gloo",
                       RENDEZVOUS=f"tcp://127.0.0.1:{port}")
     role = _role(rank, world)
@@ -125,7 +130,8 @@ def run_functions(fn: Callable[..., Any], payloads: Sequence[Any], *, dealer: st
                          args=(rank, world, port, dealer, precision_bits, fn,
                                payloads[rank] if rank < world else None, star,
                                None if log_dir is None else str(log_dir), out,
-                               None if audit_dir is None else str(audit_dir)))
+                               None if audit_dir is None else str(audit_dir)),
+                         kwargs={"launcher": lifeline.this_process()})
              for rank in range(total)]
     for p in procs:
         p.start()

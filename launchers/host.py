@@ -27,7 +27,8 @@ from mpc_fi.config import FederationConfig
 from mpc_fi.errors import ConfigError, PartyFailedError
 
 from .base import Launcher, write_atomic
-from .entry import error_file, logging_shutdown, party_env, party_main, result_file
+from .entry import clear_previous_run, error_file, logging_shutdown, party_env, party_main, \
+    result_file
 from .rendezvous import gloo_interface, is_loopback, parse_tcp
 
 TORCHRUN_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")
@@ -162,6 +163,7 @@ class HostLauncher(Launcher):
         print(f"mpc-fi: running {self.party} (rank {rank}, {fed.role_of(rank)}) of "
               f"{len(fed.party_names)} processes; rendezvous {self.rendezvous} (from "
               f"{self.source}); log {self.log_path(rank)}", file=sys.stderr, flush=True)
+        clear_previous_run(self.run_dir, rank, self.party)  # the run folder may be reused
         self._watchdog(limit)
         try:
             self._code = party_main(fed, rank, str(self.run_dir), env, self._query,

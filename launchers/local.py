@@ -13,11 +13,13 @@ import numpy as np
 
 from mpc_fi import errors
 from mpc_fi.config import FederationConfig
-from mpc_fi.errors import PartyFailedError
+from mpc_fi.errors import PartyFailedError, Terminated
 from mpc_fi.memory import auto_limit_mb
 
-from .base import Launcher, wait_until
-from .entry import child_main, error_file, heartbeat_file, party_env, result_file
+from . import lifeline
+from .base import Launcher, sigterm_raises, wait_until
+from .entry import child_main, clear_previous_run, error_file, heartbeat_file, party_env, \
+    result_file
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -50,8 +52,9 @@ class LocalLauncher(Launcher):
     * the whole run past ``timeout_s``: every party is stopped;
     * Ctrl-C: every party is stopped before ``KeyboardInterrupt`` propagates.
 
-    Party processes are daemonic and ask the kernel to kill them if this process dies (Linux
-    ``PR_SET_PDEATHSIG``), so none outlives the launcher, even one killed with SIGKILL.
+    No party outlives the launching process: when it ends, even by SIGKILL, the fork server and
+    every party leave at once (:mod:`launchers.lifeline`); SIGTERM to it during :meth:`run` or
+    :meth:`wait` stops the parties first, then raises :class:`~mpc_fi.errors.Terminated`.
     """
 
     name = "local"
@@ -77,11 +80,15 @@ class LocalLauncher(Launcher):
         ctx.set_forkserver_preload(["launchers._preload"])
         # Every party shares this host's memory: each gets an equal part unless a limit is set.
         memory = self.memory_limit_mb or auto_limit_mb(len(fed.party_names))
+        for rank, name in enumerate(fed.party_names):  # the run folder may be reused
+            clear_previous_run(self.run_dir, rank, name)
+        launcher = lifeline.this_process()  # every party leaves when this process is gone
         for rank in range(len(fed.party_names)):
             args = (fed, rank, str(self.run_dir), party_env(fed, rank, rendezvous),
                     query if rank == fed.querier_rank else None, True, 1)  # log file; 1 thread
             proc = ctx.Process(target=child_main, args=args,
-                               kwargs={"audit": self.audit, "memory_limit_mb": memory},
+                               kwargs={"audit": self.audit, "memory_limit_mb": memory,
+                                       "launcher": launcher},
                                daemon=True,
                                name=f"mpc-fi-{fed.party_names[rank]}")
             proc.start()
@@ -123,6 +130,10 @@ class LocalLauncher(Launcher):
         return None
 
     def wait(self, timeout_s: float | None = None) -> dict[int, dict[str, Any]]:
+        with sigterm_raises(self):
+            return self._wait(timeout_s)
+
+    def _wait(self, timeout_s: float | None) -> dict[int, dict[str, Any]]:
         fed = self.federation
         limit = timeout_s or self.timeout_s
         deadline = time.monotonic() + limit
@@ -152,7 +163,7 @@ class LocalLauncher(Launcher):
                         "stopped.", party=fed.party_names[rank], rank=rank,
                         log_tail=self.log_tail(rank))
                 time.sleep(0.02)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, Terminated):
             self.terminate()
             raise
         # The dealer leaves once party 0 says goodbye; give it a moment, it holds no result.
@@ -205,15 +216,16 @@ class LocalLauncher(Launcher):
             party=fed.party_names[rank], rank=rank, log_tail=self.log_tail(rank))
 
     def terminate(self) -> None:
-        alive = [p for p in self.procs if p.is_alive()]
-        self._terminated |= {self.procs.index(p) for p in alive}
-        for p in alive:
-            # A stopped process cannot run its SIGTERM handler: no point waiting for it.
-            p.kill() if _stopped(p.pid) else p.terminate()
-        deadline = time.monotonic() + self.stop_grace_s
-        for p in alive:
-            p.join(max(0.0, deadline - time.monotonic()))
-        for p in alive:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
+        with self.terminating():
+            alive = [p for p in self.procs if p.is_alive()]
+            self._terminated |= {self.procs.index(p) for p in alive}
+            for p in alive:
+                # A stopped process cannot run its SIGTERM handler: no point waiting for it.
+                p.kill() if _stopped(p.pid) else p.terminate()
+            deadline = time.monotonic() + self.stop_grace_s
+            for p in alive:
+                p.join(max(0.0, deadline - time.monotonic()))
+            for p in alive:
+                if p.is_alive():
+                    p.kill()
+                    p.join(5)

@@ -136,6 +136,28 @@ def _wait_until_listening(host: str, port: int, deadline: float) -> None:
             time.sleep(min(0.25, max(0.0, deadline - time.monotonic())))
 
 
+def listen_socket(host: str, port: int) -> int:
+    """A socket listening on ``host:port`` only; returns its descriptor, which the caller owns.
+
+    ``TCPStore(master_listen_fd=...)`` takes the descriptor over and closes it with the store.
+    IPv4 is preferred for a host name (gloo's interface choice is IPv4 too).
+    """
+    try:
+        infos = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM)
+    except socket.gaierror:
+        infos = socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_STREAM)
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as TCPStore does itself
+        sock.bind(address)
+        sock.listen(socket.SOMAXCONN)
+    except OSError:
+        sock.close()
+        raise
+    return sock.detach()
+
+
 def roll_call(federation: FederationConfig, *, host: str, port: int, rank: int, world_size: int,
               timeout_s: float, agent_store: bool = False, prefix: str = "") -> Any:
     """Meet every party at ``host:port``; return the store, or raise naming who never came.
@@ -165,8 +187,11 @@ def roll_call(federation: FederationConfig, *, host: str, port: int, rank: int, 
                 f"network.address the address of its host, and is port {port} open between the "
                 "hosts?", party=federation.party_names[rank], rank=rank) from None
     try:
+        # The master listens on the configured address only: left to itself, TCPStore binds
+        # every interface (``[::]``), and whoever reaches that port can read and write the keys.
         store = dist.TCPStore(host, port, world_size, is_master, timeout=td,
-                              wait_for_workers=False, multi_tenant=is_master)
+                              wait_for_workers=False,
+                              master_listen_fd=listen_socket(host, port) if is_master else None)
     except (RuntimeError, OSError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if is_master:

@@ -8,7 +8,7 @@ classes, the result types and the errors.
 from .config import FederationConfig, ModelSource, NetworkConfig, OwnerConfig, PrivacyConfig, \
     ProtocolConfig, QuerierConfig
 from .errors import BudgetExceededError, ConfigError, InputError, InsecureSettingWarning, MpcFiError, \
-    PartyFailedError, ProtocolError, UnsupportedModelError
+    PartyFailedError, ProtocolError, Terminated, UnsupportedModelError
 from .federation import Federation
 from .result import ABSTAIN, PartyCost, Prediction, RunResult
 
@@ -18,5 +18,5 @@ __all__ = [
     "Federation", "FederationConfig", "OwnerConfig", "QuerierConfig", "ModelSource",
     "ProtocolConfig", "NetworkConfig", "PrivacyConfig", "Prediction", "RunResult", "PartyCost", "ABSTAIN",
     "MpcFiError", "ConfigError", "UnsupportedModelError", "InputError", "ProtocolError",
-    "PartyFailedError", "BudgetExceededError", "InsecureSettingWarning",
+    "PartyFailedError", "BudgetExceededError", "InsecureSettingWarning", "Terminated",
 ]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import EXIT_CODES, InsecureSettingWarning, MpcFiError
+from .errors import EXIT_CODES, ConfigError, InsecureSettingWarning, MpcFiError, Terminated
 
 EPILOG = "exit codes:\n" + "\n".join(f"  {code:>3}  {text}" for code, text in EXIT_CODES.items())
 
@@ -47,12 +47,37 @@ def _emit_labels(labels: np.ndarray, output: str | None) -> None:
         print("labels:", " ".join(map(str, labels.tolist())))
 
 
+def check_output(output: str | None) -> None:
+    """Refuse an unusable ``--output`` before any party starts.
+
+    Found only when the labels are written, it would lose the run's answers, and a
+    differentially private run would have been charged for them already.
+    """
+    if not output:
+        return
+    path = Path(output)
+    if path.is_dir():
+        raise ConfigError(f"{output} is a folder; give the labels file, e.g. "
+                          f"{path / 'labels.npy'}", key="--output")
+    if path.suffix != ".npy":
+        raise ConfigError(f"the labels are saved as a NumPy array: name the file *.npy, got "
+                          f"{output!r}", key="--output")
+    folder = path.parent
+    if not folder.is_dir():
+        raise ConfigError(f"folder {folder} does not exist; create it first", key="--output")
+    if not os.access(folder, os.W_OK | os.X_OK) or (path.exists()
+                                                    and not os.access(path, os.W_OK)):
+        raise ConfigError(f"cannot write {output}: no permission (or a read-only file system)",
+                          key="--output")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .federation import Federation  # noqa: PLC0415
 
     if args.federation:
         from .config import FederationConfig  # noqa: PLC0415
 
+        check_output(args.output)
         fed = FederationConfig.load(args.federation)
         _step(f"running federation {args.federation}: {fed.num_owners} owners, mode {fed.mode}, "
               f"protocol {fed.protocol.name}")
@@ -119,6 +144,7 @@ def cmd_party(args: argparse.Namespace) -> int:
     from .config import FederationConfig  # noqa: PLC0415
     from .plugins import LAUNCHERS, lookup  # noqa: PLC0415
 
+    check_output(args.output)
     fed = FederationConfig.load(args.federation)
     launcher = lookup(LAUNCHERS, "host", key="launcher")(
         fed, party=args.party, run_dir=args.run_dir, timeout_s=args.timeout,
@@ -269,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mpc-fi: interrupted; every party was stopped", file=sys.stderr)
         code = 130
+    except Terminated as exc:  # SIGTERM during a run: the launcher stopped the parties first
+        print("mpc-fi: terminated (SIGTERM); every party was stopped", file=sys.stderr)
+        code = exc.exit_code
     if args.func is cmd_party:
         _leave(code)
     return code

@@ -517,7 +517,7 @@ class FederationConfig:
             if path.suffix == ".toml":
                 data = tomllib.loads(text)
             elif path.suffix in (".yaml", ".yml"):
-                data = yaml.safe_load(text)
+                data = _load_yaml(text, path.name)
             else:
                 raise ConfigError("federation files end in .yaml, .yml or .toml", key=str(path))
         except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
@@ -525,3 +525,49 @@ class FederationConfig:
         if not isinstance(data, Mapping):
             raise ConfigError("the federation file must hold a mapping at top level", key=str(path))
         return cls.from_dict(data, base=path.parent.resolve())
+
+
+def _load_yaml(text: str, source: str) -> Any:
+    """``yaml.safe_load`` that refuses a key given twice in one mapping.
+
+    PyYAML keeps the last of two equal keys without a word, so ``mode: full`` followed by
+    ``mode: output`` would silently run in output mode. (TOML forbids it already.)
+    """
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _refuse_duplicate_keys(loader, node, source)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _refuse_duplicate_keys(loader: yaml.SafeLoader, node: yaml.Node, source: str,
+                           where: str = "", visited: set[int] | None = None) -> None:
+    """Raise :class:`ConfigError` naming the dotted path and the lines of the first key (in
+    document order) given twice in one mapping."""
+    visited = set() if visited is None else visited
+    if id(node) in visited:  # an alias points at a node seen before (or at itself)
+        return
+    visited.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _refuse_duplicate_keys(loader, item, source, f"{where}[{i}]", visited)
+    if not isinstance(node, yaml.MappingNode):
+        return
+    lines: dict[Any, int] = {}
+    for key_node, value_node in node.value:
+        dotted = where
+        # '<<: *defaults' merges a mapping whose keys this one may override
+        if key_node.tag != "tag:yaml.org,2002:merge" and isinstance(key_node, yaml.ScalarNode):
+            key = loader.construct_object(key_node)  # so that 1 and 0x1 are the same key
+            dotted = f"{where}.{key}" if where else str(key)
+            line = key_node.start_mark.line + 1
+            if key in lines:
+                raise ConfigError(
+                    f"given twice in {source} (lines {lines[key]} and {line}); YAML would "
+                    "silently keep the last one. Keep one of them.", key=dotted)
+            lines[key] = line
+        _refuse_duplicate_keys(loader, value_node, source, dotted, visited)

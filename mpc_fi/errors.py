@@ -90,6 +90,20 @@ PEER_ERRORS: dict[str, type[MpcFiError]] = {cls.__name__: cls for cls in (
     BudgetExceededError, PartyFailedError, HandshakeError, WireFormatError)}
 
 
+class Terminated(SystemExit):
+    """SIGTERM reached the launching process while its parties ran; every party was stopped.
+
+    Not an :class:`MpcFiError`: like ``SystemExit``, which it extends, it ends the program
+    unless caught, with exit code 143 (128 + SIGTERM, what a shell reports for a process killed
+    by SIGTERM).
+    """
+
+    exit_code = 143
+
+    def __init__(self) -> None:
+        super().__init__(self.exit_code)
+
+
 EXIT_CODES: dict[int, str] = {
     0: "success",
     1: "unexpected error (a bug: please report it with the party logs)",
@@ -104,6 +118,7 @@ EXIT_CODES: dict[int, str] = {
     WireFormatError.exit_code: "a peer sent a message outside the wire schema (a rogue or "
                                "incompatible party); every party was stopped",
     130: "interrupted (Ctrl-C); every party was stopped",
+    Terminated.exit_code: "terminated (SIGTERM); every party was stopped",
 }
 
 

@@ -18,9 +18,9 @@ import numpy as np
 import yaml
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
@@ -134,3 +134,51 @@ def kill_quietly(pid: int, sig: int = signal.SIGKILL) -> None:
         os.kill(pid, sig)
     except ProcessLookupError:
         pass
+
+
+def _decode_address(hexaddr: str) -> tuple[str, int]:
+    """``/proc/net/tcp{,6}``'s ``0100007F:985F`` -> ``("127.0.0.1", 39007)``."""
+    addr, port = hexaddr.split(":")
+    raw = bytes.fromhex(addr)
+    # The kernel prints each 32-bit word in host (little-endian) order.
+    raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+    family = socket.AF_INET if len(raw) == 4 else socket.AF_INET6
+    return socket.inet_ntop(family, raw), int(port, 16)
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    inodes = set()
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    except OSError:
+        pass
+    return inodes
+
+
+def listening(*, port: int | None = None, pids: list[int] | None = None) -> list[tuple[str, int]]:
+    """TCP listening sockets ``(address, port)`` of this network namespace, those on ``port``
+    or those held by ``pids`` only."""
+    inodes = set().union(*(_socket_inodes(p) for p in pids)) if pids is not None else None
+    out = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[3] != "0A":  # TCP_LISTEN
+                continue
+            address = _decode_address(fields[1])
+            if port is not None and address[1] != port:
+                continue
+            if inodes is not None and fields[9] not in inodes:
+                continue
+            out.append(address)
+    return out

@@ -89,6 +89,32 @@ def test_remote_master_addr_needs_the_plaintext_acknowledgement():
 
 
 # -- real processes -------------------------------------------------------------------
+def test_a_reused_run_dir_is_cleared_for_this_party(tmp_path, monkeypatch):
+    """The previous run's files of this party are gone before it starts; others' are kept."""
+    import pickle
+
+    import launchers.host
+
+    fed = federation()
+    stale = [tmp_path / n for n in (".heartbeat-1", "error-1.pkl", "result-1.pkl",
+                                    "result-1.pkl.tmp", "audit-1.pkl")]
+    for path in stale + [tmp_path / "result-0.pkl"]:
+        path.write_bytes(b"previous run")
+    (tmp_path / "party-1-owner1.log").write_text("previous run\n")
+    seen = {}
+
+    def party_main(federation, rank, run_dir, *args, **kwargs):
+        seen["left"] = sorted(p.name for p in Path(run_dir).iterdir())
+        with open(Path(run_dir) / f"result-{rank}.pkl", "wb") as fh:
+            pickle.dump({"cost": None}, fh)
+        return 0
+
+    monkeypatch.setattr(launchers.host, "party_main", party_main)
+    out = HostLauncher(fed, party="owner1", run_dir=tmp_path, environ={}).run()
+    assert out == {1: {"cost": None}}
+    assert seen["left"] == ["party-1-owner1.log.1", "result-0.pkl"]
+
+
 def run_cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([MPC_FI, *args], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})

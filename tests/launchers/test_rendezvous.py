@@ -9,7 +9,7 @@ from datetime import timedelta
 import pytest
 import torch.distributed as dist
 
-from fedkit import free_port
+from fedkit import free_port, listening
 from launchers import rendezvous
 from mpc_fi.config import FederationConfig, ModelSource, OwnerConfig
 from mpc_fi.errors import PartyFailedError
@@ -141,3 +141,41 @@ def test_other_errors_are_left_alone():
 def test_gloo_interface_is_left_to_gloo_on_loopback():
     assert rendezvous.gloo_interface("127.0.0.1", 29500) is None
     assert rendezvous.interface_with_address("127.0.0.1") == "lo"
+
+
+def this_hosts_address() -> str:
+    """A non-loopback IPv4 address of this host (the one its default route uses)."""
+    try:
+        address = rendezvous.local_address_towards("192.0.2.1", 9)  # UDP connect: sends nothing
+    except OSError:
+        pytest.skip("no IPv4 route out of this host")
+    if rendezvous.is_loopback(address):
+        pytest.skip("this host has no non-loopback IPv4 address")
+    return address
+
+
+@pytest.mark.parametrize("kind", ["loopback", "ipv4"])
+def test_the_rendezvous_store_listens_on_the_configured_address_only(kind):
+    fed = federation()
+    host = "127.0.0.1" if kind == "loopback" else this_hosts_address()
+    port = free_port(host)
+    stores, errors = {}, []
+
+    def party(rank: int) -> None:
+        try:
+            stores[rank] = rendezvous.roll_call(fed, host=host, port=port, rank=rank,
+                                                world_size=4, timeout_s=20)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=party, args=(r,)) for r in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors and sorted(stores) == [0, 1, 2, 3]
+    # TCPStore left to itself listens on [::] (every interface, IPv4 included).
+    assert listening(port=port) == [(host, port)]
+    stores[1].set("k", "v")  # the store still works through that one socket
+    assert stores[0].get("k") == b"v"
+    stores.clear()

@@ -93,6 +93,35 @@ def test_bad_federation_file_names_the_key(tmp_path, edit, key, words):
     assert words in str(err.value)
 
 
+@pytest.mark.parametrize("edit, key, lines", [
+    (("mode: output", "mode: full\nmode: output"), "mode", "lines 1 and 2"),
+    (("weights: a.pt, kwargs: {in_features: 4}", "weights: a.pt, weights: c.pt"),
+     "owners[0].model.weights", "lines 6 and 6"),
+    (("    model: {onnx: b.onnx}", "    model: {onnx: b.onnx}\n    name: hospital_c"),
+     "owners[1].name", "lines 7 and 9"),
+    (("protocol: {name: soft_vote}", "protocol:\n  name: soft_vote\n  name: plurality"),
+     "protocol.name", "lines 3 and 4"),
+])
+def test_a_key_given_twice_is_refused_with_its_path_and_lines(tmp_path, edit, key, lines):
+    with pytest.raises(ConfigError) as err:
+        FederationConfig.load(write(tmp_path, GOOD_YAML.replace(*edit)))
+    assert err.value.key == key
+    assert f"given twice in fed.yaml ({lines})" in str(err.value)
+
+
+def test_yaml_merge_keys_may_still_be_overridden(tmp_path):
+    text = GOOD_YAML.replace("model: {factory", "model: &mlp {factory").replace(
+        "model: {onnx: b.onnx}", "model: {<<: *mlp, weights: b.pt}")
+    fed = FederationConfig.load(write(tmp_path, text))
+    assert fed.owners[1].model.factory == "mpc_fi.demo:mlp"
+    assert fed.owners[1].model.weights == str(tmp_path / "b.pt")
+
+
+def test_toml_refuses_a_key_given_twice(tmp_path):
+    with pytest.raises(ConfigError, match=r"not valid TOML: Cannot overwrite a value \(at line 2"):
+        FederationConfig.load(write(tmp_path, 'mode = "full"\nmode = "output"\n', "fed.toml"))
+
+
 def test_fewer_than_two_owners(tmp_path):
     text = GOOD_YAML.split("  - name: hospital_b")[0] + "querier: {name: clinic}\n"
     with pytest.raises(ConfigError, match="at least two owners") as err:
