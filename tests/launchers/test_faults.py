@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 
 import pytest
 
@@ -37,9 +36,6 @@ PHASES = {
     "inference": ("output", r"batch 1/\d+ done"),
     "reveal": ("output", r"batch (\d+)/\1 done"),
 }
-#: From the kill to PartyFailedError: noticing (20 ms polls), up to 2 s for the parties to agree,
-#: the survivors' SIGTERM grace; generous for a loaded 2-core machine.
-BOUND_S = 15.0
 
 
 def kill_at(federation: FederationConfig, run_dir, target: str, phase: str) -> tuple:
@@ -53,12 +49,11 @@ def kill_at(federation: FederationConfig, run_dir, target: str, phase: str) -> t
             f"{watch} never reached {phase}"
         proc = launcher.procs[names.index(target)]
         os.kill(proc.pid, signal.SIGKILL)
-        t0 = time.monotonic()
         try:
             launcher.wait()
         except PartyFailedError as exc:
-            return exc, launcher, time.monotonic() - t0
-        return None, launcher, time.monotonic() - t0
+            return exc, launcher
+        return None, launcher
     finally:
         launcher.terminate()
 
@@ -70,13 +65,14 @@ def check_fault(request, role: str, phase: str, tmp_path) -> None:
     target = ROLES[role]
     for attempt in range(2):  # a kill at "reveal" can lose the race with a fast exit: once more
         run_dir = tmp_path / f"attempt{attempt}"
-        error, launcher, elapsed = kill_at(fed, run_dir, target, phase)
+        error, launcher = kill_at(fed, run_dir, target, phase)
         if launcher.procs[fed.party_names.index(target)].exitcode == -signal.SIGKILL:
             break
     assert launcher.procs[fed.party_names.index(target)].exitcode == -signal.SIGKILL, \
         "the target finished before the kill landed, twice"
     assert error is not None, "a run with a killed party was reported as a success"
-    assert elapsed < BOUND_S, elapsed
+    # The run's own 180 s timeout is only a hang guard: the error below names the killed party,
+    # which the timeout would not (no wall-clock assertion).
     assert error.party == target, str(error)
     assert f"party {target} (rank {fed.party_names.index(target)}, {role}) was killed by " \
            f"signal 9" in str(error)
@@ -85,7 +81,11 @@ def check_fault(request, role: str, phase: str, tmp_path) -> None:
     assert pids and not any(alive(pid) for pid in pids.values())
 
 
-MATRIX = [(r, p) for r in ROLES for p in PHASES]
+#: One owner killed during set-up and the dealer killed at the opening run by default; the rest
+#: of the 3 roles x 4 phases under -m slow (make test-all).
+DEFAULT = {("owner", "setup"), ("dealer", "reveal")}
+MATRIX = [pytest.param(r, p, marks=() if (r, p) in DEFAULT else pytest.mark.slow)
+          for r in ROLES for p in PHASES]
 
 
 @pytest.mark.parametrize("role, phase", MATRIX)

@@ -195,6 +195,7 @@ def test_torchrun_with_the_wrong_process_count_says_so(small_federation, tmp_pat
     assert "WORLD_SIZE=3 but this federation runs 4 processes" in proc.stdout + proc.stderr
 
 
+@pytest.mark.slow  # the same refusal in-process: tests/mpc_fi/test_wire.py (rogue seats)
 def test_a_party_started_with_another_federation_file_is_refused_by_everyone(small_federation,
                                                                              tmp_path):
     import yaml
@@ -247,6 +248,7 @@ _metadata.version = _version
 """
 
 
+@pytest.mark.slow
 def test_parties_with_different_package_versions_are_refused_by_everyone(small_federation,
                                                                          tmp_path):
     path, _ = small_federation

