@@ -44,8 +44,10 @@ class Ops(ABC):
         """0/1 bits ``[x >= units / 2**bits]`` (exact on the fixed-point encodings)."""
 
     @abstractmethod
-    def top_k_indices(self, x: Any, num_classes: int, k: int, *, bound: float) -> Any:
-        """``(batch, k)`` indices of the ``k`` largest entries, largest first."""
+    def top_k_indices(self, x: Any, num_classes: int, k: int, *, bound: float,
+                      method: str = "auto") -> Any:
+        """``(batch, k)`` indices of the ``k`` largest entries, largest first (``method``: how
+        shares rank them; the result is the same)."""
 
     @abstractmethod
     def joint_noise(self, shape: Sequence[int], sigma: float) -> Any:
@@ -77,8 +79,9 @@ class SecureOps(Ops):
     def above(self, x: Any, units: int) -> Any:
         return secure_ops.above(x, units, self.precision_bits)
 
-    def top_k_indices(self, x: Any, num_classes: int, k: int, *, bound: float) -> Any:
-        return secure_ops.top_k_indices(x, num_classes, k, bound=bound)
+    def top_k_indices(self, x: Any, num_classes: int, k: int, *, bound: float,
+                      method: str = "auto") -> Any:
+        return secure_ops.top_k_indices(x, num_classes, k, bound=bound, method=method)
 
     def joint_noise(self, shape: Sequence[int], sigma: float) -> Any:
         if self.noise_source is None:
@@ -115,8 +118,8 @@ class PlainOps(Ops):
     def above(self, x: torch.Tensor, units: int) -> torch.Tensor:
         return (x >= units / (1 << self.precision_bits)).to(torch.float64)
 
-    def top_k_indices(self, x: torch.Tensor, num_classes: int, k: int, *,
-                      bound: float) -> torch.Tensor:
+    def top_k_indices(self, x: torch.Tensor, num_classes: int, k: int, *, bound: float,
+                      method: str = "auto") -> torch.Tensor:
         return plain_ops.top_k_lowest(x, k).to(torch.float64)
 
     def joint_noise(self, shape: Sequence[int], sigma: float) -> torch.Tensor:

@@ -121,15 +121,11 @@ def party_cases(rank: int, spec: dict[str, Any]) -> dict[str, Any]:
     """
     n, c = spec["num_owners"], spec["num_classes"]
     logits = make_logits(spec["seed"], n, spec["rows"], c)
-    from protocols import secure_ops
 
     out: dict[str, Any] = {}
     cache: dict = {}
-    default_pairwise_max = secure_ops.PAIRWISE_TOP_K_MAX_CLASSES
     for case_id, name, kwargs, mode, noise in spec["cases"]:
         kwargs = dict(kwargs)
-        # test-only knob: force top_k's iterative (k argmaxes) method
-        secure_ops.PAIRWISE_TOP_K_MAX_CLASSES = kwargs.pop("_pairwise_max", default_pairwise_max)
         proto = build(name, c, n, kwargs)
         if noise is not None:
             proto.noise_source = noise_sources(noise, n + 1)[rank]

@@ -58,7 +58,7 @@ def case_list(n: int) -> list[tuple[str, str, dict, int | None]]:
         ("entropy_weighted_vote-k2-scores", "entropy_weighted_vote",
          {"sharpness": 2, "reveal": "scores"}, None),
         ("top_k-3", "top_k", {"k": 3}, None),
-        ("top_k-3-iterative", "top_k", {"k": 3, "_pairwise_max": 0}, None),
+        ("top_k-3-iterative", "top_k", {"k": 3, "method": "iterative"}, None),
         ("top_k-2-scores", "top_k", {"k": 2, "reveal": "scores"}, None),
         ("confident_vote-votes", "confident_vote", {"threshold": VOTE_THRESHOLD[n]}, None),
         ("confident_vote-probability", "confident_vote",

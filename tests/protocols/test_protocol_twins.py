@@ -325,3 +325,32 @@ def test_registry_entries_describe_themselves():
         assert "label" in cls.releases and all(cls.releases.values())
         assert cls.cost
         assert cls.differentially_private == (key in ("gnmax", "confident_gnmax"))
+
+
+def test_dp_wrappers_take_a_protocol_instance_or_a_name():
+    from protocols import GNMax, HardVote, SoftVote
+    from protocols.ops import PlainOps
+
+    inner = SoftVote(num_classes=4, num_owners=3)
+    wrapped = GNMax(inner=inner, sigma=2.0)
+    assert wrapped.inner is inner and (wrapped.num_classes, wrapped.num_owners) == (4, 3)
+    by_name = REGISTRY["gnmax"](num_classes=4, num_owners=3, sigma=2.0, inner="soft_vote")
+    assert isinstance(by_name.inner, SoftVote)
+    assert isinstance(GNMax(num_classes=4, num_owners=3, sigma=1.0).inner, HardVote)
+    with pytest.raises(ProtocolError, match=r"protocol\.inner"):
+        GNMax(inner=REGISTRY["logit_average"](num_classes=4, num_owners=3), sigma=1.0)
+    with pytest.raises(ProtocolError, match=r"protocol\.inner"):
+        federation("gnmax", sigma=1.0, inner="logit_average")
+    # the twin of a wrapped soft vote: the same release code on plaintext ops
+    logits = [torch.randn(5, 4, dtype=torch.float64) for _ in range(3)]
+    sources = [quiet_seeded(11 + r) for r in range(4)]
+    pred = wrapped.plaintext(logits, noise_sources=sources)
+    again = [quiet_seeded(11 + r) for r in range(4)]
+    aggregate = inner.plaintext_aggregate(logits).double() / wrapped.scale
+    noisy = aggregate + PlainOps(precision_bits=16, noise_sources=again).joint_noise((5, 4), 2.0)
+    assert (pred.labels == noisy.argmax(-1).numpy()).all()
+
+
+def test_the_release_is_written_once():
+    for cls in REGISTRY.values():
+        assert "to_reveal" not in vars(cls) and "plaintext" not in vars(cls), cls.name
