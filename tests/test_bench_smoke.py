@@ -11,7 +11,8 @@ import pytest
 
 from mpc_fi import cost
 
-pytestmark = pytest.mark.bench
+# About a minute: the direct CrypTen path is costly. In make test-all, with the suites.
+pytestmark = [pytest.mark.bench, pytest.mark.slow]
 
 
 def test_smoke_benchmark_runs_and_summarises(tmp_path, capsys):

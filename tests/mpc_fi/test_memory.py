@@ -123,7 +123,8 @@ MEASURED_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(MEASURED_CASES))
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c.startswith("full")
+                                  else c for c in MEASURED_CASES])
 def test_the_per_query_bound_covers_the_measured_peak(case, tmp_path, federation_factory):
     small, loosest = MEASURED_CASES[case]
     if case.startswith("full"):
