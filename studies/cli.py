@@ -100,7 +100,8 @@ def _populate(parser: argparse.ArgumentParser) -> None:
                      default=None, help="default: digits:mlp digits:cnn breast_cancer:mlp")
     nid.add_argument("--owners", nargs="+", type=_owner_count, default=[3, 5, 8])
     nid.add_argument("--alphas", nargs="+", type=_positive_float, default=[0.1, 0.3, 1.0, 10.0])
-    nid.add_argument("--seeds", nargs="+", type=int, default=[0])
+    nid.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4],
+                     help="seeds (default 0-4: tables give 95%% intervals over them)")
     nid.add_argument("--protocols", nargs="+", metavar="NAME",
                      help="default: every protocol registered at run time")
     nid.add_argument("--param", action="append", metavar="NAME.KEY=VALUE",
@@ -117,6 +118,8 @@ def _populate(parser: argparse.ArgumentParser) -> None:
                      help="protocols on shares (default: all)")
     nid.add_argument("--secure-queries", type=_positive_int,
                      help="answer only the first N held-out queries on shares")
+    nid.add_argument("--secure-repeats", type=_positive_int, default=5,
+                     help="runs on shares of each DP protocol per secure cell (default 5)")
     common(nid)
 
     sh = sub.add_parser("shapley", help="Shapley contribution scores on shares, label-free rewards",
@@ -129,7 +132,8 @@ def _populate(parser: argparse.ArgumentParser) -> None:
     sh.add_argument("--arch", default="mlp", choices=["mlp", "cnn"])
     sh.add_argument("--owners", nargs="+", type=_owner_count, default=[3, 5, 8])
     sh.add_argument("--alphas", nargs="+", type=_positive_float, default=[0.1, 1.0])
-    sh.add_argument("--seed", type=int, default=0)
+    sh.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4],
+                    help="seeds (default 0-4: tables give 95%% intervals over them)")
     sh.add_argument("--protocol", default="soft_vote", help="an additive protocol (default soft_vote)")
     sh.add_argument("--plaintext", action="store_true",
                     help="compute coalition values with the plaintext twin only (no parties)")
@@ -151,7 +155,7 @@ def _populate(parser: argparse.ArgumentParser) -> None:
     lk.add_argument("--dataset", default="digits", choices=["digits", "breast_cancer"])
     lk.add_argument("--owners", type=_owner_count, default=3)
     lk.add_argument("--alpha", type=_positive_float, default=0.5)
-    lk.add_argument("--seeds", nargs="+", type=int, default=[0])
+    lk.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     lk.add_argument("--budgets", nargs="+", type=_positive_int,
                     default=[10, 25, 50, 100, 200, 400, 600])
     lk.add_argument("--sigma", type=_positive_float, default=1.0,
@@ -161,8 +165,8 @@ def _populate(parser: argparse.ArgumentParser) -> None:
     common(lk)
 
     al = sub.add_parser("all", help="the three studies with their defaults")
-    al.add_argument("--seeds", nargs="+", type=int, default=[0],
-                    help="seeds of the noniid and leakage studies (default 0)")
+    al.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4],
+                    help="seeds of every study (default 0-4)")
     common(al)
 
 
@@ -189,7 +193,8 @@ def _noniid(args: argparse.Namespace, out: Path) -> None:
                        seeds=tuple(args.seeds),
                        protocols=tuple(args.protocols) if getattr(args, "protocols", None) else None,
                        params=parse_param_overrides(getattr(args, "param", None)),
-                       secure=secure, secure_queries=getattr(args, "secure_queries", None))
+                       secure=secure, secure_queries=getattr(args, "secure_queries", None),
+                       secure_repeats=getattr(args, "secure_repeats", 5))
     rows = run_noniid(cfg, show_progress=not args.quiet)
     write_csv(rows, out / "noniid.csv")
     _emit("noniid", markdown_report(rows), out)
@@ -203,10 +208,11 @@ def _shapley(args: argparse.Namespace, out: Path) -> None:
     from .common import write_csv  # noqa: PLC0415
     from .contribution import ShapleyConfig, markdown_report, run_shapley  # noqa: PLC0415
 
-    cfg = ShapleyConfig()
+    cfg = ShapleyConfig(seeds=tuple(args.seeds))
     if args.study == "shapley":
         cfg = ShapleyConfig(dataset=args.dataset, arch=args.arch, owners=tuple(args.owners),
-                            alphas=tuple(args.alphas), seed=args.seed, protocol=args.protocol,
+                            alphas=tuple(args.alphas), seeds=tuple(args.seeds),
+                            protocol=args.protocol,
                             secure=not args.plaintext, method=args.method,
                             permutations=args.permutations, empty=args.empty,
                             validation=args.validation, timeout_s=args.timeout)
