@@ -21,6 +21,7 @@ examples:
   mpc-fi study noniid --full-secure        # every cell and protocol on shares (an hour or more)
   mpc-fi study shapley --owners 3 5 8      # Shapley values on shares, label-free rewards
   mpc-fi study leakage --seeds 0 1 2       # extraction and membership inference per policy
+  mpc-fi study valuation-leakage           # what coalition accuracies leak; owners' defences
   mpc-fi study all --out docs/study        # everything, with the default settings
 """
 
@@ -164,7 +165,26 @@ def _populate(parser: argparse.ArgumentParser) -> None:
                     default=[1, 2, 4, 8, 16, 32])
     common(lk)
 
-    al = sub.add_parser("all", help="the three studies with their defaults")
+    vl = sub.add_parser("valuation-leakage",
+                        help="what coalition accuracies leak about the owners' classes; defences",
+                        description="The chosen-subset attack on the contribution protocol (one "
+                                    "validation run per class reveals which classes each owner "
+                                    "trained on) before and after the owners' defences: a "
+                                    "minimum validation size, DP noise on the opened counts, a "
+                                    "per-querier budget (plaintext twin of the opened counts).")
+    vl.add_argument("--dataset", default="digits", choices=["digits", "breast_cancer"])
+    vl.add_argument("--owners", nargs="+", type=_owner_count, default=[3, 5])
+    vl.add_argument("--alphas", nargs="+", type=_positive_float, default=[0.1, 1.0])
+    vl.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    vl.add_argument("--min-validation", type=_positive_int, default=100,
+                    help="the owners' minimum validation size (default 100)")
+    vl.add_argument("--sigmas", nargs="+", type=_positive_float, default=[5.0, 20.0, 50.0],
+                    help="Gaussian noise std on every opened count (default 5 20 50)")
+    vl.add_argument("--budget", type=_positive_float, default=2.0,
+                    help="per-querier epsilon cap of the dp+budget rows (default 2)")
+    common(vl)
+
+    al = sub.add_parser("all", help="every study with its defaults")
     al.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4],
                     help="seeds of every study (default 0-4)")
     common(al)
@@ -244,6 +264,22 @@ def _leakage(args: argparse.Namespace, out: Path) -> None:
         leakage_plot(rows, out)
 
 
+def _valuation_leakage(args: argparse.Namespace, out: Path) -> None:
+    from .common import write_csv  # noqa: PLC0415
+    from .valuation_leakage import ValuationLeakageConfig, markdown_report, \
+        run_valuation_leakage  # noqa: PLC0415
+
+    cfg = ValuationLeakageConfig(seeds=tuple(args.seeds))
+    if args.study == "valuation-leakage":
+        cfg = ValuationLeakageConfig(dataset=args.dataset, owners=tuple(args.owners),
+                                     alphas=tuple(args.alphas), seeds=tuple(args.seeds),
+                                     min_validation=args.min_validation,
+                                     sigmas=tuple(args.sigmas), budget=args.budget)
+    rows = run_valuation_leakage(cfg, show_progress=not args.quiet)
+    write_csv(rows, out / "valuation_leakage.csv")
+    _emit("valuation_leakage", markdown_report(rows), out)
+
+
 def study_main(argv: list[str] | None = None) -> int:
     """Entry point of ``mpc-fi study``; returns the process exit code.
 
@@ -274,6 +310,8 @@ def run_study(args: argparse.Namespace) -> int:
         _shapley(args, out)
     if args.study in ("leakage", "all"):
         _leakage(args, out)
+    if args.study in ("valuation-leakage", "all"):
+        _valuation_leakage(args, out)
     print(f"results in {out}/", file=sys.stderr)
     return 0
 
