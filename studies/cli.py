@@ -21,6 +21,7 @@ examples:
   mpc-fi study noniid --full-secure        # every cell and protocol on shares (an hour or more)
   mpc-fi study shapley --owners 3 5 8      # Shapley values on shares, label-free rewards
   mpc-fi study leakage --seeds 0 1 2       # extraction and membership inference per policy
+  mpc-fi study valuation-leakage           # what coalition accuracies leak; owners' defences
   mpc-fi study all --out docs/study        # everything, with the default settings
 """
 
@@ -100,7 +101,8 @@ def _populate(parser: argparse.ArgumentParser) -> None:
                      default=None, help="default: digits:mlp digits:cnn breast_cancer:mlp")
     nid.add_argument("--owners", nargs="+", type=_owner_count, default=[3, 5, 8])
     nid.add_argument("--alphas", nargs="+", type=_positive_float, default=[0.1, 0.3, 1.0, 10.0])
-    nid.add_argument("--seeds", nargs="+", type=int, default=[0])
+    nid.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4],
+                     help="seeds (default 0-4: tables give 95%% intervals over them)")
     nid.add_argument("--protocols", nargs="+", metavar="NAME",
                      help="default: every protocol registered at run time")
     nid.add_argument("--param", action="append", metavar="NAME.KEY=VALUE",
@@ -117,6 +119,8 @@ def _populate(parser: argparse.ArgumentParser) -> None:
                      help="protocols on shares (default: all)")
     nid.add_argument("--secure-queries", type=_positive_int,
                      help="answer only the first N held-out queries on shares")
+    nid.add_argument("--secure-repeats", type=_positive_int, default=5,
+                     help="runs on shares of each DP protocol per secure cell (default 5)")
     common(nid)
 
     sh = sub.add_parser("shapley", help="Shapley contribution scores on shares, label-free rewards",
@@ -129,7 +133,8 @@ def _populate(parser: argparse.ArgumentParser) -> None:
     sh.add_argument("--arch", default="mlp", choices=["mlp", "cnn"])
     sh.add_argument("--owners", nargs="+", type=_owner_count, default=[3, 5, 8])
     sh.add_argument("--alphas", nargs="+", type=_positive_float, default=[0.1, 1.0])
-    sh.add_argument("--seed", type=int, default=0)
+    sh.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4],
+                    help="seeds (default 0-4: tables give 95%% intervals over them)")
     sh.add_argument("--protocol", default="soft_vote", help="an additive protocol (default soft_vote)")
     sh.add_argument("--plaintext", action="store_true",
                     help="compute coalition values with the plaintext twin only (no parties)")
@@ -151,7 +156,7 @@ def _populate(parser: argparse.ArgumentParser) -> None:
     lk.add_argument("--dataset", default="digits", choices=["digits", "breast_cancer"])
     lk.add_argument("--owners", type=_owner_count, default=3)
     lk.add_argument("--alpha", type=_positive_float, default=0.5)
-    lk.add_argument("--seeds", nargs="+", type=int, default=[0])
+    lk.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     lk.add_argument("--budgets", nargs="+", type=_positive_int,
                     default=[10, 25, 50, 100, 200, 400, 600])
     lk.add_argument("--sigma", type=_positive_float, default=1.0,
@@ -160,9 +165,28 @@ def _populate(parser: argparse.ArgumentParser) -> None:
                     default=[1, 2, 4, 8, 16, 32])
     common(lk)
 
-    al = sub.add_parser("all", help="the three studies with their defaults")
-    al.add_argument("--seeds", nargs="+", type=int, default=[0],
-                    help="seeds of the noniid and leakage studies (default 0)")
+    vl = sub.add_parser("valuation-leakage",
+                        help="what coalition accuracies leak about the owners' classes; defences",
+                        description="The chosen-subset attack on the contribution protocol (one "
+                                    "validation run per class reveals which classes each owner "
+                                    "trained on) before and after the owners' defences: a "
+                                    "minimum validation size, DP noise on the opened counts, a "
+                                    "per-querier budget (plaintext twin of the opened counts).")
+    vl.add_argument("--dataset", default="digits", choices=["digits", "breast_cancer"])
+    vl.add_argument("--owners", nargs="+", type=_owner_count, default=[3, 5])
+    vl.add_argument("--alphas", nargs="+", type=_positive_float, default=[0.1, 1.0])
+    vl.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    vl.add_argument("--min-validation", type=_positive_int, default=100,
+                    help="the owners' minimum validation size (default 100)")
+    vl.add_argument("--sigmas", nargs="+", type=_positive_float, default=[5.0, 20.0, 50.0],
+                    help="Gaussian noise std on every opened count (default 5 20 50)")
+    vl.add_argument("--budget", type=_positive_float, default=2.0,
+                    help="per-querier epsilon cap of the dp+budget rows (default 2)")
+    common(vl)
+
+    al = sub.add_parser("all", help="every study with its defaults")
+    al.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4],
+                    help="seeds of every study (default 0-4)")
     common(al)
 
 
@@ -189,7 +213,8 @@ def _noniid(args: argparse.Namespace, out: Path) -> None:
                        seeds=tuple(args.seeds),
                        protocols=tuple(args.protocols) if getattr(args, "protocols", None) else None,
                        params=parse_param_overrides(getattr(args, "param", None)),
-                       secure=secure, secure_queries=getattr(args, "secure_queries", None))
+                       secure=secure, secure_queries=getattr(args, "secure_queries", None),
+                       secure_repeats=getattr(args, "secure_repeats", 5))
     rows = run_noniid(cfg, show_progress=not args.quiet)
     write_csv(rows, out / "noniid.csv")
     _emit("noniid", markdown_report(rows), out)
@@ -203,10 +228,11 @@ def _shapley(args: argparse.Namespace, out: Path) -> None:
     from .common import write_csv  # noqa: PLC0415
     from .contribution import ShapleyConfig, markdown_report, run_shapley  # noqa: PLC0415
 
-    cfg = ShapleyConfig()
+    cfg = ShapleyConfig(seeds=tuple(args.seeds))
     if args.study == "shapley":
         cfg = ShapleyConfig(dataset=args.dataset, arch=args.arch, owners=tuple(args.owners),
-                            alphas=tuple(args.alphas), seed=args.seed, protocol=args.protocol,
+                            alphas=tuple(args.alphas), seeds=tuple(args.seeds),
+                            protocol=args.protocol,
                             secure=not args.plaintext, method=args.method,
                             permutations=args.permutations, empty=args.empty,
                             validation=args.validation, timeout_s=args.timeout)
@@ -236,6 +262,22 @@ def _leakage(args: argparse.Namespace, out: Path) -> None:
         from .plots import leakage_plot  # noqa: PLC0415
 
         leakage_plot(rows, out)
+
+
+def _valuation_leakage(args: argparse.Namespace, out: Path) -> None:
+    from .common import write_csv  # noqa: PLC0415
+    from .valuation_leakage import ValuationLeakageConfig, markdown_report, \
+        run_valuation_leakage  # noqa: PLC0415
+
+    cfg = ValuationLeakageConfig(seeds=tuple(args.seeds))
+    if args.study == "valuation-leakage":
+        cfg = ValuationLeakageConfig(dataset=args.dataset, owners=tuple(args.owners),
+                                     alphas=tuple(args.alphas), seeds=tuple(args.seeds),
+                                     min_validation=args.min_validation,
+                                     sigmas=tuple(args.sigmas), budget=args.budget)
+    rows = run_valuation_leakage(cfg, show_progress=not args.quiet)
+    write_csv(rows, out / "valuation_leakage.csv")
+    _emit("valuation_leakage", markdown_report(rows), out)
 
 
 def study_main(argv: list[str] | None = None) -> int:
@@ -268,6 +310,8 @@ def run_study(args: argparse.Namespace) -> int:
         _shapley(args, out)
     if args.study in ("leakage", "all"):
         _leakage(args, out)
+    if args.study in ("valuation-leakage", "all"):
+        _valuation_leakage(args, out)
     print(f"results in {out}/", file=sys.stderr)
     return 0
 

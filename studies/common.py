@@ -94,6 +94,85 @@ def fmt(value: float, digits: int = 3) -> str:
         else f"{value:.{digits}f}"
 
 
+#: Confidence level of every interval the studies report.
+CONFIDENCE = 0.95
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A mean over independent runs (seeds) and its two-sided Student-t confidence interval.
+
+    With ``n`` runs the interval is ``mean ± t_{n-1, 0.975} · s / √n`` (``s``: the sample
+    standard deviation); with one run it is undefined (``lo = hi = nan``).
+    """
+
+    mean: float
+    lo: float
+    hi: float
+    n: int
+
+    @property
+    def half(self) -> float:
+        return (self.hi - self.lo) / 2
+
+    def excludes(self, value: float) -> bool:
+        """True when the interval lies strictly above or below ``value``."""
+        return self.lo > value or self.hi < value
+
+    def text(self, digits: int = 3) -> str:
+        """``0.532 [0.498, 0.565]``."""
+        if math.isnan(self.mean):
+            return "–"
+        if self.n < 2:
+            return f"{self.mean:.{digits}f}"
+        return f"{self.mean:.{digits}f} [{self.lo:.{digits}f}, {self.hi:.{digits}f}]"
+
+    def short(self, digits: int = 3) -> str:
+        """``0.532 ± 0.034`` (± the interval's half-width)."""
+        if math.isnan(self.mean):
+            return "–"
+        if self.n < 2:
+            return f"{self.mean:.{digits}f}"
+        return f"{self.mean:.{digits}f} ± {self.half:.{digits}f}"
+
+
+def mean_ci(values: Iterable[float], level: float = CONFIDENCE) -> Interval:
+    """Mean and Student-t confidence interval of ``values`` (NaN and None are dropped)."""
+    from scipy import stats  # noqa: PLC0415
+
+    v = np.asarray([x for x in values if x is not None and not math.isnan(x)], dtype=float)
+    if v.size == 0:
+        return Interval(math.nan, math.nan, math.nan, 0)
+    mean = float(v.mean())
+    if v.size < 2:
+        return Interval(mean, math.nan, math.nan, 1)
+    half = float(stats.t.ppf(0.5 + level / 2, v.size - 1) * v.std(ddof=1) / math.sqrt(v.size))
+    return Interval(mean, mean - half, mean + half, int(v.size))
+
+
+class StudyNoise:
+    """A reproducible Gaussian noise supply for the plaintext twins of noisy protocols.
+
+    It has the interface of ``protocols.noise.NoiseSource`` (``gaussian(shape, std)``) and draws
+    from a numpy ``Generator`` seeded per run: the studies' DP columns then reproduce from their
+    seeds. **Experiments only**: the engine's parties draw their noise from a CSPRNG, never from
+    this (its noise is predictable to anyone who knows the seed).
+    """
+
+    def __init__(self, seed: int | Sequence[int]) -> None:
+        self.rng = np.random.default_rng(seed)
+
+    def gaussian(self, shape: Sequence[int], std: float) -> Any:
+        import torch  # noqa: PLC0415
+
+        return torch.from_numpy(self.rng.normal(0.0, std, tuple(shape)))
+
+
+def study_noise(parties: int, seed: int, stream: int = 0) -> list[StudyNoise]:
+    """One :class:`StudyNoise` per computing party (owners, then the querier) for one run."""
+    return [StudyNoise((seed, stream, k)) for k in range(parties)]
+
+
 def mean_std(values: Iterable[float]) -> tuple[float, float]:
     v = np.asarray([x for x in values if x is not None and not math.isnan(x)], dtype=float)
     if v.size == 0:

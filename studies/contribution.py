@@ -58,6 +58,20 @@ EMPTY_VALUES = ("zero", "chance")
 #: Rows (coalitions x queries) per batched argmax on shares: bounds each party's memory.
 MAX_ARGMAX_ROWS = 1 << 17
 REWARDS = ("equal", "agreement", "entropy")
+#: How a refusal of the validation set starts, on every party and in the launcher's report.
+REFUSAL = "validation set refused"
+
+
+class ValidationRefusedError(ProtocolError):
+    """An owner refused to score coalitions on the querier's validation set.
+
+    Each owner may set its own minimum number of validation queries (``min_validation``): the
+    coalition counts are aggregates over the validation set, and the fewer the queries, the
+    closer they come to per-query (and, with chosen queries, per-class) information about the
+    owners' models (``studies.valuation_leakage``). The owner checks the size before evaluating
+    its model, inside the first agreement step, so the refusal stops every party with the same
+    error before anything is shared.
+    """
 
 
 # ---------------------------------------------------------------------------------------
@@ -207,6 +221,9 @@ def _party(rank: int, payload: dict[str, Any]) -> dict[str, Any] | None:
     def local() -> dict[str, Any]:
         if role == "querier":
             return {}
+        if m < payload.get("min_validation", 1):  # this owner's own policy (see ValidationRefused)
+            raise ValidationRefusedError(f"{REFUSAL}: {m} queries, this owner requires at least "
+                                         f"{payload['min_validation']}")
         model = load_owner_model(payload["model"])
         with torch.no_grad():
             logits = model(x).to(torch.float64)
@@ -343,14 +360,21 @@ def secure_coalition_values(model_sources: Sequence[Any], x: np.ndarray, y: np.n
                             coalitions: np.ndarray, *, protocol: str = "soft_vote",
                             params: Mapping[str, Any] | None = None, precision_bits: int = 16,
                             timeout_s: float = 900.0, log_dir: str | None = None,
-                            max_argmax_rows: int = MAX_ARGMAX_ROWS) -> CoalitionValues:
+                            max_argmax_rows: int = MAX_ARGMAX_ROWS,
+                            min_validation: int | Sequence[int] | None = None) -> CoalitionValues:
     """Coalition correct-counts and label-free reward totals, computed on shares.
 
     ``model_sources[i]`` (a :class:`~mpc_fi.config.ModelSource`) goes to owner ``i``'s process
     only; ``x`` and ``y`` go to the querier's only. ``coalitions`` (public) must contain every
     singleton and the grand coalition. Coalitions are processed in blocks of at most
     ``max_argmax_rows // len(x)`` (one batched argmax per block).
+
+    ``min_validation`` is each owner's smallest acceptable validation set (one number for every
+    owner, or one per owner); it travels in that owner's payload only and the owner enforces it.
+    A refusal raises :class:`ValidationRefusedError` (every party stopped before sharing).
     """
+    from mpc_fi.errors import PartyFailedError  # noqa: PLC0415
+
     from .runner import run_parties  # noqa: PLC0415
 
     n = len(model_sources)
@@ -362,11 +386,22 @@ def secure_coalition_values(model_sources: Sequence[Any], x: np.ndarray, y: np.n
     common = {"num_owners": n, "precision_bits": precision_bits, "coalitions": coalitions,
               "max_argmax_rows": int(max_argmax_rows),
               "protocol": {"name": protocol, "params": dict(params or {})}}
-    payloads = [{**common, "model": src} for src in model_sources]
+    minimum = [1] * n if min_validation is None else (
+        [int(min_validation)] * n if np.isscalar(min_validation) else [int(v) for v in min_validation])
+    if len(minimum) != n or min(minimum) < 1:
+        raise ValueError(f"min_validation needs one integer >= 1 per owner ({n}), got {minimum}")
+    payloads = [{**common, "model": src, "min_validation": k}
+                for src, k in zip(model_sources, minimum)]
     payloads.append({**common, "x": np.asarray(x, dtype=np.float32),
                      "y": np.asarray(y, dtype=np.int64)})
-    out = run_parties(_party, payloads, timeout_s=timeout_s, precision_bits=precision_bits,
-                      log_dir=log_dir)[n]
+    try:
+        out = run_parties(_party, payloads, timeout_s=timeout_s, precision_bits=precision_bits,
+                          log_dir=log_dir)[n]
+    except PartyFailedError as exc:
+        if REFUSAL in str(exc):  # every party stopped on the owners' agreed refusal: name it
+            lines = [ln.strip() for ln in str(exc).splitlines() if REFUSAL in ln]
+            raise ValidationRefusedError(lines[-1] if lines else REFUSAL) from exc
+        raise
     return CoalitionValues(coalitions, out["correct"], out["num_queries"], out["num_classes"],
                            out["agreement"], out["scale"], out["agreeing"], out["certainty"],
                            precision_bits)
@@ -418,6 +453,23 @@ def normalise(v: np.ndarray) -> np.ndarray:
     return np.full(len(v), 1.0 / len(v)) if total == 0 else np.asarray(v, float) / total
 
 
+#: The two merit measures rewards are compared with.
+MERITS = ("shapley", "own_accuracy")
+
+
+def merit_shares(shapley: np.ndarray, own_accuracy: np.ndarray) -> dict[str, np.ndarray]:
+    """Each merit measure as a split of one unit among the owners.
+
+    ``shapley``: the Shapley values **clipped at 0**, then normalised. A Shapley value is
+    negative when adding the owner lowers the ensemble's accuracy on average; such an owner earns
+    nothing (a reward split cannot be negative, and ``φ/Σφ`` with a negative entry would leave
+    the 0-2 range of the L1 distance). ``own_accuracy``: each owner's own accuracy on the
+    validation set, normalised (the merit of the FI paper's reference code).
+    """
+    return {"shapley": normalise(np.clip(np.asarray(shapley, float), 0.0, None)),
+            "own_accuracy": normalise(np.asarray(own_accuracy, float))}
+
+
 def label_free_rewards(values: CoalitionValues) -> dict[str, np.ndarray]:
     """Each label-free scheme's split of one unit of reward among the owners."""
     n = values.num_owners
@@ -448,6 +500,12 @@ class ContributionReport:
     twin_equal: bool | None = None  # secure values == plaintext twin (None: not checked)
     seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    #: merit measure -> reward -> L1 distance (``fairness`` is ``fairness_by_merit["shapley"]``)
+    fairness_by_merit: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @property
+    def merits(self) -> dict[str, np.ndarray]:
+        return merit_shares(self.shapley, self.singleton_accuracy)
 
     @property
     def grand_accuracy(self) -> float:
@@ -471,7 +529,8 @@ def contribution_scores(models: Sequence[torch.nn.Module], x: np.ndarray, y: np.
                         params: Mapping[str, Any] | None = None, secure: bool = True,
                         check_twin: bool = True, method: str = "auto", permutations: int = 200,
                         seed: int = 0, empty: str = "zero", precision_bits: int = 16,
-                        timeout_s: float = 900.0) -> ContributionReport:
+                        timeout_s: float = 900.0,
+                        min_validation: int | Sequence[int] | None = None) -> ContributionReport:
     """Shapley values of each owner's contribution to ensemble accuracy on ``(x, y)``.
 
     Parameters
@@ -488,6 +547,12 @@ def contribution_scores(models: Sequence[torch.nn.Module], x: np.ndarray, y: np.
     empty:
         ``"zero"``: ``v(empty) = 0``; ``"chance"``: ``v(empty) = 1/C``. Efficiency then reads
         ``sum(shapley) == v(all) - v(empty)``.
+    min_validation:
+        Each owner's smallest acceptable validation set on shares
+        (:class:`ValidationRefusedError` below it).
+
+    Fairness is the L1 distance of each reward split to each merit measure
+    (:func:`merit_shares`: clipped Shapley values, own accuracies).
     """
     import time  # noqa: PLC0415
 
@@ -523,7 +588,7 @@ def contribution_scores(models: Sequence[torch.nn.Module], x: np.ndarray, y: np.
             raise ValueError("secure=True needs each owner's model_sources")
         values = secure_coalition_values(model_sources, x, y, coalitions, protocol=protocol,
                                          params=spec.params, precision_bits=precision_bits,
-                                         timeout_s=timeout_s)
+                                         timeout_s=timeout_s, min_validation=min_validation)
     else:
         values = twin
     seconds = time.perf_counter() - t0
@@ -533,11 +598,16 @@ def contribution_scores(models: Sequence[torch.nn.Module], x: np.ndarray, y: np.
         phi, se = shapley_permutation(values, perms, empty=empty)
         label = f"permutation ({len(perms)} samples)"
     rewards = label_free_rewards(values)
-    fairness = {name: l1_fairness(r, phi) for name, r in rewards.items()}
-    return ContributionReport(n, label, empty, secure, phi, se, values, rewards, fairness,
+    own = np.array([values.accuracy()[1 << i] for i in range(n)])
+    merits = merit_shares(phi, own)
+    by_merit = {name: {r: l1_fairness(split, merit) for r, split in rewards.items()}
+                for name, merit in merits.items()}
+    by_merit["shapley"]["own_accuracy"] = l1_fairness(merits["own_accuracy"], merits["shapley"])
+    return ContributionReport(n, label, empty, secure, phi, se, values, rewards,
+                              dict(by_merit["shapley"]),
                               twin_equal=None if not (secure and twin is not None)
                               else same_values(values, twin), seconds=seconds,
-                              extra={"protocol": protocol})
+                              extra={"protocol": protocol}, fairness_by_merit=by_merit)
 
 
 # ---------------------------------------------------------------------------------------
@@ -549,7 +619,7 @@ class ShapleyConfig:
     arch: str = "mlp"
     owners: tuple[int, ...] = (3, 5, 8)
     alphas: tuple[float, ...] = (0.1, 1.0)
-    seed: int = 0
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     protocol: str = "soft_vote"
     secure: bool = True
     method: str = "auto"
@@ -561,56 +631,89 @@ class ShapleyConfig:
 
 def run_shapley(cfg: ShapleyConfig = ShapleyConfig(), *, show_progress: bool = True
                 ) -> tuple[list[dict[str, Any]], list[ContributionReport]]:
-    """Contribution scores for every (N, alpha); rows (one per owner) and the reports."""
+    """Contribution scores for every (N, alpha, seed); rows (one per owner) and the reports."""
     import tempfile  # noqa: PLC0415
 
     from mpc_fi import demo  # noqa: PLC0415
     from .common import Progress  # noqa: PLC0415
 
     torch.set_num_threads(1)
-    cells = [(n, a) for n in cfg.owners for a in cfg.alphas]
+    cells = [(n, a, sd) for n in cfg.owners for a in cfg.alphas for sd in cfg.seeds]
     bar = Progress(len(cells), "shapley", enabled=show_progress)
     rows, reports = [], []
     with tempfile.TemporaryDirectory(prefix="mpc-fi-shapley-") as tmp:
-        for n, alpha in cells:
-            setup = demo.prepare(f"{tmp}/n{n}-a{alpha}", dataset=cfg.dataset, num_owners=n,
-                                 alpha=alpha, seed=cfg.seed, arch=cfg.arch)
+        for n, alpha, seed in cells:
+            setup = demo.prepare(f"{tmp}/n{n}-a{alpha}-s{seed}", dataset=cfg.dataset,
+                                 num_owners=n, alpha=alpha, seed=seed, arch=cfg.arch)
             x, y = setup.x_test, setup.y_test
             if cfg.validation:
                 x, y = x[:cfg.validation], y[:cfg.validation]
             rep = contribution_scores(setup.models, x, y,
                                       model_sources=[o.model for o in setup.federation.owners],
                                       protocol=cfg.protocol, secure=cfg.secure, method=cfg.method,
-                                      permutations=cfg.permutations, seed=cfg.seed,
+                                      permutations=cfg.permutations, seed=seed,
                                       empty=cfg.empty, timeout_s=cfg.timeout_s)
-            rep.extra.update(alpha=alpha, dataset=cfg.dataset, owner_sizes=setup.owner_sizes)
+            rep.extra.update(alpha=alpha, seed=seed, dataset=cfg.dataset,
+                             owner_sizes=setup.owner_sizes)
             if rep.method == "exact" and n > 2:  # how good would sampling have been?
-                perms = sample_permutations(n, cfg.permutations, cfg.seed)
+                perms = sample_permutations(n, cfg.permutations, seed)
                 est, se = shapley_permutation(rep.values, perms, empty=cfg.empty)
                 err = np.abs(est - rep.shapley)
                 rep.extra.update(mc_max_error=float(err.max()),
                                  mc_max_z=float(np.max(err / np.maximum(se, 1e-12))),
                                  mc_permutations=cfg.permutations)
             reports.append(rep)
-            merit = normalise(rep.shapley)
+            merits = rep.merits
             single = rep.singleton_accuracy
             for i in range(n):
                 rows.append({"dataset": cfg.dataset, "arch": cfg.arch, "protocol": cfg.protocol,
-                             "owners": n, "alpha": alpha, "seed": cfg.seed, "owner": i,
+                             "owners": n, "alpha": alpha, "seed": seed, "owner": i,
                              "train_size": setup.owner_sizes[i], "own_accuracy": single[i],
                              "shapley": rep.shapley[i],
                              "shapley_se": math.nan if rep.shapley_se is None else rep.shapley_se[i],
-                             "merit_share": merit[i],
+                             "merit_share": merits["shapley"][i],
+                             "signed_share": float(rep.shapley[i] / rep.shapley.sum())
+                             if rep.shapley.sum() else math.nan,
+                             "own_accuracy_share": merits["own_accuracy"][i],
                              **{f"reward_{k}": v[i] for k, v in rep.rewards.items()},
                              "grand_accuracy": rep.grand_accuracy,
                              "empty_value": rep.values.empty_value(cfg.empty),
-                             **{f"l1_{k}": v for k, v in rep.fairness.items()},
+                             **{f"l1_{m}_{k}": v for m, d in rep.fairness_by_merit.items()
+                                for k, v in d.items()},
                              "method": rep.method, "on_shares": rep.secure,
                              "shares_equal_twin": rep.twin_equal,
                              "coalitions": len(rep.values.correct), "queries": len(y),
                              "seconds": rep.seconds})
-            bar.step(f"N={n} alpha={alpha:g} ({rep.seconds:.0f}s)")
+            bar.step(f"N={n} alpha={alpha:g} seed={seed} ({rep.seconds:.0f}s)")
     return rows, reports
+
+
+def fairness_summary(reports: Sequence[ContributionReport]) -> list[dict[str, Any]]:
+    """Per (N, alpha): intervals over seeds of every L1 distance, how often each reward is the
+    closest to each merit, negative Shapley values, and the ensemble's paired gain over the best
+    owner."""
+    from .common import mean_ci  # noqa: PLC0415
+
+    groups: dict[tuple[int, float], list[ContributionReport]] = {}
+    for rep in reports:
+        groups.setdefault((rep.num_owners, rep.extra["alpha"]), []).append(rep)
+    out = []
+    for (n, alpha), reps in sorted(groups.items()):
+        row: dict[str, Any] = {"owners": n, "alpha": alpha, "seeds": len(reps)}
+        for merit in MERITS:
+            for reward in REWARDS:
+                row[f"{merit}/{reward}"] = mean_ci(r.fairness_by_merit[merit][reward]
+                                                   for r in reps)
+            wins = [min(REWARDS, key=lambda k, r=r: r.fairness_by_merit[merit][k]) for r in reps]
+            row[f"{merit}/wins"] = {k: wins.count(k) for k in REWARDS}
+        row["merits"] = mean_ci(r.fairness_by_merit["shapley"]["own_accuracy"] for r in reps)
+        row["negative"] = sum(int((r.shapley < 0).sum()) for r in reps)
+        row["owners_total"] = sum(r.num_owners for r in reps)
+        row["min_phi"] = min(float(r.shapley.min()) for r in reps)
+        row["gain"] = mean_ci(r.grand_accuracy - float(r.singleton_accuracy.max()) for r in reps)
+        row["v_all"] = mean_ci(r.grand_accuracy for r in reps)
+        out.append(row)
+    return out
 
 
 def markdown_report(reports: Sequence[ContributionReport]) -> str:
@@ -620,36 +723,67 @@ def markdown_report(reports: Sequence[ContributionReport]) -> str:
         return "(no federations)\n"
     r0 = reports[0]
     where = "on shares (owners + querier + TTP dealer)" if r0.secure else "in plaintext"
+    seeds = sorted({r.extra["seed"] for r in reports})
     out = [f"{r0.extra['dataset']}, protocol {r0.extra['protocol']}, coalition values computed "
-           f"{where}; v(empty) = {r0.values.empty_value(r0.empty):g} ({r0.empty}). "
-           "Rewards are normalised splits of one unit; L1 = distance to the Shapley split.\n\n"]
+           f"{where}; v(empty) = {r0.values.empty_value(r0.empty):g} ({r0.empty}); seeds "
+           f"{', '.join(map(str, seeds))}. Rewards and merits are splits of one unit; L1 = "
+           "distance between a reward split and a merit split (0: identical, 2: disjoint). "
+           "Merit `shapley`: Shapley values clipped at 0, normalised (negative values earn "
+           "nothing); merit `own acc`: each owner's own validation accuracy, normalised.\n\n"]
+    summary = fairness_summary(reports)
+    out.append("**Fairness over seeds** (mean [95 % t-interval]; wins: in how many seeds each "
+               "reward is the closest to the merit, equal / agreement / entropy).\n\n")
+    table = []
+    for row in summary:
+        for merit, label in (("shapley", "Shapley (clipped)"), ("own_accuracy", "own acc")):
+            wins = row[f"{merit}/wins"]
+            table.append([row["owners"], f"{row['alpha']:g}", label]
+                         + [row[f"{merit}/{k}"].text() for k in REWARDS]
+                         + [" / ".join(str(wins[k]) for k in REWARDS)])
+    out.append(markdown_table(table, ["N", "alpha", "merit", "L1 equal", "L1 agreement",
+                                      "L1 entropy", "wins"], align="lrlrrrr"))
+    out.append("\n**Merit measures and the ensemble** (L1 between the two merit splits; "
+               "negative Shapley values over all owners of all seeds; the grand coalition's "
+               "accuracy and its paired gain over the best owner).\n\n")
+    table = [[row["owners"], f"{row['alpha']:g}", row["merits"].text(),
+              f"{row['negative']} / {row['owners_total']}", f"{row['min_phi']:.4f}",
+              row["v_all"].text(), row["gain"].text()] for row in summary]
+    out.append(markdown_table(table, ["N", "alpha", "L1 own acc vs Shapley", "φ < 0",
+                                      "min φ", "v(all)", "v(all) − best owner"]))
     with_mc = any("mc_max_error" in rep.extra for rep in reports)
     table = []
     for rep in reports:
         eff = float(rep.shapley.sum())
         target = rep.grand_accuracy - rep.values.empty_value(rep.empty)
-        line = [rep.num_owners, f"{rep.extra['alpha']:g}", len(rep.values.correct),
-                fmt(rep.grand_accuracy), fmt(float(rep.singleton_accuracy.max())),
-                f"{eff:.4f} / {target:.4f}", fmt(rep.fairness["equal"]),
-                fmt(rep.fairness["agreement"]), fmt(rep.fairness["entropy"]),
+        line = [rep.num_owners, f"{rep.extra['alpha']:g}", rep.extra["seed"],
+                len(rep.values.correct), fmt(rep.grand_accuracy),
+                fmt(float(rep.singleton_accuracy.max())), f"{eff:.4f} / {target:.4f}",
+                fmt(rep.fairness["equal"]), fmt(rep.fairness["agreement"]),
+                fmt(rep.fairness["entropy"]), fmt(rep.fairness["own_accuracy"]),
                 {True: "yes", False: "**no**", None: "–"}[rep.twin_equal], f"{rep.seconds:.0f}"]
         if with_mc:
             line.append("–" if "mc_max_error" not in rep.extra else
                         f"{rep.extra['mc_max_error']:.4f} ({rep.extra['mc_max_z']:.1f})")
         table.append(line)
-    header = ["N", "alpha", "coalitions", "v(all)", "best owner", "Σφ / v(all)−v(∅)", "L1 equal",
-              "L1 agreement", "L1 entropy", "shares = twin", "s"]
+    header = ["N", "alpha", "seed", "coalitions", "v(all)", "best owner", "Σφ / v(all)−v(∅)",
+              "L1 equal", "L1 agreement", "L1 entropy", "L1 own acc", "shares = twin", "s"]
     if with_mc:
         perms = next(r.extra["mc_permutations"] for r in reports if "mc_max_error" in r.extra)
         header.append(f"MC({perms}) vs exact: max err (max err/SE)")
+    out.append("\n**Every run** (L1 to the clipped Shapley merit; `s`: seconds of the secure "
+               "run, process start included).\n\n")
     out.append(markdown_table(table, header))
     for rep in reports:
-        out.append(f"\nN={rep.num_owners}, alpha={rep.extra['alpha']:g} ({rep.method}):\n\n")
+        out.append(f"\nN={rep.num_owners}, alpha={rep.extra['alpha']:g}, seed="
+                   f"{rep.extra['seed']} ({rep.method}):\n\n")
         se = rep.shapley_se
+        merits = rep.merits
         table = [[i, rep.extra["owner_sizes"][i], fmt(rep.singleton_accuracy[i]),
                   fmt(rep.shapley[i], 4) + ("" if se is None else f" ± {se[i]:.4f}"),
-                  fmt(normalise(rep.shapley)[i]), fmt(rep.rewards["agreement"][i]),
-                  fmt(rep.rewards["entropy"][i])] for i in range(rep.num_owners)]
+                  fmt(merits["shapley"][i]), fmt(merits["own_accuracy"][i]),
+                  fmt(rep.rewards["agreement"][i]), fmt(rep.rewards["entropy"][i])]
+                 for i in range(rep.num_owners)]
         out.append(markdown_table(table, ["owner", "train size", "own acc", "Shapley φ",
-                                          "merit share", "agreement share", "entropy share"]))
+                                          "merit share (clipped)", "own-acc share",
+                                          "agreement share", "entropy share"]))
     return "".join(out)

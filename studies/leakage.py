@@ -52,7 +52,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .common import Progress, Row, fmt, markdown_table, mean_std
+from .common import Progress, Row, fmt, markdown_table, mean_ci, mean_std
 
 POLICIES = ("all_outputs", "averaged", "label", "dp_label")
 
@@ -62,7 +62,7 @@ class LeakageConfig:
     dataset: str = "digits"
     num_owners: int = 3
     alpha: float = 0.5
-    seeds: tuple[int, ...] = (0,)
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     owner_fraction: float = 0.5
     pool_fraction: float = 0.35
     budgets: tuple[int, ...] = (10, 25, 50, 100, 200, 400, 600)
@@ -220,12 +220,22 @@ def candidates(world: World, target: int, seed: int) -> tuple[np.ndarray, np.nda
     return np.concatenate(xs), np.concatenate(ys), np.concatenate(member)
 
 
+def tpr_at_fpr(fpr: np.ndarray, tpr: np.ndarray, target: float) -> float:
+    """The largest TPR among ROC points with ``FPR <= target`` (0 if none). With ``m``
+    non-members the smallest non-zero FPR is ``1/m``: below it this is the TPR at FPR = 0."""
+    ok = fpr <= target
+    return float(tpr[ok].max()) if ok.any() else 0.0
+
+
 def attack_metrics(score: np.ndarray, member: np.ndarray) -> dict[str, float]:
-    """ROC AUC and the best-threshold advantage ``max_t TPR(t) - FPR(t)``."""
+    """ROC AUC, the best-threshold advantage ``max_t TPR(t) - FPR(t)`` and the TPR at 1 % and
+    0.1 % FPR."""
     from sklearn.metrics import roc_auc_score, roc_curve  # noqa: PLC0415
 
     fpr, tpr, _ = roc_curve(member, score)
-    return {"auc": float(roc_auc_score(member, score)), "advantage": float(np.max(tpr - fpr))}
+    return {"auc": float(roc_auc_score(member, score)), "advantage": float(np.max(tpr - fpr)),
+            "tpr_at_1pct_fpr": tpr_at_fpr(fpr, tpr, 0.01),
+            "tpr_at_0.1pct_fpr": tpr_at_fpr(fpr, tpr, 0.001)}
 
 
 def membership(oracle: Oracle, policy: str, k: int, seed: int) -> dict[str, float]:
@@ -319,6 +329,7 @@ def run_leakage(cfg: LeakageConfig = LeakageConfig(), *, show_progress: bool = T
 # ---------------------------------------------------------------------------------------
 def _group(rows: Sequence[Row], experiment: str, key: str, metric: str
            ) -> dict[tuple[str, int], tuple[float, float]]:
+    """(policy, key) -> (mean, std over seeds): for the plots."""
     groups: dict[tuple[str, int], list[float]] = {}
     for r in rows:
         if r["experiment"] == experiment:
@@ -326,36 +337,55 @@ def _group(rows: Sequence[Row], experiment: str, key: str, metric: str
     return {k: mean_std(v) for k, v in groups.items()}
 
 
+def _ci(rows: Sequence[Row], experiment: str, key: str, metric: str) -> dict[tuple[str, int], Any]:
+    """(policy, key) -> :class:`~studies.common.Interval` over seeds."""
+    groups: dict[tuple[str, int], list[float]] = {}
+    for r in rows:
+        if r["experiment"] == experiment:
+            groups.setdefault((r["policy"], r[key]), []).append(r[metric])
+    return {k: mean_ci(v) for k, v in groups.items()}
+
+
 def markdown_report(rows: Sequence[Row]) -> str:
     seeds = sorted({r["seed"] for r in rows})
     r0 = rows[0]
     out = [f"{r0['dataset']}, {r0['owners']} owners, Dirichlet alpha={r0['alpha']:g}, GNMax "
-           f"sigma={r0['sigma']:g}; mean over seeds {', '.join(map(str, seeds))}.\n\n"
+           f"sigma={r0['sigma']:g}; seeds {', '.join(map(str, seeds))}: mean ± half-width of "
+           "the 95 % t-interval over seeds (dp_label draws seeded noise).\n\n"
            "**Model extraction**: surrogate agreement with the federation's label on the "
            "evaluation split, by number of queries (epsilon: dp_label at delta=1e-5).\n\n"]
-    agree = _group(rows, "extraction", "queries", "agreement")
+    agree = _ci(rows, "extraction", "queries", "agreement")
     budgets = sorted({k[1] for k in agree})
-    table = [[p] + [fmt(agree[(p, b)][0]) for b in budgets] for p in POLICIES]
+    table = [[p] + [agree[(p, b)].short() for b in budgets] for p in POLICIES]
     eps = _group([r for r in rows if r["policy"] == "dp_label"], "extraction", "queries", "epsilon")
     table.append(["ε (dp_label)"] + [fmt(eps[("dp_label", b)][0], 1) for b in budgets])
     out.append(markdown_table(table, ["policy"] + [f"n={b}" for b in budgets]))
-    auc = _group(rows, "membership", "queries_per_candidate", "auc")
-    adv = _group(rows, "membership", "queries_per_candidate", "advantage")
-    null = _group(rows, "membership", "queries_per_candidate", "advantage_null")
+    auc = _ci(rows, "membership", "queries_per_candidate", "auc")
+    adv = _ci(rows, "membership", "queries_per_candidate", "advantage")
+    null = _ci(rows, "membership", "queries_per_candidate", "advantage_null")
+    excess = {k: mean_ci(r["advantage"] - r["advantage_null"] for r in rows
+                         if r["experiment"] == "membership"
+                         and (r["policy"], r["queries_per_candidate"]) == k) for k in adv}
+    t1 = _ci(rows, "membership", "queries_per_candidate", "tpr_at_1pct_fpr")
+    t01 = _ci(rows, "membership", "queries_per_candidate", "tpr_at_0.1pct_fpr")
     eps = _group([r for r in rows if r["policy"] == "dp_label"], "membership",
                  "queries_per_candidate", "epsilon")
     cand = mean_std(r["candidates"] for r in rows if r["experiment"] == "membership")[0]
-    gap = mean_std(r["target_gap"] for r in rows if r["experiment"] == "membership"
-                   and r["policy"] == "label" and r["queries_per_candidate"] == 1)[0]
+    gap = mean_ci(r["target_gap"] for r in rows if r["experiment"] == "membership"
+                  and r["policy"] == "label" and r["queries_per_candidate"] == 1)
     out.append(f"\n**Membership inference** against owner 0 (about {cand:.0f} class-matched "
                f"candidates, half members; the target's train-minus-unseen accuracy gap is "
-               f"{gap:.3f}). k = queries per candidate.\n\n")
+               f"{gap.text()}). k = queries per candidate. AUC and advantage: mean [95 % "
+               "interval]; TPR at a fixed FPR: with about "
+               f"{cand / 2:.0f} non-members the smallest non-zero FPR is "
+               f"{2 / max(cand, 1):.4f}, so 'TPR @ 0.1 % FPR' is the TPR at FPR = 0.\n\n")
     table = []
     for (p, k) in sorted(auc, key=lambda t: (POLICIES.index(t[0]), t[1])):
-        table.append([p, k, fmt(auc[(p, k)][0]), fmt(auc[(p, k)][1]), fmt(adv[(p, k)][0]),
-                      fmt(null[(p, k)][0]), fmt(eps[(p, k)][0], 1) if p == "dp_label" else ""])
-    out.append(markdown_table(table, ["policy", "k", "AUC", "± (seeds)", "advantage",
-                                      "advantage, shuffled", "ε (dp_label)"]))
+        table.append([p, k, auc[(p, k)].text(), adv[(p, k)].text(), null[(p, k)].short(),
+                      excess[(p, k)].text(), t1[(p, k)].short(), t01[(p, k)].short(),
+                      fmt(eps[(p, k)][0], 1) if p == "dp_label" else ""])
+    out.append(markdown_table(table, ["policy", "k", "AUC", "advantage", "advantage, shuffled",
+                                      "advantage − shuffled (paired)", "TPR @ 1 % FPR", "TPR @ 0.1 % FPR", "ε (dp_label)"]))
     return "".join(out)
 
 

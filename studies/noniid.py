@@ -11,6 +11,16 @@ owners, each owner trained on its share) and scored on the held-out 30 %, which 
   :class:`mpc_fi.Federation` with the local launcher (output mode, TTP dealer), and the label
   agreement of the secure run with its twin (1.0 expected for every protocol without noise).
 
+Differentially private protocols draw noise. Their plaintext twins draw it from
+:func:`studies.common.study_noise` (numpy Generators seeded by the cell's seed and the protocol's
+name), so every table reproduces from its seeds; on shares the parties draw it from their CSPRNGs
+(never seeded), so each DP protocol runs ``secure_repeats`` times per secure cell and is reported
+as a mean with its confidence interval over those runs.
+
+Every table reports the mean over seeds with a 95 % Student-t interval
+(:func:`studies.common.mean_ci`), and the gain of each protocol over the best owner as a paired
+difference per seed (same split, same owners) with its interval.
+
 Weighted protocols get each owner's training-set size as its public weight. Protocols that
 require parameters get :func:`studies.common.default_params`; protocols that abstain are
 scored with abstentions counted wrong (``accuracy``) and on answered queries only
@@ -21,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import zlib
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -31,8 +42,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .common import Progress, Row, accuracy, describe_failure, fmt, markdown_table, mean_std, \
-    protocol_specs
+from .common import Progress, Row, accuracy, describe_failure, fmt, markdown_table, mean_ci, \
+    mean_std, protocol_specs, study_noise
 
 #: (data set, owner model) pairs of the study: the CNN is for the 8x8 digit images only.
 COMBOS: tuple[tuple[str, str], ...] = (("digits", "mlp"), ("digits", "cnn"), ("breast_cancer", "mlp"))
@@ -65,11 +76,12 @@ class NoniidConfig:
     combos: tuple[tuple[str, str], ...] = COMBOS
     owners: tuple[int, ...] = (3, 5, 8)
     alphas: tuple[float, ...] = (0.1, 0.3, 1.0, 10.0)
-    seeds: tuple[int, ...] = (0,)
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     protocols: tuple[str, ...] | None = None  # None: every registered protocol (at run time)
     params: dict[str, dict[str, Any]] = field(default_factory=dict)  # overrides per protocol
     secure: SecureCell | None = SecureCell()
     secure_queries: int | None = None  # answer only the first N held-out queries on shares
+    secure_repeats: int = 5  # runs on shares of each DP protocol per secure cell (fresh noise)
     timeout_s: float = 900.0
 
     def cells(self) -> list[tuple[tuple[str, str], int, float, int]]:
@@ -109,7 +121,9 @@ def run_cell(combo: tuple[str, str], n: int, alpha: float, seed: int, cfg: Nonii
         base = {**key, "system": spec.name, "dp": spec.differentially_private}
         try:
             proto = spec.build(num_classes=num_classes, num_owners=n, owner_weights=weights)
-            twin = _labels(proto.plaintext(logits).labels)
+            noise = study_noise(n + 1, seed, zlib.crc32(spec.name.encode())) \
+                if spec.differentially_private else None
+            twin = _labels(proto.plaintext(logits, noise_sources=noise).labels)
         except Exception as exc:  # noqa: BLE001 - one protocol's failure is a row, not a crash
             rows.append({**base, "kind": "plaintext", "note": "skipped: " + describe_failure(exc)})
             continue
@@ -128,21 +142,26 @@ def run_cell(combo: tuple[str, str], n: int, alpha: float, seed: int, cfg: Nonii
         xq, yq, tq = x, y, twin
         if cfg.secure_queries:
             xq, yq, tq = x[:cfg.secure_queries], y[:cfg.secure_queries], twin[:cfg.secure_queries]
-        t1 = time.perf_counter()
-        try:
-            from mpc_fi.federation import Federation  # noqa: PLC0415
+        repeats = max(1, cfg.secure_repeats) if spec.differentially_private else 1
+        for rep in range(repeats):
+            t1 = time.perf_counter()
+            try:
+                from mpc_fi.federation import Federation  # noqa: PLC0415
 
-            got = _labels(Federation(fed, timeout_s=cfg.timeout_s,
-                                     run_dir=workdir / f"run-{spec.name}").run(xq).prediction.labels)
-        except Exception as exc:  # noqa: BLE001
-            rows.append({**base, "kind": "secure", "note": "failed: " + describe_failure(exc)})
-            continue
-        acc, acc_ans, cov = accuracy(got, yq)
-        rows.append({**base, "kind": "secure", "accuracy": acc, "accuracy_answered": acc_ans,
-                     "coverage": cov, "agreement_with_twin": float((got == tq).mean()),
-                     "queries": len(yq), "seconds": time.perf_counter() - t1,
-                     "note": "noisy release: agreement < 1 expected" if spec.differentially_private
-                     else ""})
+                got = _labels(Federation(fed, timeout_s=cfg.timeout_s,
+                                         run_dir=workdir / f"run-{spec.name}-{rep}"
+                                         ).run(xq).prediction.labels)
+            except Exception as exc:  # noqa: BLE001
+                rows.append({**base, "kind": "secure", "repeat": rep,
+                             "note": "failed: " + describe_failure(exc)})
+                continue
+            acc, acc_ans, cov = accuracy(got, yq)
+            rows.append({**base, "kind": "secure", "repeat": rep, "accuracy": acc,
+                         "accuracy_answered": acc_ans, "coverage": cov,
+                         "agreement_with_twin": float((got == tq).mean()),
+                         "queries": len(yq), "seconds": time.perf_counter() - t1,
+                         "note": "fresh noise on shares: agreement < 1 expected"
+                         if spec.differentially_private else ""})
     for row in rows:
         row.setdefault("train_seconds", train_s)
     return rows
@@ -167,52 +186,121 @@ def run_noniid(cfg: NoniidConfig = NoniidConfig(), *, show_progress: bool = True
 # ---------------------------------------------------------------------------------------
 # Reporting
 # ---------------------------------------------------------------------------------------
-def summarise(rows: Sequence[Row]) -> dict[tuple, dict[str, tuple[float, float]]]:
-    """(dataset, arch, owners, alpha) -> system -> (mean, std over seeds) of plaintext accuracy."""
-    groups: dict[tuple, dict[str, list[float]]] = {}
+def _per_seed(rows: Sequence[Row]) -> dict[tuple, dict[str, dict[int, float]]]:
+    """(dataset, arch, owners, alpha) -> system -> seed -> plaintext accuracy."""
+    groups: dict[tuple, dict[str, dict[int, float]]] = {}
     for r in rows:
         if r["kind"] not in ("summary", "plaintext") or "accuracy" not in r:
             continue
         cell = (r["dataset"], r["arch"], r["owners"], r["alpha"])
-        groups.setdefault(cell, {}).setdefault(r["system"], []).append(r["accuracy"])
-    return {cell: {sys: mean_std(v) for sys, v in systems.items()} for cell, systems in groups.items()}
+        groups.setdefault(cell, {}).setdefault(r["system"], {})[r["seed"]] = r["accuracy"]
+    return groups
+
+
+def summarise(rows: Sequence[Row]) -> dict[tuple, dict[str, Any]]:
+    """(dataset, arch, owners, alpha) -> system -> :class:`~studies.common.Interval` of the
+    plaintext accuracy over seeds."""
+    return {cell: {sys: mean_ci(v.values()) for sys, v in systems.items()}
+            for cell, systems in _per_seed(rows).items()}
+
+
+def paired_gains(rows: Sequence[Row], reference: str = "best_owner"
+                 ) -> dict[tuple, dict[str, Any]]:
+    """(cell) -> protocol -> Interval of ``accuracy(protocol) - accuracy(reference)``, paired by
+    seed (the same split and owners): the gain's interval, not the difference of two intervals."""
+    out: dict[tuple, dict[str, Any]] = {}
+    for cell, systems in _per_seed(rows).items():
+        ref = systems.get(reference, {})
+        out[cell] = {sys: mean_ci(v[s] - ref[s] for s in v if s in ref)
+                     for sys, v in systems.items() if sys not in ("best_owner", "mean_owner")}
+    return out
+
+
+def best_protocols(rows: Sequence[Row]) -> dict[tuple, tuple[str, str, Any]]:
+    """(cell) -> (best protocol by mean accuracy, runner-up, Interval of their paired gap)."""
+    out = {}
+    for cell, systems in _per_seed(rows).items():
+        protos = {k: v for k, v in systems.items() if k not in ("best_owner", "mean_owner")}
+        if len(protos) < 2:
+            continue
+        ranked = sorted(protos, key=lambda k: -float(np.mean(list(protos[k].values()))))
+        a, b = protos[ranked[0]], protos[ranked[1]]
+        out[cell] = (ranked[0], ranked[1], mean_ci(a[s] - b[s] for s in a if s in b))
+    return out
 
 
 def markdown_report(rows: Sequence[Row]) -> str:
-    """Tables: plaintext accuracy per cell (mean over seeds) and the secure runs."""
+    """Tables: plaintext accuracy per cell (mean and interval over seeds), paired gains over the
+    best owner, the best protocol per cell, abstentions, and the secure runs."""
     summary = summarise(rows)
+    gains = paired_gains(rows)
     systems = sorted({s for cell in summary.values() for s in cell}
                      - {"best_owner", "mean_owner"})
     seeds = sorted({r["seed"] for r in rows})
-    out = [f"Accuracy on the querier's held-out split (plaintext twins; mean over seeds "
-           f"{', '.join(map(str, seeds))}; abstentions count as wrong).\n"]
+    out = [f"Accuracy on the querier's held-out split (plaintext twins; mean ± half-width of the "
+           f"95 % t-interval over seeds {', '.join(map(str, seeds))}; abstentions count as "
+           "wrong; DP twins draw seeded noise).\n"]
     for combo in sorted({(c[0], c[1]) for c in summary}):
         table = []
         for cell in sorted(c for c in summary if (c[0], c[1]) == combo):
             s = summary[cell]
-            table.append([cell[2], f"{cell[3]:g}", fmt(s["best_owner"][0]), fmt(s["mean_owner"][0])]
-                         + [fmt(s.get(p, (math.nan,))[0]) for p in systems])
+            table.append([cell[2], f"{cell[3]:g}", s["best_owner"].short(),
+                          s["mean_owner"].short()]
+                         + [s[p].short() if p in s else "–" for p in systems])
         out.append(f"\n**{combo[0]}, {combo[1]} owners**\n\n")
         out.append(markdown_table(table, ["N", "alpha", "best owner", "mean owner", *systems]))
-    out.append(_coverage_table(rows))
-    secure = [r for r in rows if r["kind"] == "secure"]
-    if secure:
-        twins = {(r["dataset"], r["arch"], r["owners"], r["alpha"], r["seed"], r["system"]): r
-                 for r in rows if r["kind"] == "plaintext"}
+    out.append("\n**Gain over the best owner** (each protocol's accuracy minus the best single "
+               "owner's, paired by seed: mean ± half-width of the 95 % interval; **bold**: the "
+               "interval excludes 0).\n")
+    for combo in sorted({(c[0], c[1]) for c in gains}):
         table = []
-        for r in secure:
-            t = twins.get((r["dataset"], r["arch"], r["owners"], r["alpha"], r["seed"], r["system"]), {})
-            table.append([f"{r['dataset']}/{r['arch']}", r["owners"], f"{r['alpha']:g}", r["seed"],
-                          r["system"], fmt(t.get("accuracy", math.nan)),
-                          fmt(r.get("accuracy", math.nan)),
-                          fmt(r.get("agreement_with_twin", math.nan)),
-                          r.get("queries", ""), fmt(r.get("seconds", math.nan), 1),
-                          r.get("note", "")])
-        out.append("\n**On shares** (Federation, local launcher, output mode, TTP dealer)\n\n")
-        out.append(markdown_table(table, ["cell", "N", "alpha", "seed", "protocol", "twin acc",
-                                          "secure acc", "agreement", "queries", "s", "note"],
-                                  align="lrrrlrrrrrl"))
+        for cell in sorted(c for c in gains if (c[0], c[1]) == combo):
+            g = gains[cell]
+            table.append([cell[2], f"{cell[3]:g}"] + [
+                "–" if p not in g else (f"**{g[p].short()}**" if g[p].excludes(0.0)
+                                        else g[p].short()) for p in systems])
+        out.append(f"\n**{combo[0]}, {combo[1]} owners**\n\n")
+        out.append(markdown_table(table, ["N", "alpha", *systems]))
+    best = best_protocols(rows)
+    if best:
+        table = [[f"{c[0]}/{c[1]}", c[2], f"{c[3]:g}", b[0], b[1], b[2].text(),
+                  "yes" if b[2].excludes(0.0) else "no"] for c, b in sorted(best.items())]
+        out.append("\n**Best protocol per cell** (by mean accuracy) and its paired lead over the "
+                   "runner-up (mean [95 % interval]).\n\n")
+        out.append(markdown_table(table, ["cell", "N", "alpha", "best", "runner-up", "lead",
+                                          "lead excludes 0"], align="lrrllrl"))
+    out.append(_coverage_table(rows))
+    out.append(_secure_table(rows))
     return "".join(out)
+
+
+def _secure_table(rows: Sequence[Row]) -> str:
+    secure = [r for r in rows if r["kind"] == "secure"]
+    if not secure:
+        return ""
+    twins = {(r["dataset"], r["arch"], r["owners"], r["alpha"], r["seed"], r["system"]): r
+             for r in rows if r["kind"] == "plaintext"}
+    groups: dict[tuple, list[Row]] = {}
+    for r in secure:
+        groups.setdefault((r["dataset"], r["arch"], r["owners"], r["alpha"], r["seed"],
+                           r["system"]), []).append(r)
+    table = []
+    for key, runs in groups.items():
+        ok = [r for r in runs if "accuracy" in r]
+        t = twins.get(key, {})
+        notes = sorted({r.get("note", "") for r in runs} - {""})
+        table.append([f"{key[0]}/{key[1]}", key[2], f"{key[3]:g}", key[4], key[5],
+                      fmt(t.get("accuracy", math.nan)),
+                      mean_ci(r["accuracy"] for r in ok).text(),
+                      mean_ci(r["agreement_with_twin"] for r in ok).text(),
+                      f"{len(ok)}/{len(runs)}", ok[0].get("queries", "") if ok else "",
+                      fmt(mean_std(r["seconds"] for r in ok)[0], 1), "; ".join(notes)])
+    return ("\n**On shares** (Federation, local launcher, output mode, TTP dealer). DP protocols "
+            "run several times with fresh noise: accuracy and agreement are the mean [95 % "
+            "interval] over those runs; the twin's accuracy is one seeded draw.\n\n"
+            + markdown_table(table, ["cell", "N", "alpha", "seed", "protocol", "twin acc",
+                                     "secure acc", "agreement with twin", "runs ok", "queries",
+                                     "s (mean)", "note"], align="lrrrlrrrrrrl"))
 
 
 def _coverage_table(rows: Sequence[Row]) -> str:
@@ -232,9 +320,10 @@ def _coverage_table(rows: Sequence[Row]) -> str:
         line = [f"{cell[0]}/{cell[1]}", cell[2], f"{cell[3]:g}"]
         for p in abstaining:
             vals = groups[cell].get(p, [])
-            acc = mean_std(v[0] for v in vals)[0]
-            cov = mean_std(v[1] for v in vals)[0]
-            line.append(f"{fmt(acc)} / {fmt(cov, 2)}")
+            acc = mean_ci(v[0] for v in vals)
+            cov = mean_ci(v[1] for v in vals)
+            line.append(f"{acc.short()} / {cov.short(2)}")
         table.append(line)
     return ("\n**Abstaining protocols**: accuracy on answered queries / coverage (fraction "
-            "answered).\n\n" + markdown_table(table, ["cell", "N", "alpha", *abstaining]))
+            "answered), each mean ± 95 % half-width over seeds.\n\n"
+            + markdown_table(table, ["cell", "N", "alpha", *abstaining]))

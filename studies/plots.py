@@ -42,10 +42,10 @@ def noniid_plots(rows: Sequence[Row], out_dir: str | Path) -> list[Path]:
             alphas = [c[3] for c in cells]
             for name, style in (("mean_owner", dict(color="k", ls="--", lw=2)),
                                 ("best_owner", dict(color="k", ls=":", lw=2))):
-                ax.plot(alphas, [summary[c][name][0] for c in cells], label=name.replace("_", " "),
-                        **style)
+                ax.plot(alphas, [summary[c][name].mean for c in cells],
+                        label=name.replace("_", " "), **style)
             for j, p in enumerate(protos):
-                vals = [summary[c].get(p, (np.nan,))[0] for c in cells]
+                vals = [summary[c][p].mean if p in summary[c] else np.nan for c in cells]
                 ax.plot(alphas, vals, marker="o", ms=3, lw=1, color=cmap(j), label=p)
                 pts = [(r["alpha"], r["accuracy"]) for r in secure if r["system"] == p
                        and (r["dataset"], r["arch"], r["owners"]) == (*combo, n)]
@@ -69,33 +69,37 @@ def noniid_plots(rows: Sequence[Row], out_dir: str | Path) -> list[Path]:
 
 
 def shapley_plot(reports: Sequence[Any], out_dir: str | Path) -> Path:
-    """Grouped bars per federation: Shapley merit share vs each label-free reward share."""
-    from .contribution import normalise  # noqa: PLC0415
-
+    """Grouped bars per federation (the first seed of each cell): the two merit measures
+    (clipped Shapley, own accuracy) vs each label-free reward share."""
     plt = _pyplot()
+    first = min(rep.extra.get("seed", 0) for rep in reports)
+    reports = [rep for rep in reports if rep.extra.get("seed", 0) == first]
     k = len(reports)
     cols = min(3, k)
     rows_ = -(-k // cols)
     fig, axes = plt.subplots(rows_, cols, figsize=(4.6 * cols, 3.2 * rows_), squeeze=False)
-    series = (("Shapley merit", None, "k"), ("equal", "equal", "0.7"),
-              ("agreement", "agreement", "tab:blue"), ("entropy", "entropy", "tab:orange"))
+    series = (("Shapley merit (clipped)", "shapley", "k"), ("own-accuracy merit", "own_accuracy",
+                                                           "0.45"),
+              ("equal", "equal", "0.8"), ("agreement", "agreement", "tab:blue"),
+              ("entropy", "entropy", "tab:orange"))
     for ax, rep in zip(axes.flat, reports):
         n = rep.num_owners
         x = np.arange(n)
         w = 0.8 / len(series)
+        merits = rep.merits
         for j, (label, key, color) in enumerate(series):
-            vals = normalise(rep.shapley) if key is None else rep.rewards[key]
-            ax.bar(x + (j - 1.5) * w, vals, w, label=label, color=color)
+            vals = merits[key] if key in merits else rep.rewards[key]
+            ax.bar(x + (j - (len(series) - 1) / 2) * w, vals, w, label=label, color=color)
         ax.set_xticks(x)
         ax.set_xlabel("owner")
-        ax.set_title(f"N={n}, alpha={rep.extra['alpha']:g}: L1 eq {rep.fairness['equal']:.2f}, "
-                     f"agr {rep.fairness['agreement']:.2f}, ent {rep.fairness['entropy']:.2f}",
-                     fontsize=8)
+        ax.set_title(f"N={n}, alpha={rep.extra['alpha']:g}, seed {first}: L1 to Shapley: eq "
+                     f"{rep.fairness['equal']:.2f}, agr {rep.fairness['agreement']:.2f}, "
+                     f"ent {rep.fairness['entropy']:.2f}", fontsize=7)
         ax.grid(alpha=0.3, axis="y")
     for ax in list(axes.flat)[k:]:
         ax.axis("off")
     axes[0][0].set_ylabel("share of the reward")
-    axes[0][0].legend(fontsize=7)
+    axes[0][0].legend(fontsize=6)
     fig.tight_layout()
     path = Path(out_dir) / "shapley_rewards.png"
     fig.savefig(path, dpi=DPI, bbox_inches="tight")

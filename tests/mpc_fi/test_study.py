@@ -1,4 +1,4 @@
-"""The collaboration studies (issue 7) on tiny settings.
+"""The collaboration studies (issues 7 and 13) on tiny settings.
 
 Tolerances: coalition values on shares are integer counts (fixed-point sums are exact and the
 argmax is exact), so they must equal the plaintext twin exactly, and so must the Shapley values
@@ -19,7 +19,8 @@ from mpc_fi.plugins import PROTOCOLS, registry
 from studies import contribution as contrib
 from studies import leakage, noniid
 from studies.cli import study_main
-from studies.common import parse_param_overrides, protocol_specs
+from studies import valuation_leakage as vleak
+from studies.common import mean_ci, parse_param_overrides, protocol_specs, study_noise
 from studies.runner import run_parties
 
 
@@ -206,7 +207,7 @@ def test_runner_names_the_failing_party():
 # ---------------------------------------------------------------------------------------
 def test_noniid_tiny_grid_shape_and_ensemble_beats_mean_owner():
     cfg = noniid.NoniidConfig(combos=(("digits", "mlp"),), owners=(3,), alphas=(0.5,),
-                              protocols=None, secure=None)
+                              seeds=(0,), protocols=None, secure=None)
     rows = noniid.run_noniid(cfg, show_progress=False)
     names = sorted(registry(PROTOCOLS))
     plaintext = {r["system"]: r for r in rows if r["kind"] == "plaintext"}
@@ -275,7 +276,7 @@ def test_membership_candidates_are_class_matched():
 # ---------------------------------------------------------------------------------------
 def test_study_main_leakage_writes_table_csv_and_plot(tmp_path, capsys):
     code = study_main(["leakage", "--budgets", "30", "--queries-per-candidate", "1",
-                       "--out", str(tmp_path), "--quiet"])
+                       "--seeds", "0", "--out", str(tmp_path), "--quiet"])
     assert code == 0
     for name in ("leakage.csv", "leakage.md", "leakage.png"):
         assert (tmp_path / name).stat().st_size > 0
@@ -286,7 +287,8 @@ def test_study_main_rejects_a_noisy_protocol_for_shapley(tmp_path, capsys):
     if "gnmax" not in registry(PROTOCOLS):
         pytest.skip("no gnmax registered")
     code = study_main(["shapley", "--protocol", "gnmax", "--plaintext", "--owners", "3",
-                       "--alphas", "1", "--out", str(tmp_path), "--quiet", "--no-plots"])
+                       "--alphas", "1", "--seeds", "0", "--out", str(tmp_path), "--quiet",
+                       "--no-plots"])
     assert code == ProtocolError.exit_code
     assert "soft_vote" in capsys.readouterr().err
 
@@ -299,13 +301,134 @@ def test_study_subcommand_attaches_to_a_parent_cli(tmp_path):
     parent = argparse.ArgumentParser(prog="mpc-fi")
     add_study_subcommand(parent.add_subparsers(dest="command", required=True))
     args = parent.parse_args(["study", "shapley", "--owners", "3", "--alphas", "2", "--plaintext",
-                              "--validation", "50", "--out", str(tmp_path), "--quiet",
-                              "--no-plots"])
+                              "--validation", "50", "--seeds", "0", "1", "--out", str(tmp_path),
+                              "--quiet", "--no-plots"])
     assert args.func is run_study and args.func(args) == 0
-    assert "shares = twin" in (tmp_path / "shapley.md").read_text()
+    text = (tmp_path / "shapley.md").read_text()
+    assert "shares = twin" in text and "Fairness over seeds" in text and "own acc" in text
 
 
 def test_study_main_usage_errors():
     with pytest.raises(SystemExit) as exc:
         study_main(["noniid", "--combos", "breast_cancer:cnn"])
     assert exc.value.code == 2
+
+
+# ---------------------------------------------------------------------------------------
+# Statistics (issue 13)
+# ---------------------------------------------------------------------------------------
+def test_mean_ci_is_the_student_t_interval():
+    ci = mean_ci([1.0, 2.0, 3.0, 4.0, 5.0])
+    # t_{4, 0.975} = 2.7764451; s = sqrt(2.5)
+    half = 2.7764451 * math.sqrt(2.5) / math.sqrt(5)
+    assert ci.mean == 3.0 and ci.n == 5
+    assert ci.lo == pytest.approx(3.0 - half, abs=1e-6) and ci.hi == pytest.approx(3.0 + half, abs=1e-6)
+    assert ci.excludes(0.0) and not ci.excludes(3.5)
+    assert math.isnan(mean_ci([0.4]).lo) and mean_ci([0.4]).text() == "0.400"
+    assert mean_ci([math.nan, 1.0, 1.0]).n == 2
+
+
+def test_study_noise_reproduces_and_streams_differ():
+    a, b = study_noise(3, seed=4), study_noise(3, seed=4)
+    np.testing.assert_array_equal(a[1].gaussian((2, 5), 1.0), b[1].gaussian((2, 5), 1.0))
+    c = study_noise(3, seed=4, stream=1)
+    assert not np.array_equal(c[1].gaussian((2, 5), 1.0).numpy(),
+                              study_noise(3, seed=4)[1].gaussian((2, 5), 1.0).numpy())
+
+
+def test_noniid_dp_twins_reproduce_from_their_seed():
+    noisy = [n for n in ("gnmax", "confident_gnmax") if n in registry(PROTOCOLS)]
+    if not noisy:
+        pytest.skip("no DP protocol registered")
+    cfg = noniid.NoniidConfig(combos=(("breast_cancer", "mlp"),), owners=(3,), alphas=(1.0,),
+                              seeds=(0, 1), protocols=tuple(noisy), secure=None)
+    first = noniid.run_noniid(cfg, show_progress=False)
+    again = noniid.run_noniid(cfg, show_progress=False)
+    assert [r.get("accuracy") for r in first] == [r.get("accuracy") for r in again]
+    gains = noniid.paired_gains(first)
+    cell = ("breast_cancer", "mlp", 3, 1.0)
+    assert set(gains[cell]) == set(noisy) and all(g.n == 2 for g in gains[cell].values())
+    assert "Gain over the best owner" in noniid.markdown_report(first)
+
+
+# ---------------------------------------------------------------------------------------
+# Merit measures and negative Shapley values
+# ---------------------------------------------------------------------------------------
+def test_negative_shapley_values_earn_nothing_in_the_clipped_merit():
+    # owner 2 hurts every coalition it joins: its Shapley value is negative
+    own = {1: 0.6, 2: 0.5, 4: 0.1, 3: 0.8, 5: 0.4, 6: 0.3, 7: 0.5}
+    values = values_from(own, 3)
+    phi = contrib.shapley_exact(values)
+    assert phi[2] < 0
+    merits = contrib.merit_shares(phi, np.array([0.6, 0.5, 0.1]))
+    assert merits["shapley"][2] == 0 and math.isclose(merits["shapley"].sum(), 1.0)
+    np.testing.assert_allclose(merits["own_accuracy"], np.array([0.6, 0.5, 0.1]) / 1.2)
+    # with the clipped merit every L1 distance stays in [0, 2]
+    for reward in (np.array([1, 0, 0.0]), np.array([0, 0, 1.0]), np.full(3, 1 / 3)):
+        assert 0 <= contrib.l1_fairness(reward, merits["shapley"]) <= 2
+
+
+# ---------------------------------------------------------------------------------------
+# The contribution protocol's leakage and the owners' defences
+# ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def valuation_world():
+    torch.set_num_threads(1)
+    return vleak.build_world("digits", 3, 0.1, 0)
+
+
+def test_chosen_subset_attack_reads_the_owners_classes(valuation_world):
+    w = valuation_world
+    plain = vleak.chosen_subset_attack(vleak.ValuationOracle(w), differencing=False, pad=100,
+                                       seed=0)
+    res = vleak.attack_success(plain, w.class_counts, holds_min=5)
+    assert res["classes_learned"] == w.num_classes
+    assert res["pair_accuracy"] >= 0.9 > res["trivial_accuracy"] and res["spearman"] > 0.6
+    # the owners' minimum size refuses every single-class run (classes hold ~54 queries) ...
+    guarded = vleak.ValuationOracle(w, min_validation=100)
+    refused = vleak.chosen_subset_attack(guarded, differencing=False, pad=100, seed=0)
+    assert guarded.refused == guarded.runs == w.num_classes and np.isnan(refused).all()
+    assert vleak.attack_success(refused, w.class_counts, 5)["pair_accuracy"] == 0.5
+    # ... and differencing two padded runs recovers each owner's exact accuracy on the class's
+    # examples outside the padding: the same guesses as the naive attack
+    adaptive = vleak.chosen_subset_attack(vleak.ValuationOracle(w, min_validation=100),
+                                          differencing=True, pad=100, seed=0)
+    assert not np.isnan(adaptive).any() and np.abs(adaptive - plain).max() < 0.15
+    assert vleak.attack_success(adaptive, w.class_counts, 5)["pair_accuracy"] == \
+        res["pair_accuracy"]
+
+
+def test_dp_counts_are_charged_and_the_budget_stops_the_attack(valuation_world, tmp_path):
+    from mpc_fi.privacy import PrivacyBudget
+
+    w = valuation_world
+    oracle = vleak.ValuationOracle(w, sigma=50.0, seed=0)
+    eps = oracle.epsilon_per_run()
+    assert 0 < eps < math.inf
+    budget = PrivacyBudget(tmp_path / "ledger.json", epsilon=2.5 * eps, delta=1e-5)
+    capped = vleak.ValuationOracle(w, sigma=50.0, budget=budget, seed=0)
+    scores = vleak.chosen_subset_attack(capped, differencing=False, pad=100, seed=0)
+    answered = capped.runs - capped.refused
+    assert 2 <= answered < w.num_classes  # composition: more than 2 runs, fewer than 10
+    assert (~np.isnan(scores).any(axis=0)).sum() == answered
+    assert budget.spent("querier") <= 2.5 * eps + 1e-9
+
+
+def test_valuation_leakage_report(valuation_world):
+    cfg = vleak.ValuationLeakageConfig(owners=(3,), alphas=(0.1,), seeds=(0,), sigmas=(20.0,),
+                                       budget=1.0)
+    rows = vleak.run_valuation_leakage(cfg, show_progress=False)
+    assert {r["defence"] for r in rows} == set(vleak.DEFENCES)
+    text = vleak.markdown_report(rows)
+    assert "differencing" in text and "ε spent" in text
+    none = next(r for r in rows if r["defence"] == "none")
+    assert none["shapley_max_error"] == 0.0
+
+
+def test_owners_refuse_a_small_validation_set_on_shares(federation3):
+    s = federation3
+    sources = [o.model for o in s.federation.owners]
+    with pytest.raises(contrib.ValidationRefusedError, match="owner1.*at least 20"):
+        contrib.secure_coalition_values(sources, s.x_test[:10], s.y_test[:10],
+                                        contrib.all_coalitions(3), min_validation=[1, 20, 1],
+                                        timeout_s=120)
