@@ -29,9 +29,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .errors import InputError
+from .layers import LAYERS
 from .models import Architecture
 
 #: Bytes of peak working memory per element of the largest operation's input. Measured end to
@@ -53,21 +53,8 @@ def layer_elements(arch: Architecture) -> list[int]:
     x = torch.empty((1, *arch.input_shape), device="meta")
     sizes = [x.numel()]
     for layer in arch.layers:
-        a = layer.args
-        if layer.op == "linear":
-            x = x.matmul(torch.empty(layer.params["weight"], device="meta").t())
-        elif layer.op == "conv2d":
-            x = F.conv2d(x, torch.empty(layer.params["weight"], device="meta"), stride=a["stride"],
-                         padding=a["padding"], dilation=a["dilation"], groups=a["groups"])
-        elif layer.op == "max_pool2d":
-            x = F.max_pool2d(x, a["kernel_size"], stride=a["stride"], padding=a["padding"])
-            sizes.append(x.numel() * math.prod(a["kernel_size"]))
-        elif layer.op == "avg_pool2d":
-            x = F.avg_pool2d(x, a["kernel_size"], stride=a["stride"], padding=a["padding"])
-        elif layer.op == "adaptive_avg_pool2d":
-            x = F.adaptive_avg_pool2d(x, a["output_size"])
-        elif layer.op == "flatten":
-            x = x.flatten(a["start_dim"], a["end_dim"])
+        x, extra = LAYERS[layer.op].meta(x, layer.args, layer.params)
+        sizes.extend(extra)
         sizes.append(x.numel())
     return sizes
 

@@ -28,8 +28,9 @@ import torch
 from torch import nn
 
 from .config import ModelSource
-from . import secure, wire
+from . import wire
 from .errors import InputError, MpcFiError, UnsupportedModelError
+from .layers import LAYERS
 
 #: (pid, path) of every weights/ONNX file read by this process.
 LOAD_AUDIT: list[tuple[int, str]] = []
@@ -72,44 +73,21 @@ class Architecture:
         return ARCHITECTURE_WIRE.check(value)
 
 
-# What each layer kind may carry on the wire: its arguments, and its parameters' dimensions
-# (required, optional). A kind outside these tables is refused.
-_POS, _NONNEG, _AXIS = wire.Int(1, 1 << 16), wire.Int(0, 1 << 16), wire.Int(-8, 7)
-_POS2, _NONNEG2 = wire.Tuple(_POS, _POS), wire.Tuple(_NONNEG, _NONNEG)
-_POOL = wire.Record({"kernel_size": _POS2, "stride": _POS2, "padding": _NONNEG2})
-_NONE = wire.Record({})
-LAYER_ARGS_WIRE: dict[str, wire.Record] = {
-    "linear": _NONE,
-    "conv2d": wire.Record({"stride": _POS2, "padding": _NONNEG2, "dilation": _POS2,
-                           "groups": _POS}),
-    "affine": wire.Record({"channel_dim": wire.Int(0, 7)}),
-    "relu": _NONE, "sigmoid": _NONE, "tanh": _NONE, "identity": _NONE,
-    "max_pool2d": _POOL, "avg_pool2d": _POOL,
-    "adaptive_avg_pool2d": wire.Record({"output_size": _POS2}),
-    "flatten": wire.Record({"start_dim": _AXIS, "end_dim": _AXIS}),
-    "softmax": wire.Record({"dim": _AXIS}), "log_softmax": wire.Record({"dim": _AXIS}),
-}
-_LAYER_PARAMS: dict[str, tuple[dict[str, int], dict[str, int]]] = {
-    "linear": ({"weight": 2}, {"bias": 1}),
-    "conv2d": ({"weight": 4}, {"bias": 1}),
-    "affine": ({"scale": 1, "shift": 1}, {}),
-}
+# What each layer kind may carry on the wire (its arguments, its parameters' dimensions) comes
+# from its Layer (mpc_fi.layers), read when a message arrives. A kind outside the registry is
+# refused.
 #: Most layers, and most parameter elements in all, of an architecture from a peer.
 MAX_LAYERS = 4096
 MAX_PARAMETERS = 1 << 30
 
 
-def _params_schema(op: str) -> wire.Record:
-    required, optional = _LAYER_PARAMS.get(op, ({}, {}))
-    shape = {d: wire.Shape(min_dims=d, max_dims=d) for d in (1, 2, 4)}
-    return wire.Record({k: shape[d] for k, d in required.items()},
-                       {k: shape[d] for k, d in optional.items()})
-
-
 def _layer(value: dict[str, Any]) -> LayerSpec:
     op = value["op"]
-    args = LAYER_ARGS_WIRE[op].check(value["args"], f"layer {value['path']!r} args")
-    params = _params_schema(op).check(value["params"], f"layer {value['path']!r} params")
+    if op not in LAYERS:
+        raise ValueError(f"layer {value['path']!r}: unknown kind {op[:40]!r} (known: "
+                         f"{', '.join(LAYERS)})")
+    args = LAYERS[op].args_wire.check(value["args"], f"layer {value['path']!r} args")
+    params = LAYERS[op].params_schema().check(value["params"], f"layer {value['path']!r} params")
     return LayerSpec(path=value["path"], op=op, args=args, params=params)
 
 
@@ -123,7 +101,7 @@ def _architecture(value: dict[str, Any]) -> Architecture:
     return Architecture(layers, value["input_shape"], value["num_classes"])
 
 
-_LAYER_WIRE = wire.Convert(wire.Record({"path": wire.Str(256), "op": wire.Enum(*LAYER_ARGS_WIRE),
+_LAYER_WIRE = wire.Convert(wire.Record({"path": wire.Str(256), "op": wire.Str(64),
                                         "args": wire.Any_, "params": wire.Any_}), _layer)
 #: An :class:`Architecture` on the wire: known layer kinds only, each with exactly its
 #: arguments (bounded integers) and parameter shapes (non-negative, bounded element counts).
@@ -139,92 +117,16 @@ ARCHITECTURE_WIRE = wire.Convert(
 Converter = Callable[[nn.Module], tuple[str, dict[str, Any], dict[str, torch.Tensor]]]
 
 
-def _pair(v: Any) -> tuple[int, int]:
-    return tuple(v) if isinstance(v, (tuple, list)) else (int(v), int(v))  # type: ignore[return-value]
+def _converter(layer: Any) -> Converter:
+    def convert(module: nn.Module) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]]:
+        args, params = layer.from_torch(module)
+        return layer.op, args, params
+    return convert
 
 
-def _linear(m: nn.Linear):
-    params = {"weight": m.weight.detach()}
-    if m.bias is not None:
-        params["bias"] = m.bias.detach()
-    return "linear", {}, params
-
-
-def _conv2d(m: nn.Conv2d):
-    if m.padding_mode != "zeros":
-        raise ValueError(f"padding_mode={m.padding_mode!r}; use padding_mode='zeros'")
-    if isinstance(m.padding, str):
-        raise ValueError(f"padding={m.padding!r}; give the padding as integers")
-    params = {"weight": m.weight.detach()}
-    if m.bias is not None:
-        params["bias"] = m.bias.detach()
-    return "conv2d", {"stride": _pair(m.stride), "padding": _pair(m.padding),
-                      "dilation": _pair(m.dilation), "groups": m.groups}, params
-
-
-def _batchnorm(m: nn.modules.batchnorm._BatchNorm):
-    # Evaluation-mode batch norm is an affine map per channel. The owner folds it locally so
-    # that no square root or reciprocal runs on shares; scale and shift stay secret.
-    if m.running_mean is None or m.running_var is None:
-        raise ValueError("track_running_stats=False; evaluation needs running statistics")
-    scale = 1.0 / torch.sqrt(m.running_var.detach() + m.eps)
-    if m.weight is not None:
-        scale = scale * m.weight.detach()
-    shift = -m.running_mean.detach() * scale
-    if m.bias is not None:
-        shift = shift + m.bias.detach()
-    return "affine", {"channel_dim": 1}, {"scale": scale, "shift": shift}
-
-
-def _maxpool2d(m: nn.MaxPool2d):
-    if m.ceil_mode or m.return_indices or _pair(m.dilation) != (1, 1):
-        raise ValueError("ceil_mode, return_indices and dilation are not supported; use the defaults")
-    return "max_pool2d", {"kernel_size": _pair(m.kernel_size), "stride": _pair(m.stride or m.kernel_size),
-                          "padding": _pair(m.padding)}, {}
-
-
-def _avgpool2d(m: nn.AvgPool2d):
-    if m.ceil_mode or (m.padding not in (0, (0, 0)) and not m.count_include_pad) \
-            or m.divisor_override is not None:
-        raise ValueError("ceil_mode, divisor_override and count_include_pad=False with padding "
-                         "are not supported; use the defaults")
-    return "avg_pool2d", {"kernel_size": _pair(m.kernel_size), "stride": _pair(m.stride or m.kernel_size),
-                          "padding": _pair(m.padding)}, {}
-
-
-def _adaptive_avgpool2d(m: nn.AdaptiveAvgPool2d):
-    return "adaptive_avg_pool2d", {"output_size": _pair(m.output_size)}, {}
-
-
-def _flatten(m: nn.Flatten):
-    return "flatten", {"start_dim": m.start_dim, "end_dim": m.end_dim}, {}
-
-
-def _softmax(m: nn.Softmax):
-    return "softmax", {"dim": -1 if m.dim is None else m.dim}, {}
-
-
-def _log_softmax(m: nn.LogSoftmax):
-    return "log_softmax", {"dim": -1 if m.dim is None else m.dim}, {}
-
-
-SUPPORTED_LAYERS: dict[type, Converter] = {
-    nn.Linear: _linear,
-    nn.Conv2d: _conv2d,
-    nn.ReLU: lambda m: ("relu", {}, {}),
-    nn.Sigmoid: lambda m: ("sigmoid", {}, {}),
-    nn.Tanh: lambda m: ("tanh", {}, {}),
-    nn.BatchNorm1d: _batchnorm,
-    nn.BatchNorm2d: _batchnorm,
-    nn.MaxPool2d: _maxpool2d,
-    nn.AvgPool2d: _avgpool2d,
-    nn.AdaptiveAvgPool2d: _adaptive_avgpool2d,
-    nn.Flatten: _flatten,
-    nn.Dropout: lambda m: ("identity", {}, {}),
-    nn.Identity: lambda m: ("identity", {}, {}),
-    nn.Softmax: _softmax,
-    nn.LogSoftmax: _log_softmax,
-}
+#: torch module type -> converter to (op, args, parameter tensors), from the layer registry.
+SUPPORTED_LAYERS: dict[type, Converter] = {t: _converter(layer)
+                                           for t, layer in LAYERS.torch_table().items()}
 
 #: What to use instead of common layers that cannot run on shares.
 ALTERNATIVES: dict[str, str] = {
@@ -424,41 +326,10 @@ def load_owner_model(source: ModelSource, *, mode: str = "output") -> nn.Module:
 def secure_forward(arch: Architecture, x: Any, params: dict[str, Any]) -> Any:
     """Evaluate ``arch`` on the shared input ``x`` with shared ``params`` (CrypTen MPCTensors)."""
     for layer in arch.layers:
-        p = {k: params[f"{layer.path}/{k}"] for k in layer.params}
-        a = layer.args
-        if layer.op == "linear":
-            x = x.matmul(p["weight"].t())
-            if "bias" in p:
-                x = x + p["bias"]
-        elif layer.op == "conv2d":
-            x = x.conv2d(p["weight"], stride=a["stride"], padding=a["padding"],
-                         dilation=a["dilation"], groups=a["groups"])
-            if "bias" in p:
-                x = x + p["bias"].view(1, -1, 1, 1)
-        elif layer.op == "affine":
-            shape = [1] * x.dim()
-            shape[a["channel_dim"]] = -1
-            x = x * p["scale"].view(*shape) + p["shift"].view(*shape)
-        elif layer.op == "relu":
-            x = x.relu()
-        elif layer.op == "sigmoid":
-            x = x.sigmoid()
-        elif layer.op == "tanh":
-            x = x.tanh()
-        elif layer.op == "max_pool2d":
-            x = x.max_pool2d(a["kernel_size"], padding=a["padding"], stride=a["stride"])
-        elif layer.op == "avg_pool2d":
-            x = x.avg_pool2d(a["kernel_size"], stride=a["stride"], padding=a["padding"])
-        elif layer.op == "adaptive_avg_pool2d":
-            x = x.adaptive_avg_pool2d(a["output_size"])
-        elif layer.op == "flatten":
-            x = x.flatten(start_dim=a["start_dim"], end_dim=a["end_dim"])
-        elif layer.op == "softmax":
-            x = secure.softmax(x, a["dim"])
-        elif layer.op == "log_softmax":
-            x = secure.log_softmax(x, a["dim"])
-        elif layer.op != "identity":
+        kind = LAYERS.get(layer.op)
+        if kind is None:
             raise UnsupportedModelError(f"{layer.path}: unknown op {layer.op!r} in architecture")
+        x = kind.forward(x, layer.args, {k: params[f"{layer.path}/{k}"] for k in layer.params})
     return x
 
 

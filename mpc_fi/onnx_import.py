@@ -23,6 +23,8 @@ Dropout, Identity                          nn.Identity
 Softmax, LogSoftmax (axis 1 or -1)         nn.Softmax, nn.LogSoftmax
 =========================================  ===============================================
 
+Each row is the ONNX mapping of one layer kind (``Layer.onnx`` in :mod:`mpc_fi.layers`).
+
 Side computations that only produce constants are evaluated here, not converted: ``Constant``
 nodes, ``Identity`` nodes aliasing initializers (the legacy torch exporter merges equal
 parameters that way, cf. CrypTen issues #418/#455/#508) and the ``Shape -> Gather -> Unsqueeze
@@ -33,18 +35,19 @@ branches such as skip connections, several inputs or outputs) raises
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import onnx
-import torch
 from onnx import helper, numpy_helper
 from torch import nn
 
 from .errors import UnsupportedModelError
+from .layers import LAYERS
+from .onnx_nodes import Ctx as _Ctx
+from .onnx_nodes import Node as _Node
+from .onnx_nodes import NodeError as _NodeError
 
 _HINT = ("export a torch.nn.Sequential of Linear/Conv2d/BatchNorm1d/BatchNorm2d/ReLU/Sigmoid/Tanh/"
          "MaxPool2d/AvgPool2d/AdaptiveAvgPool2d(1)/Flatten/Dropout/Softmax/LogSoftmax layers")
@@ -67,44 +70,6 @@ _ALTERNATIVES: dict[str, str] = {
 }
 
 _BATCH = "batch"  # the batch dimension inside folded shape vectors (e.g. from Shape(x)[0])
-
-
-class _NodeError(Exception):
-    """A problem with one node; collected, then reported together."""
-
-
-@dataclass
-class _Node:
-    label: str  # "name (OpType)"
-    op: str
-    domain: str
-    inputs: list[str]
-    outputs: list[str]
-    attrs: dict[str, Any]
-
-
-@dataclass
-class _Ctx:
-    consts: dict[str, np.ndarray]
-    shapes: dict[str, list[int | None]]  # per tensor; None for a symbolic dimension
-    opset: int
-    layers: list[nn.Module]
-
-    def const(self, n: _Node, i: int, what: str, optional: bool = False) -> np.ndarray | None:
-        name = n.inputs[i] if i < len(n.inputs) else ""
-        if not name:
-            if optional:
-                return None
-            raise _NodeError(f"missing input {what}")
-        value = self.consts.get(name)
-        if value is None or value.dtype == object:
-            raise _NodeError(f"input {what} ({name!r}) must be an initializer or a constant, "
-                             "not a computed tensor")
-        return value
-
-    def rank(self, name: str) -> int | None:
-        shape = self.shapes.get(name)
-        return None if shape is None else len(shape)
 
 
 # ---------------------------------------------------------------------------------------
@@ -209,200 +174,9 @@ def _fold_op(n: _Node, args: list[np.ndarray]) -> np.ndarray | None:
 # ---------------------------------------------------------------------------------------
 # Op converters: (node, context) -> torch module
 # ---------------------------------------------------------------------------------------
-def _tensor(value: np.ndarray, what: str) -> torch.Tensor:
-    if not np.issubdtype(value.dtype, np.number):
-        raise _NodeError(f"{what} has dtype {value.dtype}, not a number")
-    t = torch.tensor(np.asarray(value, dtype=np.float32))
-    if not torch.isfinite(t).all():
-        raise _NodeError(f"{what} holds NaN or inf")
-    return t
-
-
-def _linear(w: np.ndarray, b: np.ndarray | None) -> nn.Linear:
-    """``w`` is (out, in) as in torch."""
-    if w.ndim != 2:
-        raise _NodeError(f"the weight must be a matrix, got shape {list(w.shape)}")
-    out_f, in_f = w.shape
-    if b is not None and b.size not in (1, out_f):
-        raise _NodeError(f"bias of shape {list(b.shape)} does not fit {out_f} outputs")
-    layer = nn.Linear(in_f, out_f, bias=b is not None)
-    with torch.no_grad():
-        layer.weight.copy_(_tensor(w, "weight"))
-        if b is not None:
-            layer.bias.copy_(_tensor(b, "bias").reshape(-1).expand(out_f))
-    return layer
-
-
-def _gemm(n: _Node, ctx: _Ctx) -> nn.Module:
-    a = n.attrs
-    if a.get("alpha", 1.0) != 1.0 or a.get("beta", 1.0) != 1.0 or a.get("transA", 0):
-        raise _NodeError(f"only alpha=1, beta=1, transA=0 are supported, got alpha="
-                         f"{a.get('alpha', 1.0)}, beta={a.get('beta', 1.0)}, transA={a.get('transA', 0)}")
-    w = ctx.const(n, 1, "B")
-    return _linear(w if a.get("transB", 0) else w.T, ctx.const(n, 2, "C", optional=True))
-
-
-def _matmul(n: _Node, ctx: _Ctx) -> nn.Module:  # also "MatMul+Add", with the bias as input 2
-    w = ctx.const(n, 1, "B")
-    bias = ctx.const(n, 2, "bias", optional=True)
-    if bias is not None and bias.ndim != 1:
-        raise _NodeError(f"the Add after MatMul must add a 1-D bias, got shape {list(bias.shape)}")
-    return _linear(w.T if w.ndim == 2 else w, bias)
-
-
-def _pads(n: _Node) -> tuple[int, int]:
-    if n.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
-        raise _NodeError(f"auto_pad={n.attrs['auto_pad']} is not supported; export with explicit "
-                         "integer padding")
-    pads = list(n.attrs.get("pads", [0, 0, 0, 0]))
-    if len(pads) != 4:
-        raise _NodeError(f"only 2-D operations are supported, got pads {pads}")
-    if pads[:2] != pads[2:]:
-        raise _NodeError(f"asymmetric pads {pads} (begin {pads[:2]}, end {pads[2:]}); torch pads "
-                         "both sides equally: use symmetric padding (e.g. an odd kernel with k//2)")
-    return pads[0], pads[1]
-
-
-def _pair(n: _Node, key: str, default: int | None = None) -> tuple[int, int]:
-    value = list(n.attrs[key]) if key in n.attrs else [default, default]
-    if len(value) != 2 or None in value:
-        raise _NodeError(f"only 2-D operations are supported, got {key}={value}")
-    return value[0], value[1]
-
-
-def _conv(n: _Node, ctx: _Ctx) -> nn.Module:
-    w = ctx.const(n, 1, "W")
-    if w.ndim != 4:
-        raise _NodeError(f"only 2-D convolutions are supported, got a {w.ndim - 2}-D kernel")
-    if tuple(n.attrs.get("kernel_shape", w.shape[2:])) != w.shape[2:]:
-        raise _NodeError(f"kernel_shape {n.attrs['kernel_shape']} does not match the weight {w.shape}")
-    b = ctx.const(n, 2, "B", optional=True)
-    groups = n.attrs.get("group", 1)
-    conv = nn.Conv2d(w.shape[1] * groups, w.shape[0], w.shape[2:], stride=_pair(n, "strides", 1),
-                     padding=_pads(n), dilation=_pair(n, "dilations", 1), groups=groups,
-                     bias=b is not None)
-    with torch.no_grad():
-        conv.weight.copy_(_tensor(w, "weight"))
-        if b is not None:
-            conv.bias.copy_(_tensor(b, "bias").reshape(-1))
-    return conv
-
-
-def _pool_args(n: _Node) -> dict[str, tuple[int, int]]:
-    if n.attrs.get("ceil_mode", 0) or _pair(n, "dilations", 1) != (1, 1):
-        raise _NodeError("ceil_mode and dilations are not supported; use the defaults")
-    kernel, padding = _pair(n, "kernel_shape"), _pads(n)
-    if any(p > k // 2 for p, k in zip(padding, kernel)):
-        raise _NodeError(f"padding {padding} exceeds half the kernel {kernel}")
-    return {"kernel_size": kernel, "stride": _pair(n, "strides", 1), "padding": padding}
-
-
-def _maxpool(n: _Node, ctx: _Ctx) -> nn.Module:
-    return nn.MaxPool2d(**_pool_args(n))
-
-
-def _avgpool(n: _Node, ctx: _Ctx) -> nn.Module:
-    args = _pool_args(n)
-    if args["padding"] != (0, 0) and not n.attrs.get("count_include_pad", 0):
-        raise _NodeError("count_include_pad=0 with padding is not supported on shares; export "
-                         "AvgPool2d with count_include_pad=True (the torch default)")
-    return nn.AvgPool2d(**args)
-
-
-def _global_avgpool(n: _Node, ctx: _Ctx) -> nn.Module:
-    if ctx.rank(n.inputs[0]) not in (None, 4):
-        raise _NodeError(f"only 2-D pooling is supported, got a rank-{ctx.rank(n.inputs[0])} input")
-    return nn.AdaptiveAvgPool2d(1)
-
-
-def _flatten(n: _Node, ctx: _Ctx) -> nn.Module:
-    axis, rank = n.attrs.get("axis", 1), ctx.rank(n.inputs[0])
-    if axis != 1 and not (rank is not None and axis == 1 - rank):
-        raise _NodeError(f"only Flatten(axis=1) is supported, got axis={axis}")
-    return nn.Flatten()
-
-
-def _reshape(n: _Node, ctx: _Ctx) -> nn.Module:
-    target = ctx.consts.get(n.inputs[1])
-    if target is None:
-        raise _NodeError(f"the target shape {n.inputs[1]!r} is computed at run time")
-    t = list(target.reshape(-1))
-    dims = ctx.shapes.get(n.inputs[0])
-    features = math.prod(dims[1:]) if dims and None not in dims[1:] else None
-
-    def is_int(v: Any) -> bool:
-        return isinstance(v, (int, np.integer))
-
-    def fits(v: Any) -> bool:  # the feature count: -1, or k (= features when that is known)
-        return is_int(v) and (v == -1 or (v > 0 and features in (None, v)))
-
-    if len(t) == 2:
-        batch = isinstance(t[0], str) or (is_int(t[0]) and t[0] == 0 and not n.attrs.get("allowzero", 0)) \
-            or (is_int(t[0]) and dims is not None and dims[0] is not None and t[0] == dims[0])
-        if (batch and fits(t[1])) or (is_int(t[0]) and t[0] == -1 and fits(t[1]) and t[1] != -1):
-            return nn.Flatten()
-    shown = [str(v) for v in t]
-    raise _NodeError(f"reshape to ({', '.join(shown)}) is not a flattening to (batch, features); "
-                     "use nn.Flatten(), x.view(x.size(0), -1) or x.view(-1, features)")
-
-
-def _previous_rank(ctx: _Ctx) -> int | None:
-    for layer in reversed(ctx.layers):
-        if isinstance(layer, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
-                              nn.BatchNorm2d)):
-            return 4
-        if isinstance(layer, (nn.Linear, nn.Flatten, nn.BatchNorm1d)):
-            return 2
-    return None
-
-
-def _batchnorm(n: _Node, ctx: _Ctx) -> nn.Module:
-    if n.attrs.get("training_mode", 0) or not n.attrs.get("spatial", 1):
-        raise _NodeError("only inference-mode, spatial batch normalization is supported")
-    scale, bias, mean, var = (ctx.const(n, i, what) for i, what in
-                              enumerate(("scale", "B", "input_mean", "input_var"), start=1))
-    channels = scale.size
-    if any(v.shape != (channels,) for v in (scale, bias, mean, var)):
-        raise _NodeError("scale, B, mean and var must be 1-D of the same length")
-    rank = ctx.rank(n.inputs[0])
-    rank = rank if rank is not None else _previous_rank(ctx)
-    cls = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d}.get(rank)  # type: ignore[arg-type]
-    if cls is None:
-        raise _NodeError(f"input of rank {rank if rank is not None else 'unknown'}; "
-                         "need rank 2 or 3 (BatchNorm1d) or 4 (BatchNorm2d)")
-    bn = cls(channels, eps=float(n.attrs.get("epsilon", 1e-5)))
-    with torch.no_grad():
-        bn.weight.copy_(_tensor(scale, "scale"))
-        bn.bias.copy_(_tensor(bias, "B"))
-        bn.running_mean.copy_(_tensor(mean, "input_mean"))
-        bn.running_var.copy_(_tensor(var, "input_var"))
-    return bn.eval()
-
-
-def _dropout(n: _Node, ctx: _Ctx) -> nn.Module:
-    training = ctx.const(n, 2, "training_mode", optional=True)
-    if training is not None and bool(training.reshape(-1)[0]):
-        raise _NodeError("training_mode=True; export the model in eval mode")
-    return nn.Identity()
-
-
-def _softmax(n: _Node, ctx: _Ctx) -> nn.Module:
-    axis = n.attrs.get("axis", -1 if ctx.opset >= 13 else 1)
-    rank = ctx.rank(n.inputs[0])
-    if axis not in (1, -1) or (ctx.opset < 13 and rank not in (None, 2)):
-        raise _NodeError(f"only axis 1 or -1 is supported (on a 2-D input before opset 13), "
-                         f"got axis={axis} at opset {ctx.opset}")
-    return (nn.Softmax if n.op == "Softmax" else nn.LogSoftmax)(dim=axis)
-
-
-_CONVERTERS: dict[str, Callable[[_Node, _Ctx], nn.Module]] = {
-    "Gemm": _gemm, "MatMul": _matmul, "MatMul+Add": _matmul, "Conv": _conv,
-    "Relu": lambda n, ctx: nn.ReLU(), "Sigmoid": lambda n, ctx: nn.Sigmoid(),
-    "Tanh": lambda n, ctx: nn.Tanh(), "MaxPool": _maxpool, "AveragePool": _avgpool,
-    "GlobalAveragePool": _global_avgpool, "Flatten": _flatten, "Reshape": _reshape,
-    "BatchNormalization": _batchnorm, "Dropout": _dropout,
-    "Identity": lambda n, ctx: nn.Identity(), "Softmax": _softmax, "LogSoftmax": _softmax,
-}
+#: ONNX op type -> converter of one node into the torch module it stands for: the ONNX mapping
+#: of each layer kind (mpc_fi.layers), gathered here.
+_CONVERTERS: dict[str, Callable[[_Node, _Ctx], nn.Module]] = LAYERS.onnx_table()
 
 
 # ---------------------------------------------------------------------------------------

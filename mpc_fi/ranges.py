@@ -29,9 +29,9 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .errors import InputError
+from .layers import LAYERS
 from .models import Architecture
 
 #: ``exp`` iterations CrypTen uses inside ``sigmoid`` (hard-coded there); ``tanh`` doubles x.
@@ -78,15 +78,6 @@ class Limits:
         return self.sigmoid_input / 2
 
 
-def _interval_linear(lo: torch.Tensor, hi: torch.Tensor, fn, weight: torch.Tensor
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bounds of ``fn(x, weight)`` (linear in both) for ``lo <= x <= hi``: centre and radius."""
-    centre, radius = (lo + hi) / 2, (hi - lo) / 2
-    mid = fn(centre, weight)
-    spread = fn(radius, weight.abs())
-    return mid - spread, mid + spread
-
-
 def activation_ranges(arch: Architecture, params: dict[str, torch.Tensor],
                       input_range: tuple[float, float]) -> list[LayerRange]:
     """Sound output bounds of every layer of ``arch`` for inputs in ``input_range``.
@@ -100,58 +91,10 @@ def activation_ranges(arch: Architecture, params: dict[str, torch.Tensor],
     out: list[LayerRange] = []
     for layer in arch.layers:
         p = {k: params[f"{layer.path}/{k}"].to(torch.float64) for k in layer.params}
-        a = layer.args
-        product = None
-        if layer.op == "linear":
-            lo, hi = _interval_linear(lo, hi, lambda x, w: x.matmul(w.t()), p["weight"])
-            product = float(torch.maximum(lo.abs(), hi.abs()).max())
-            if "bias" in p:
-                lo, hi = lo + p["bias"], hi + p["bias"]
-        elif layer.op == "conv2d":
-            def conv(x, w, a=a):
-                return F.conv2d(x, w, stride=a["stride"], padding=a["padding"],
-                                dilation=a["dilation"], groups=a["groups"])
-            lo, hi = _interval_linear(lo, hi, conv, p["weight"])
-            product = float(torch.maximum(lo.abs(), hi.abs()).max())
-            if "bias" in p:
-                lo, hi = lo + p["bias"].view(1, -1, 1, 1), hi + p["bias"].view(1, -1, 1, 1)
-        elif layer.op == "affine":
-            shape = [1] * lo.dim()
-            shape[a["channel_dim"]] = -1
-            scale, shift = p["scale"].view(*shape), p["shift"].view(*shape)
-            lo, hi = torch.minimum(lo * scale, hi * scale), torch.maximum(lo * scale, hi * scale)
-            product = float(torch.maximum(lo.abs(), hi.abs()).max())
-            lo, hi = lo + shift, hi + shift
-        elif layer.op == "relu":
-            lo, hi = lo.clamp(min=0), hi.clamp(min=0)
-        elif layer.op == "sigmoid":
-            lo, hi = torch.sigmoid(lo), torch.sigmoid(hi)
-        elif layer.op == "tanh":
-            lo, hi = torch.tanh(lo), torch.tanh(hi)
-        elif layer.op == "max_pool2d":
-            kw = dict(kernel_size=a["kernel_size"], stride=a["stride"], padding=a["padding"])
-            lo, hi = F.max_pool2d(lo, **kw), F.max_pool2d(hi, **kw)
-            if any(a["padding"]):  # a padded border may count as 0
-                lo, hi = torch.minimum(lo, torch.zeros_like(lo)), hi.clamp(min=0)
-        elif layer.op == "avg_pool2d":
-            kw = dict(kernel_size=a["kernel_size"], stride=a["stride"], padding=a["padding"])
-            lo, hi = F.avg_pool2d(lo, **kw), F.avg_pool2d(hi, **kw)
-        elif layer.op == "adaptive_avg_pool2d":
-            lo, hi = (F.adaptive_avg_pool2d(lo, a["output_size"]),
-                      F.adaptive_avg_pool2d(hi, a["output_size"]))
-        elif layer.op == "flatten":
-            dims = (a["start_dim"], a["end_dim"])
-            lo, hi = lo.flatten(*dims), hi.flatten(*dims)
-        elif layer.op == "softmax":
-            lo, hi = torch.zeros_like(lo), torch.ones_like(hi)
-        elif layer.op == "log_softmax":
-            dim = a["dim"]
-            classes = lo.shape[dim]
-            top_lo = lo.max(dim=dim, keepdim=True).values
-            top_hi = hi.max(dim=dim, keepdim=True).values
-            lo, hi = lo - top_hi - math.log(classes), (hi - top_lo).clamp(max=0)
-        elif layer.op != "identity":
+        kind = LAYERS.get(layer.op)
+        if kind is None:
             raise InputError(f"{layer.path}: no range rule for op {layer.op!r}")
+        lo, hi, product = kind.interval(lo, hi, layer.args, p)
         out.append(LayerRange(layer.path, layer.op, float(lo.min()), float(hi.max()), product))
     return out
 

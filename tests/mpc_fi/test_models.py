@@ -127,3 +127,49 @@ def test_model_must_return_batch_by_classes():
         extract_architecture(nn.Sequential(nn.Linear(4, 3), nn.Flatten(0)), (4,))
     with pytest.raises(UnsupportedModelError, match="need >= 2"):
         extract_architecture(nn.Sequential(nn.Linear(4, 1)), (4,))
+
+
+def test_each_layer_kind_is_one_object_that_every_part_of_the_engine_reads():
+    import torch
+    from torch import nn
+
+    from mpc_fi import memory, models, ranges
+    from mpc_fi.layers import LAYERS
+    from mpc_fi.layers.base import Layer
+    from mpc_fi.onnx_import import _CONVERTERS
+
+    for op, layer in LAYERS.items():
+        assert layer.op == op and layer.torch_types and layer.onnx, op
+        assert all(t in models.SUPPORTED_LAYERS for t in layer.torch_types)
+        assert all(_CONVERTERS[k] is v for k, v in layer.onnx.items())
+    with pytest.raises(ValueError, match="registered already"):
+        LAYERS.register(LAYERS["relu"])
+
+    class Square(nn.Module):
+        def forward(self, x):
+            return x * x
+
+    class SquareLayer(Layer):  # a new kind: this class and one registry line
+        op = "square"
+        torch_types = (Square,)
+
+        def forward(self, x, args, params):
+            return x * x
+
+        def interval(self, lo, hi, args, params):
+            top = torch.maximum(lo.abs(), hi.abs())
+            return torch.zeros_like(lo), top * top, float((top * top).max())
+
+    LAYERS.register(SquareLayer())
+    try:
+        models.SUPPORTED_LAYERS[Square] = models._converter(LAYERS["square"])
+        model = nn.Sequential(nn.Linear(3, 4), Square(), nn.Linear(4, 2)).eval()
+        arch, params = models.extract_architecture(model, (3,))
+        assert [layer.op for layer in arch.layers] == ["linear", "square", "linear"]
+        bounds = ranges.activation_ranges(arch, params, (-1.0, 1.0))
+        assert bounds[1].op == "square" and bounds[1].low == 0.0 and bounds[1].product > 0
+        assert len(memory.layer_elements(arch)) == 4
+        assert models.Architecture.from_wire(arch.to_wire()).layers[1].op == "square"
+    finally:
+        LAYERS.pop("square")
+        models.SUPPORTED_LAYERS.pop(Square, None)

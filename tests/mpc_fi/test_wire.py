@@ -135,7 +135,7 @@ def _arch_message(**layer):
 
 
 @pytest.mark.parametrize("layer, why", [
-    ({"op": "exec"}, "not one of"),
+    ({"op": "exec"}, "unknown kind 'exec'"),
     ({"params": {"weight": [3, -4]}}, "outside"),
     ({"params": {"weight": [3, 4, 5]}}, "3 items"),
     ({"params": {"weight": [1 << 16, 1 << 16]}}, "more than"),

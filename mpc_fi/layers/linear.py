@@ -1,0 +1,64 @@
+"""``nn.Linear``: ``x W^T + b``, a Beaver matrix product on shares (weights secret)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..onnx_nodes import NodeError, linear_module
+from .base import Layer
+
+
+def _gemm(n: Any, ctx: Any) -> nn.Module:
+    a = n.attrs
+    if a.get("alpha", 1.0) != 1.0 or a.get("beta", 1.0) != 1.0 or a.get("transA", 0):
+        raise NodeError(f"only alpha=1, beta=1, transA=0 are supported, got alpha="
+                        f"{a.get('alpha', 1.0)}, beta={a.get('beta', 1.0)}, transA={a.get('transA', 0)}")
+    w = ctx.const(n, 1, "B")
+    return linear_module(w if a.get("transB", 0) else w.T, ctx.const(n, 2, "C", optional=True))
+
+
+def _matmul(n: Any, ctx: Any) -> nn.Module:  # also "MatMul+Add", with the bias as input 2
+    w = ctx.const(n, 1, "B")
+    bias = ctx.const(n, 2, "bias", optional=True)
+    if bias is not None and bias.ndim != 1:
+        raise NodeError(f"the Add after MatMul must add a 1-D bias, got shape {list(bias.shape)}")
+    return linear_module(w.T if w.ndim == 2 else w, bias)
+
+
+def interval_linear(lo: torch.Tensor, hi: torch.Tensor, fn: Any, weight: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bounds of ``fn(x, weight)`` (linear in both) for ``lo <= x <= hi``: centre and radius."""
+    centre, radius = (lo + hi) / 2, (hi - lo) / 2
+    mid = fn(centre, weight)
+    spread = fn(radius, weight.abs())
+    return mid - spread, mid + spread
+
+
+class Linear(Layer):
+    op = "linear"
+    torch_types = (nn.Linear,)
+    onnx = {"Gemm": _gemm, "MatMul": _matmul, "MatMul+Add": _matmul}
+    params_dims = ({"weight": 2}, {"bias": 1})
+
+    def from_torch(self, m: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        params = {"weight": m.weight.detach()}
+        if m.bias is not None:
+            params["bias"] = m.bias.detach()
+        return {}, params
+
+    def forward(self, x: Any, args: dict[str, Any], p: dict[str, Any]) -> Any:
+        x = x.matmul(p["weight"].t())
+        return x + p["bias"] if "bias" in p else x
+
+    def interval(self, lo, hi, args, p):
+        lo, hi = interval_linear(lo, hi, lambda x, w: x.matmul(w.t()), p["weight"])
+        product = float(torch.maximum(lo.abs(), hi.abs()).max())
+        if "bias" in p:
+            lo, hi = lo + p["bias"], hi + p["bias"]
+        return lo, hi, product
+
+    def meta(self, x, args, shapes):
+        return x.matmul(torch.empty(shapes["weight"], device="meta").t()), []
