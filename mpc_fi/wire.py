@@ -554,15 +554,89 @@ _TTP_ARGS: dict[str, Schema] = {
 }
 
 
-def _result_size(function: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Size:
-    """The size of the dealer's answer, computed on meta tensors (nothing allocated)."""
+def _broadcast(a: Sequence[int], b: Sequence[int]) -> tuple[int, ...]:
+    """NumPy/torch broadcasting of two shapes, in plain Python."""
+    out = []
+    for i in range(1, max(len(a), len(b)) + 1):
+        x = a[-i] if i <= len(a) else 1
+        y = b[-i] if i <= len(b) else 1
+        if x != y and 1 not in (x, y):
+            raise ValueError(f"shapes {list(a)} and {list(b)} do not broadcast")
+        out.append(y if x == 1 else x)
+    return tuple(reversed(out))
+
+
+def _matmul_shape(a: Sequence[int], b: Sequence[int]) -> tuple[int, ...]:
+    """``torch.matmul``'s result shape, in plain Python."""
+    if not a or not b:
+        raise ValueError("matmul needs tensors of at least one dimension")
+    a2 = (1, *a) if len(a) == 1 else tuple(a)
+    b2 = (*b, 1) if len(b) == 1 else tuple(b)
+    if a2[-1] != b2[-2]:
+        raise ValueError(f"matmul of {list(a)} and {list(b)}: inner sizes differ")
+    out = (*_broadcast(a2[:-2], b2[:-2]), a2[-2], b2[-1])
+    if len(a) == 1:
+        out = out[:-2] + out[-1:]
+    if len(b) == 1:
+        out = out[:-1]
+    return out
+
+
+def _per_dim(value: Any, dims: int, default: int) -> list[int]:
+    if value is None:
+        return [default] * dims
+    if isinstance(value, int):
+        return [value] * dims
+    if len(value) == 1:
+        return list(value) * dims
+    if len(value) != dims:
+        raise ValueError(f"{value} does not give one value per spatial dimension")
+    return list(value)
+
+
+def _conv_shape(x: Sequence[int], w: Sequence[int], dims: int, transpose: bool,
+                kw: dict[str, Any]) -> tuple[int, ...]:
+    """Result shape of ``torch.conv{dims}d`` / ``conv_transpose{dims}d``, in plain Python."""
+    if len(x) != dims + 2 or len(w) != dims + 2:
+        raise ValueError(f"a {dims}-D convolution needs rank-{dims + 2} input and weight")
+    groups = kw.get("groups", 1)
+    stride = _per_dim(kw.get("stride"), dims, 1)
+    padding = _per_dim(kw.get("padding"), dims, 0)
+    dilation = _per_dim(kw.get("dilation"), dims, 1)
+    if min(stride) < 1 or min(dilation) < 1:
+        raise ValueError("stride and dilation must be positive")
+    if transpose:
+        extra = _per_dim(kw.get("output_padding"), dims, 0)
+        if x[1] != w[0] or x[1] % groups:
+            raise ValueError("input channels do not match the weight")
+        channels = w[1] * groups
+        spatial = [(n - 1) * s - 2 * p + d * (k - 1) + e + 1
+                   for n, s, p, d, k, e in zip(x[2:], stride, padding, dilation, w[2:], extra)]
+    else:
+        if x[1] != w[1] * groups or w[0] % groups:
+            raise ValueError("input channels do not match the weight and groups")
+        channels = w[0]
+        spatial = [(n + 2 * p - d * (k - 1) - 1) // s + 1
+                   for n, s, p, d, k in zip(x[2:], stride, padding, dilation, w[2:])]
+    if min(spatial) < 1:
+        raise ValueError("the output would be empty")
+    return (x[0], channels, *spatial)
+
+
+def _result_size(function: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, ...]:
+    """The size of the dealer's answer, by shape arithmetic (nothing allocated, and no torch
+    meta tensors: their first use costs a second in a fresh process)."""
     if function == "additive":
-        a = torch.empty(args[0], device="meta")
-        b = torch.empty(args[1], device="meta")
-        return getattr(torch, args[2])(a, b, **kwargs).size()
+        a, b, op = tuple(args[0]), tuple(args[1]), args[2]
+        if op == "mul":
+            return _broadcast(a, b)
+        if op == "matmul":
+            return _matmul_shape(a, b)
+        dims = 1 if op.endswith("1d") else 2
+        return _conv_shape(a, b, dims, op.startswith("conv_transpose"), kwargs)
     if function == "binary":
-        return torch.broadcast_shapes(args[0], args[1])
-    return args[0]
+        return _broadcast(tuple(args[0]), tuple(args[1]))
+    return tuple(args[0])
 
 
 def _ttp_request(message: dict[str, Any]) -> dict[str, Any]:

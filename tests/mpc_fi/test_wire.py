@@ -313,3 +313,46 @@ def test_every_party_sends_cryptens_objects_as_checked_json():
         assert result["installed"] is True
         assert np.allclose(result["product"], [2.25, 4.0], atol=1e-3)
     assert math.isclose(out[0]["product"][1], 4.0, abs_tol=1e-3)
+
+
+def test_the_dealer_sizes_answers_like_torch_without_meta_tensors():
+    """Shape arithmetic in plain Python (a first meta-tensor op costs a second per process)."""
+    import random
+
+    import torch
+
+    rnd = random.Random(0)
+    checked = 0
+    for _ in range(300):
+        op = rnd.choice(wire.BEAVER_OPS)
+        d = 1 if op.endswith("1d") else 2
+        if op == "mul":
+            a = tuple(rnd.choice([1, 3]) for _ in range(rnd.randint(1, 3)))
+            b = tuple(rnd.choice([1, 3]) for _ in range(rnd.randint(1, 3)))
+            kw = {}
+        elif op == "matmul":
+            k = rnd.randint(1, 3)
+            a = tuple([rnd.randint(1, 3) for _ in range(rnd.randint(0, 2))]
+                      + [rnd.randint(1, 3), k])[-rnd.randint(1, 4):]
+            b = (k, rnd.randint(1, 3)) if rnd.random() < 0.7 else (k,)
+            kw = {}
+        elif op.startswith("conv_transpose"):
+            g = rnd.choice([1, 2])
+            a = (2, 2 * g) + tuple(rnd.randint(4, 7) for _ in range(d))
+            b = (2 * g, rnd.randint(1, 2)) + tuple(rnd.randint(1, 3) for _ in range(d))
+            kw = {"stride": rnd.randint(1, 2), "padding": rnd.randint(0, 1), "groups": g}
+        else:
+            g = rnd.choice([1, 2])
+            a = (2, 2 * g) + tuple(rnd.randint(4, 7) for _ in range(d))
+            b = (rnd.randint(1, 2) * g, 2) + tuple(rnd.randint(1, 3) for _ in range(d))
+            kw = {"stride": [rnd.randint(1, 2)] * d, "padding": rnd.randint(0, 1),
+                  "dilation": rnd.randint(1, 2), "groups": g}
+        try:
+            want = tuple(getattr(torch, op)(torch.zeros(a), torch.zeros(b), **kw).shape)
+        except RuntimeError:
+            with pytest.raises(ValueError):
+                wire._result_size("additive", (a, b, op), kw)
+            continue
+        assert wire._result_size("additive", (a, b, op), kw) == want, (op, a, b, kw)
+        checked += 1
+    assert checked > 200
