@@ -69,6 +69,18 @@ def tensor_to_key(words: torch.Tensor) -> bytes:
     return arr.tobytes()
 
 
+_CHUNK = 1 << 24  # bytes of keystream per AES call when drawing large tensors
+_ZEROS = memoryview(bytes(1 << 20))
+
+
+def _zeros(n: int) -> memoryview:
+    """A read-only run of ``n`` zero bytes (the plaintext AES-CTR encrypts into keystream)."""
+    global _ZEROS
+    if len(_ZEROS) < n:
+        _ZEROS = memoryview(bytes(min(_CHUNK, max(n, 2 * len(_ZEROS)))))
+    return _ZEROS[:n]
+
+
 def _size(size: Any) -> tuple[int, ...]:
     if isinstance(size, int):
         return (size,)
@@ -164,11 +176,18 @@ class CSPRNG:
         return self._enc.update(bytes(n))
 
     def _words(self, shape: tuple[int, ...]) -> np.ndarray:
-        n = math.prod(shape)
-        return np.frombuffer(self.random_bytes(8 * n), dtype="<i8").reshape(shape)
+        """``shape`` int64 words of keystream, encrypted straight into a fresh array."""
+        n = 8 * math.prod(shape)
+        # update_into wants room for a block beyond the data; the words are a view of it.
+        out = np.empty(n + _BLOCK, dtype=np.uint8)
+        for start in range(0, n, _CHUNK):  # bounded zero buffer, however large the draw
+            size = min(_CHUNK, n - start)
+            self._enc.update_into(_zeros(size), out[start:start + size + _BLOCK])
+        self._offset += n
+        return out[:n].view("<i8").reshape(shape)
 
     def _out(self, arr: np.ndarray, device: Any) -> torch.Tensor:
-        t = torch.from_numpy(np.array(arr, dtype=np.int64))
+        t = torch.from_numpy(arr if arr.dtype == np.int64 else arr.astype(np.int64))
         device = self.device if device is None else torch.device(device)
         if device.type != "cpu":
             cuda_long = sys.modules["crypten"].cuda.CUDALongTensor  # CUDA parties only

@@ -189,3 +189,11 @@ def test_every_process_of_a_federation_logs_csprng_streams(federation_factory, t
             assert "randomness: dealer streams CSPRNG" in text
         else:
             assert "randomness: CSPRNG (" in text, name
+
+
+def test_a_large_draw_equals_the_same_bytes_drawn_in_pieces():
+    key = new_key()
+    whole = CSPRNG(key, purpose="t").ring((3_000_000,))  # 24 MB: drawn in 16 MiB chunks
+    pieces = CSPRNG(key, purpose="t")
+    assert torch.equal(whole, torch.cat([pieces.ring((1_000_000,)) for _ in range(3)]))
+    assert torch.equal(CSPRNG(key, purpose="t").at(8 * 2_999_990).ring((10,)), whole[-10:])
