@@ -10,7 +10,7 @@ Baselines, measured in the same pytest session as the engine:
   logits one after another with ``cryptensor`` and the aggregation runs on CrypTen's own
   ``argmax``/``softmax`` on shares (``full`` mode: the querier shares the query and every owner's
   MLP runs on shares as ``crypten.nn`` modules). Same parties (N owners + querier + TTP dealer)
-  started the same way (:func:`launchers.functions.run_functions`, fresh rendezvous), same cost
+  started the same way (:func:`launchers.local.run_functions`, fresh rendezvous), same cost
   counters (CrypTen's communicator, inference phase only).
 """
 
@@ -25,7 +25,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from launchers.functions import run_functions
+from launchers.local import run_functions
 
 IN_FEATURES = 64
 HIDDEN = 32

@@ -2,7 +2,7 @@
 
 ``run_parties(fn, world_size, *args)`` starts ``world_size`` CrypTen parties (plus a TTP dealer
 when ``dealer="ttp"``), runs ``fn(rank, *args)`` in each after ``crypten.init()``, and returns the
-results by rank. The parties come from :func:`launchers.functions.run_functions`: a failure in
+results by rank. The parties come from :func:`launchers.local.run_functions`: a failure in
 any party raises :class:`~mpc_fi.errors.PartyFailedError` with every failed party's traceback,
 keyed by rank; every wait has a timeout, and survivors are killed. ``fn`` must be a module-level
 function and must return plain Python / numpy values (no live tensors).
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from launchers.functions import run_functions
+from launchers.local import run_functions
 
 
 def run_parties(fn: Callable[..., Any], world_size: int, *args: Any, dealer: str = "ttp",

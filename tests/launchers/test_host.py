@@ -150,6 +150,11 @@ def test_one_process_per_party_over_tcp_matches_the_plaintext_twin(small_federat
     log = (tmp_path / "owner1" / "party-1-owner1.log").read_text().splitlines()
     assert log and all("[rank 1 owner owner1]" in line for line in log)
     assert "running querier (rank 2, querier) of 4 processes" in outs["querier"][1]
+    # The one patch handle is live in every process of this runner too, the dealer included.
+    for rank, name in enumerate(names):
+        text = (tmp_path / name / f"party-{rank}-{name}.log").read_text()
+        live = text.split("patches live: ")[1].splitlines()[0]
+        assert "csprng, fast-comparisons, object-channel" in live, (name, live)
 
 
 @pytest.mark.slow  # the same check in-process: test_rendezvous.py; across namespaces: test_netns.py

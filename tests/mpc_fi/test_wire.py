@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from launchers.entry import error_file
-from launchers.functions import run_functions
+from launchers.local import run_functions
 from mpc_fi import errors, wire
 from mpc_fi.bounds import AGGREGATE_RANGE_WIRE, ContributionRange
 from mpc_fi.compare import VALUE_RANGE_WIRE, ValueRange
