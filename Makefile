@@ -28,7 +28,7 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q -m ''
 
 bench: $(STAMP)
-	$(VENV)/bin/mpc-fi bench
+	$(PY) benchmarks/report.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

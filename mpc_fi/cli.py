@@ -2,9 +2,9 @@
 
 ``mpc-fi run`` runs a local federated inference (the embedded digits demo by default, or a
 federation file), ``mpc-fi party`` runs one party of a multi-host federation, ``mpc-fi protocols``
-lists the aggregation protocols, ``mpc-fi validate`` checks a federation file, ``mpc-fi bench``
-measures protocol cost, ``mpc-fi study`` runs the collaboration-value, contribution and leakage
-experiments.
+lists the aggregation protocols, ``mpc-fi validate`` checks a federation file, ``mpc-fi study``
+runs the collaboration-value, contribution and leakage experiments. Protocol cost is measured by
+the benchmark suites of the source checkout (``make bench``, ``benchmarks/report.py``).
 """
 
 from __future__ import annotations
@@ -264,10 +264,6 @@ def build_parser() -> argparse.ArgumentParser:
                           help="check the file's settings only, not the files it names")
     validate.set_defaults(func=cmd_validate)
 
-    bench = sub.add_parser("bench", add_help=False,
-                           help="measure protocol cost against the direct CrypTen path "
-                                "(see `mpc-fi bench --help`)")
-    bench.set_defaults(func=None)
 
     # Commands that live beside the engine (``mpc-fi study``: the studies package) come through
     # the ``mpc_fi.commands`` entry point group: mpc_fi never imports them itself.
@@ -280,10 +276,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["bench"]:  # the benchmark runner has its own parser (pytest options)
-        from .cost import bench_main  # noqa: PLC0415
-
-        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     warnings.simplefilter("always", InsecureSettingWarning)
     warnings.formatwarning = lambda msg, cat, *a, **k: f"WARNING ({cat.__name__}): {msg}\n"

@@ -1,9 +1,10 @@
 """Benchmark results: run the suites, summarise pytest-benchmark JSON into a table and plots.
 
-:func:`bench_main` is what ``mpc-fi bench`` runs: it starts ``python -m pytest benchmarks/...``
-in a subprocess (the suites live in the source checkout, next to this package; they are never
-imported as a package because CrypTen installs an unrelated top-level ``benchmarks``), shows one
-progress line per benchmark, then prints the table and writes the plots.
+:func:`bench_main` is what ``python benchmarks/report.py`` (``make bench``) runs: it starts
+``python -m pytest benchmarks/...`` in a subprocess, shows one progress line per benchmark, then
+prints the table and writes the plots. It lives beside the suites in the source checkout (the
+engine package does not ship them; they are never imported as a package ``benchmarks`` because
+CrypTen installs an unrelated top-level package of that name).
 
 Figures are CrypTen's own counters, per party, for the inference phase only: ``rounds`` are
 collective calls (not network latency rounds), ``bytes`` are elements x 8 with CrypTen's
@@ -25,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-#: Where the suites live: the source checkout's ``benchmarks`` folder, next to ``mpc_fi``.
-SUITE_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
+#: Where the suites live: this file's own folder.
+SUITE_DIR = Path(__file__).resolve().parent
 
 
 @dataclass(frozen=True)
@@ -191,7 +192,7 @@ def plots(rows: Sequence[Row], out_dir: str | os.PathLike[str]) -> list[Path]:
 
 
 # ---------------------------------------------------------------------------------------
-# mpc-fi bench
+# python benchmarks/report.py
 # ---------------------------------------------------------------------------------------
 _RESULT = re.compile(
     r"::(test_\w+)\[([^\]]+)\]\s+(PASSED|FAILED|ERROR|SKIPPED)(?:.*?\[\s*(\d+)%\])?")
@@ -199,7 +200,7 @@ _RESULT = re.compile(
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="mpc-fi bench",
+        prog="python benchmarks/report.py",
         description="Benchmark every protocol against the direct CrypTen path and plaintext.")
     p.add_argument("--grid", default="quick", choices=("smoke", "quick", "targets", "full"),
                    help="quick (default, minutes): N=3 owners, C=10, B=32, both modes, and the "
@@ -263,8 +264,7 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
     else:
         suite = Path(args.suite)
         if not (suite / "conftest.py").is_file():
-            print(f"mpc-fi bench: no benchmark suite at {suite}; run it from a source checkout "
-                  "of mpc-fi or pass --suite PATH", file=sys.stderr)
+            print(f"report.py: no benchmark suite at {suite}; pass --suite PATH", file=sys.stderr)
             return 2
         out = Path(args.out or Path("runs") / time.strftime("bench-%Y%m%d-%H%M%S")).resolve()
         out.mkdir(parents=True, exist_ok=True)
@@ -273,7 +273,7 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
         print("running: " + " ".join(cmd), flush=True)
         code = _run_suite(cmd, suite.parent, out / "pytest.log")
         if not json_path.is_file():
-            print("mpc-fi bench: the suite wrote no results", file=sys.stderr)
+            print("report.py: the suite wrote no results", file=sys.stderr)
             return code or 1
     rows = load(json_path)
     text = table(rows)
@@ -285,3 +285,7 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
             print(f"plot: {path}")
     print(f"results: {json_path}")
     return code
+
+
+if __name__ == "__main__":
+    sys.exit(bench_main())
