@@ -71,7 +71,8 @@ def _families(work: Path):
     from sklearn.ensemble import RandomForestClassifier  # noqa: PLC0415
     from sklearn.linear_model import LogisticRegression  # noqa: PLC0415
 
-    from mpc_fi import ModelSource, demo  # noqa: PLC0415
+    import demos as demo  # noqa: PLC0415
+    from mpc_fi import ModelSource  # noqa: PLC0415
 
     setup = demo.prepare(work / "demo", num_owners=3, seed=0)
     x_test, y_test = setup.x_test, setup.y_test

@@ -129,7 +129,7 @@ def workload(case: Case, workdir: Path) -> Workload:
 
     workdir.mkdir(parents=True, exist_ok=True)
     if case.workload == "digits":
-        from mpc_fi import demo
+        import demos as demo
 
         setup = demo.prepare(workdir, num_owners=case.owners, mode=case.mode,
                              protocol=case.protocol, dealer=case.dealer, batch_size=case.batch)

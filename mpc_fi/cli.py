@@ -90,8 +90,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _run_demo(args: argparse.Namespace, Federation) -> int:  # noqa: N803 - a class
-    from . import demo  # noqa: PLC0415
-    from .plugins import PROTOCOLS, lookup  # noqa: PLC0415
+    from .plugins import PROTOCOLS, demo_module, lookup  # noqa: PLC0415
+
+    demo = demo_module()  # the demos package, beside the engine (entry point mpc_fi.demo)
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="mpc-fi-demo-"))
     _step(f"[1/4] training {args.owners} owners on {args.dataset} (non-IID Dirichlet alpha="

@@ -1,26 +1,13 @@
-"""The embedded default federation: scikit-learn's bundled digits, owners trained at start-up.
+"""Small owner models the demo, the tests and example federation files use as factories
+(``factory: "mpc_fi.demo:mlp"``). Both run on shares in full mode.
 
-Nothing is downloaded: ``sklearn.datasets.load_digits`` ships with scikit-learn. The training
-set is split among the owners by a Dirichlet(alpha) draw over classes (non-IID), each owner
-trains a small model on its share, and the querier keeps the held-out split.
-
-This module plays every organisation at once *before* the federation starts (it trains all the
-owners so the demo is self-contained) and therefore can also compute the plaintext reference.
-In a real federation each owner trains on its own premises and nobody holds all the models.
+The demo itself (data, the non-IID split, the owners' training) lives beside the engine in the
+``demos`` package.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-
-import numpy as np
-import torch
 from torch import nn
-
-from .config import FederationConfig, ModelSource, OwnerConfig, ProtocolConfig, QuerierConfig
-
-DATASETS = ("digits", "breast_cancer")
 
 
 def mlp(in_features: int = 64, hidden: int = 32, num_classes: int = 10) -> nn.Sequential:
@@ -33,116 +20,3 @@ def cnn(num_classes: int = 10, channels: int = 8) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(1, channels, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
         nn.Flatten(), nn.Linear(channels * 16, num_classes))
-
-
-def load_dataset(name: str = "digits") -> tuple[np.ndarray, np.ndarray]:
-    """Features scaled to about [-3, 3] and integer labels, from data bundled with scikit-learn."""
-    from sklearn import datasets  # noqa: PLC0415 - only the demo and the study need it
-
-    if name == "digits":
-        bunch = datasets.load_digits()
-        x = bunch.data.astype(np.float32) / 16.0
-    elif name == "breast_cancer":
-        bunch = datasets.load_breast_cancer()
-        x = bunch.data.astype(np.float32)
-        x = (x - x.mean(0)) / (x.std(0) + 1e-8)
-    else:
-        raise ValueError(f"unknown data set {name!r}; choose one of {DATASETS}")
-    return x.astype(np.float32), bunch.target.astype(np.int64)
-
-
-def dirichlet_split(labels: np.ndarray, num_owners: int, alpha: float,
-                    rng: np.random.Generator, min_size: int = 10) -> list[np.ndarray]:
-    """Split example indices among owners: class c's examples go out in Dirichlet(alpha) shares.
-
-    Redraws until every owner holds at least ``min_size`` examples (the usual non-IID recipe).
-    """
-    classes = np.unique(labels)
-    for _ in range(1000):
-        parts: list[list[int]] = [[] for _ in range(num_owners)]
-        for c in classes:
-            idx = rng.permutation(np.flatnonzero(labels == c))
-            props = rng.dirichlet([alpha] * num_owners)
-            cuts = (np.cumsum(props) * len(idx)).astype(int)[:-1]
-            for owner, chunk in enumerate(np.split(idx, cuts)):
-                parts[owner].extend(chunk.tolist())
-        if min(len(p) for p in parts) >= min_size:
-            return [np.sort(np.array(p, dtype=np.int64)) for p in parts]
-    raise RuntimeError("could not draw a split giving every owner enough examples; raise alpha")
-
-
-def train(model: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int = 60, lr: float = 0.01,
-          seed: int = 0) -> nn.Module:
-    """Full-batch Adam with cross-entropy: a few seconds on CPU for these sizes."""
-    torch.manual_seed(seed)  # the training order is fixed; build the model under a seed too
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=1e-4)
-    model.train()
-    for _ in range(epochs):
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(xt), yt)
-        loss.backward()
-        opt.step()
-    return model.eval()
-
-
-@dataclass
-class DemoSetup:
-    """A ready federation plus what only the demo can know (test labels, every model)."""
-
-    federation: FederationConfig
-    x_test: np.ndarray
-    y_test: np.ndarray
-    models: list[nn.Module]
-    owner_sizes: list[int]
-
-
-def prepare(workdir: str | Path, *, dataset: str = "digits", num_owners: int = 3,
-            alpha: float = 0.5, seed: int = 0, arch: str = "mlp", mode: str = "output",
-            protocol: str = "soft_vote", protocol_params: dict | None = None, reveal: str = "label",
-            dealer: str = "ttp", batch_size: int = 256, test_fraction: float = 0.3) -> DemoSetup:
-    """Split the data, train every owner, save each owner's weights to its own file."""
-    from sklearn.model_selection import train_test_split  # noqa: PLC0415
-
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    x, y = load_dataset(dataset)
-    num_classes = int(y.max()) + 1
-    x_train, x_test, y_train, y_test = train_test_split(
-        x, y, test_size=test_fraction, random_state=seed, stratify=y)
-    if arch == "cnn":
-        if dataset != "digits":
-            raise ValueError("the CNN owner model is for the 8x8 digits images")
-        x_train, x_test = x_train.reshape(-1, 1, 8, 8), x_test.reshape(-1, 1, 8, 8)
-    rng = np.random.default_rng(seed)
-    parts = dirichlet_split(y_train, num_owners, alpha, rng)
-    owners, models = [], []
-    for k, idx in enumerate(parts):
-        torch.manual_seed(seed + k)  # reproducible initial weights for each owner
-        if arch == "cnn":
-            factory, kwargs = "mpc_fi.demo:cnn", {"num_classes": num_classes}
-            model = cnn(num_classes)
-        else:
-            kwargs = {"in_features": x.shape[1], "hidden": 32, "num_classes": num_classes}
-            factory, model = "mpc_fi.demo:mlp", mlp(**kwargs)
-        train(model, x_train[idx], y_train[idx], seed=seed + k)
-        path = workdir / f"owner{k}.pt"
-        torch.save(model.state_dict(), path)
-        models.append(model)
-        owners.append(OwnerConfig(name=f"owner{k}", model=ModelSource(
-            factory=factory, weights=str(path.resolve()), kwargs=kwargs)))
-    # The public range of the features (whole units around the data set's scaling): the querier
-    # refuses queries outside it, and full-mode owners check their models against it.
-    input_range = (float(np.floor(x.min())), float(np.ceil(x.max())))
-    fed = FederationConfig(owners=tuple(owners),
-                           querier=QuerierConfig(name="querier", input_range=input_range), mode=mode,
-                           protocol=ProtocolConfig(name=protocol, params=protocol_params or {}),
-                           reveal=reveal, dealer=dealer, batch_size=batch_size)
-    return DemoSetup(fed, x_test, y_test, models, [len(p) for p in parts])
-
-
-def owner_logits(models: list[nn.Module], x: np.ndarray) -> list[torch.Tensor]:
-    """Every owner's plaintext logits: only the demo, which trained them all, can do this."""
-    xt = torch.from_numpy(x)
-    with torch.no_grad():
-        return [m(xt).to(torch.float64) for m in models]

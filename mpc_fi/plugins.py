@@ -16,6 +16,7 @@ from .errors import ConfigError, MpcFiError
 
 PROTOCOLS = "mpc_fi.protocols"
 LAUNCHERS = "mpc_fi.launchers"
+DEMO = "mpc_fi.demo"
 
 
 @cache
@@ -69,3 +70,11 @@ def check_protocol_params(federation: Any) -> None:
     parse = getattr(cls, "parse_params", None)
     if parse is not None:
         parse(dict(federation.protocol.params), num_owners=federation.num_owners)
+
+
+def demo_module() -> Any:
+    """The embedded demo (data, split, training: the ``demos`` package), by its entry point."""
+    found = sorted(entry_points(group=DEMO), key=lambda ep: ep.name)
+    if not found:
+        raise MpcFiError(f"no {DEMO} entry point: is mpc-fi installed (pip install -e .)?")
+    return found[0].load()

@@ -27,7 +27,7 @@ examples:
 
 
 def _combo(text: str) -> tuple[str, str]:
-    from mpc_fi.demo import DATASETS  # noqa: PLC0415
+    from demos import DATASETS  # noqa: PLC0415
 
     dataset, _, arch = text.partition(":")
     if dataset not in DATASETS or arch not in ("mlp", "cnn") or \

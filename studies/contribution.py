@@ -634,7 +634,7 @@ def run_shapley(cfg: ShapleyConfig = ShapleyConfig(), *, show_progress: bool = T
     """Contribution scores for every (N, alpha, seed); rows (one per owner) and the reports."""
     import tempfile  # noqa: PLC0415
 
-    from mpc_fi import demo  # noqa: PLC0415
+    import demos as demo  # noqa: PLC0415
     from .common import Progress  # noqa: PLC0415
 
     torch.set_num_threads(1)

@@ -95,7 +95,7 @@ class World:
 def build_world(cfg: LeakageConfig, seed: int) -> World:
     from sklearn.model_selection import train_test_split  # noqa: PLC0415
 
-    from mpc_fi import demo  # noqa: PLC0415
+    import demos as demo  # noqa: PLC0415
 
     x, y = demo.load_dataset(cfg.dataset)
     c = int(y.max()) + 1

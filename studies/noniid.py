@@ -97,7 +97,7 @@ def _labels(pred_labels: Any) -> np.ndarray:
 def run_cell(combo: tuple[str, str], n: int, alpha: float, seed: int, cfg: NoniidConfig,
              workdir: Path, progress: Callable[[str], None] | None = None) -> list[Row]:
     """Train one cell's owners and score owners and protocols; rows in long format."""
-    from mpc_fi import demo  # noqa: PLC0415
+    import demos as demo  # noqa: PLC0415
     from mpc_fi.config import ProtocolConfig  # noqa: PLC0415
 
     dataset, arch = combo

@@ -96,7 +96,7 @@ class ValuationWorld:
 
 def build_world(dataset: str, num_owners: int, alpha: float, seed: int,
                 protocol: str = "soft_vote") -> ValuationWorld:
-    from mpc_fi import demo  # noqa: PLC0415
+    import demos as demo  # noqa: PLC0415
     from .contribution import encoded_contributions  # noqa: PLC0415
     from .common import protocol_specs  # noqa: PLC0415
 

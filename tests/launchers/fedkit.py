@@ -28,7 +28,7 @@ def make_federation(workdir: str | Path, *, num_owners: int = 2, queries: int = 
                     mode: str = "output", batch_size: int = 256, network: dict | None = None,
                     seed: int = 0, arch: str = "mlp") -> tuple[Path, np.ndarray]:
     """Train ``num_owners`` demo owners and write a federation file; return (path, twin labels)."""
-    from mpc_fi import demo  # noqa: PLC0415
+    import demos as demo  # noqa: PLC0415
     from mpc_fi.plugins import PROTOCOLS, lookup  # noqa: PLC0415
 
     workdir = Path(workdir)

@@ -48,7 +48,7 @@ def brute_shapley(v: dict[int, float], n: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def federation3(tmp_path_factory):
-    from mpc_fi import demo
+    import demos as demo
 
     torch.set_num_threads(1)
     return demo.prepare(tmp_path_factory.mktemp("owners"), num_owners=3, alpha=0.5, seed=0)
@@ -145,7 +145,7 @@ def test_shapley_on_shares_equals_plaintext_exactly(federation3):
     assert math.isclose(chance.sum(), secure.grand_accuracy - 0.1, abs_tol=1e-12)
     # the grand coalition is the soft-vote ensemble
     twin = registry(PROTOCOLS)["soft_vote"](num_classes=10, num_owners=3)
-    from mpc_fi.demo import owner_logits
+    from demos import owner_logits
 
     labels = twin.plaintext(owner_logits(s.models, x)).labels
     assert secure.grand_accuracy == float((labels == y).mean())
@@ -170,7 +170,7 @@ def test_coalition_blocks_give_the_same_counts(federation3):
     blocked = contrib.secure_coalition_values(sources, x, y, coal, max_argmax_rows=80,
                                               protocol="hard_vote", timeout_s=300)
     table = registry(PROTOCOLS)["hard_vote"](num_classes=10, num_owners=3)
-    from mpc_fi.demo import owner_logits
+    from demos import owner_logits
 
     logits = owner_logits(s.models, x)
     twin = contrib.plaintext_coalition_values(contrib.encoded_contributions(table, logits), y, coal,
