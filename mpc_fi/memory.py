@@ -28,7 +28,6 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
 
 from .errors import InputError
 from .layers import LAYERS
@@ -50,12 +49,12 @@ def layer_elements(arch: Architecture) -> list[int]:
 
     Max pooling compares every window element: ``kernel_h * kernel_w`` times its output.
     """
-    x = torch.empty((1, *arch.input_shape), device="meta")
-    sizes = [x.numel()]
+    shape = (1, *arch.input_shape)
+    sizes = [math.prod(shape)]
     for layer in arch.layers:
-        x, extra = LAYERS[layer.op].meta(x, layer.args, layer.params)
+        shape, extra = LAYERS[layer.op].shape(shape, layer.args, layer.params)
         sizes.extend(extra)
-        sizes.append(x.numel())
+        sizes.append(math.prod(shape))
     return sizes
 
 

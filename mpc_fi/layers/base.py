@@ -10,8 +10,9 @@ A :class:`Layer` holds everything the engine needs to know about one operation o
 * its **secure forward** (:meth:`forward` on CrypTen shares);
 * its **interval bound** (:meth:`interval`: sound output bounds for bounded inputs, and the
   largest raw product it forms, :mod:`mpc_fi.ranges`);
-* its **memory estimate** (:meth:`meta`: the output shape on the ``meta`` device, and the extra
-  elements it works on, :mod:`mpc_fi.memory`).
+* its **memory estimate** (:meth:`shape`: the output shape by plain arithmetic, and the extra
+  elements it works on, :mod:`mpc_fi.memory`; no meta tensors, whose first use costs about a
+  second in a fresh process).
 
 Adding a layer kind is one module in this package and one line in :data:`mpc_fi.layers.LAYERS`.
 """
@@ -32,6 +33,11 @@ POS, NONNEG, AXIS = wire.Int(1, 1 << 16), wire.Int(0, 1 << 16), wire.Int(-8, 7)
 POS2, NONNEG2 = wire.Tuple(POS, POS), wire.Tuple(NONNEG, NONNEG)
 
 OnnxConverter = Callable[[Any, Any], nn.Module]
+
+
+def window_out(size: int, kernel: int, stride: int, padding: int, dilation: int = 1) -> int:
+    """Output length of a convolution or pooling window along one dimension (floor mode)."""
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
 def pair(v: Any) -> tuple[int, int]:
@@ -62,10 +68,10 @@ class Layer:
         """Sound bounds of the output for ``lo <= x <= hi``, and the largest raw product."""
         raise NotImplementedError
 
-    def meta(self, x: torch.Tensor, args: dict[str, Any], param_shapes: dict[str, tuple[int, ...]]
-             ) -> tuple[torch.Tensor, list[int]]:
-        """The output on the ``meta`` device, and extra per-query element counts beyond it."""
-        return x, []
+    def shape(self, shape: tuple[int, ...], args: dict[str, Any],
+              param_shapes: dict[str, tuple[int, ...]]) -> tuple[tuple[int, ...], list[int]]:
+        """The output shape for an input of ``shape``, and extra element counts beyond it."""
+        return shape, []
 
     def params_schema(self) -> wire.Record:
         required, optional = self.params_dims

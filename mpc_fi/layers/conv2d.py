@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..onnx_nodes import NodeError, pads, pair, tensor
-from .base import NONNEG2, POS, POS2, Layer
+from .base import NONNEG2, POS, POS2, Layer, window_out
 from .base import pair as as_pair
 from .. import wire
 from .linear import interval_linear
@@ -66,6 +66,8 @@ class Conv2d(Layer):
             lo, hi = lo + p["bias"].view(1, -1, 1, 1), hi + p["bias"].view(1, -1, 1, 1)
         return lo, hi, product
 
-    def meta(self, x, a, shapes):
-        return F.conv2d(x, torch.empty(shapes["weight"], device="meta"), stride=a["stride"],
-                        padding=a["padding"], dilation=a["dilation"], groups=a["groups"]), []
+    def shape(self, shape, a, shapes):
+        w = shapes["weight"]
+        spatial = [window_out(n, k, s, p, d) for n, k, s, p, d in
+                   zip(shape[2:], w[2:], a["stride"], a["padding"], a["dilation"])]
+        return (shape[0], w[0], *spatial), []

@@ -61,5 +61,6 @@ class Flatten(Layer):
         dims = (a["start_dim"], a["end_dim"])
         return lo.flatten(*dims), hi.flatten(*dims), None
 
-    def meta(self, x, a, shapes):
-        return x.flatten(a["start_dim"], a["end_dim"]), []
+    def shape(self, shape, a, shapes):
+        start, end = (d % len(shape) for d in (a["start_dim"], a["end_dim"]))
+        return (*shape[:start], math.prod(shape[start:end + 1]), *shape[end + 1:]), []

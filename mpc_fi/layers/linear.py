@@ -60,5 +60,5 @@ class Linear(Layer):
             lo, hi = lo + p["bias"], hi + p["bias"]
         return lo, hi, product
 
-    def meta(self, x, args, shapes):
-        return x.matmul(torch.empty(shapes["weight"], device="meta").t()), []
+    def shape(self, shape, args, shapes):
+        return (*shape[:-1], shapes["weight"][0]), []

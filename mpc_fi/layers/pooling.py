@@ -12,7 +12,7 @@ from torch import nn
 
 from .. import wire
 from ..onnx_nodes import NodeError, pool_args
-from .base import NONNEG2, POS2, Layer, pair
+from .base import NONNEG2, POS2, Layer, pair, window_out
 
 POOL_WIRE = wire.Record({"kernel_size": POS2, "stride": POS2, "padding": NONNEG2})
 
@@ -33,6 +33,11 @@ def _global_avgpool(n: Any, ctx: Any) -> nn.Module:
     if ctx.rank(n.inputs[0]) not in (None, 4):
         raise NodeError(f"only 2-D pooling is supported, got a rank-{ctx.rank(n.inputs[0])} input")
     return nn.AdaptiveAvgPool2d(1)
+
+
+def _pooled(shape: tuple[int, ...], a: dict[str, Any]) -> tuple[int, ...]:
+    return (*shape[:-2], *(window_out(n, k, s, p) for n, k, s, p in
+                           zip(shape[-2:], a["kernel_size"], a["stride"], a["padding"])))
 
 
 def _window(a: dict[str, Any]) -> dict[str, Any]:
@@ -61,10 +66,10 @@ class MaxPool2d(Layer):
             lo, hi = torch.minimum(lo, torch.zeros_like(lo)), hi.clamp(min=0)
         return lo, hi, None
 
-    def meta(self, x, a, shapes):
-        x = F.max_pool2d(x, a["kernel_size"], stride=a["stride"], padding=a["padding"])
+    def shape(self, shape, a, shapes):
+        out = _pooled(shape, a)
         # every window element is compared: kernel_h * kernel_w times the output
-        return x, [x.numel() * math.prod(a["kernel_size"])]
+        return out, [math.prod(out) * math.prod(a["kernel_size"])]
 
 
 class AvgPool2d(Layer):
@@ -87,8 +92,8 @@ class AvgPool2d(Layer):
     def interval(self, lo, hi, a, params):
         return F.avg_pool2d(lo, **_window(a)), F.avg_pool2d(hi, **_window(a)), None
 
-    def meta(self, x, a, shapes):
-        return F.avg_pool2d(x, a["kernel_size"], stride=a["stride"], padding=a["padding"]), []
+    def shape(self, shape, a, shapes):
+        return _pooled(shape, a), []
 
 
 class AdaptiveAvgPool2d(Layer):
@@ -107,5 +112,5 @@ class AdaptiveAvgPool2d(Layer):
         size = a["output_size"]
         return F.adaptive_avg_pool2d(lo, size), F.adaptive_avg_pool2d(hi, size), None
 
-    def meta(self, x, a, shapes):
-        return F.adaptive_avg_pool2d(x, a["output_size"]), []
+    def shape(self, shape, a, shapes):
+        return (*shape[:-2], *a["output_size"]), []
