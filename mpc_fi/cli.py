@@ -219,7 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--dealer", default="ttp", choices=["ttp", "insecure-party-dealer"],
                       help="source of correlated randomness (default: a separate trusted dealer)")
     demo.add_argument("--queries", type=int, help="answer only the first N held-out queries")
-    demo.add_argument("--batch-size", type=int, default=256, help="queries per secure batch (default 256)")
+    demo.add_argument("--batch-size", type=int, default=None,
+                      help="queries per secure batch (default: as few batches as the parties' "
+                           "memory allows)")
     demo.add_argument("--workdir", help="where owners' weight files go (default: a temporary folder)")
     run.add_argument("--timeout", type=float, default=900.0, help="bound on the run in seconds (default 900)")
     run.add_argument("--run-dir", help="folder for party logs (default: a temporary folder)")
