@@ -27,12 +27,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--queries", type=int, default=32)
     ap.add_argument("--protocol", default="soft_vote")
+    ap.add_argument("--batch-size", type=int, default=None)
     args = ap.parse_args()
     from mpc_fi import Federation
 
     with tempfile.TemporaryDirectory() as tmp:
         fed, _ = random_federation(tmp, num_owners=3, num_classes=10, in_features=64,
-                                   protocol=args.protocol, batch_size=None)
+                                   protocol=args.protocol, batch_size=args.batch_size)
         x = np.random.default_rng(0).random((args.queries, 64), dtype=np.float32)
         for i in range(args.repeats):
             t0 = time.perf_counter()
