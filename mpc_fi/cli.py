@@ -196,7 +196,7 @@ def cmd_party(args: argparse.Namespace) -> int:
     fed = FederationConfig.load(args.federation)
     launcher = lookup(LAUNCHERS, "host", key="launcher")(
         fed, party=args.party, run_dir=args.run_dir, timeout_s=args.timeout,
-        memory_limit_mb=args.memory_limit_mb)
+        memory_limit_mb=args.memory_limit_mb, keep_run_dir=args.keep_run_dir)
     results = launcher.run()
     out = results.get(fed.querier_rank)
     if out is not None and "labels" in out:
@@ -294,7 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
     party.add_argument("--party", metavar="NAME", help="this host's party (default: from RANK)")
     party.add_argument("--output", metavar="FILE.npy", help="querier only: save the labels here")
     party.add_argument("--timeout", type=float, default=900.0, help="bound on the run in seconds (default 900)")
-    party.add_argument("--run-dir", help="folder for this party's log and result")
+    party.add_argument("--run-dir", help="folder for this party's log and result (default: a "
+                                         "temporary folder, removed after a successful run)")
+    party.add_argument("--keep-run-dir", action="store_true",
+                       help="keep the temporary run folder after a successful run too")
     party.add_argument("--memory-limit-mb", type=float, metavar="MIB",
                        help="working memory of this party for one batch; larger batches are "
                             "split, a query that cannot fit is refused on every party (default: "
