@@ -5,6 +5,7 @@ the engine preloaded once); later calls fork parties from it. Prints every call'
 and the parties' set-up and inference times from their results::
 
     python benchmarks/cold_call.py --repeats 3
+    python benchmarks/cold_call.py --queries 10000 --batch-size 256   # against the default plan
 """
 
 from __future__ import annotations
@@ -40,8 +41,9 @@ def main() -> None:
             result = Federation(fed).run(x)
             wall = time.perf_counter() - t0
             infer = max(c.wall_s for c in result.costs)
+            rounds = max(c.rounds for c in result.costs)
             print(f"call {i + 1}: {wall:.2f} s wall ({'first: starts the fork server' if i == 0 else 'fork server warm'}); "
-                  f"inference {infer:.2f} s; {len(result.prediction.labels)} labels", flush=True)
+                  f"inference {infer:.2f} s, {rounds} rounds; {len(result.prediction.labels)} labels", flush=True)
 
 
 if __name__ == "__main__":

@@ -58,4 +58,6 @@ def __getattr__(name: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
-__all__ = ["REGISTRY", *_CLASSES]
+__all__ = ["REGISTRY", "Protocol", "VoteWrapper", "SoftVote", "HardVote", "LogitAverage",
+           "WeightedSoftVote", "WeightedHardVote", "EntropyWeightedVote", "TopK", "ConfidentVote",
+           "GNMax", "ConfidentGNMax"]

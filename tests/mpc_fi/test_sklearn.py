@@ -77,7 +77,7 @@ def test_without_local_model_files_the_classes_come_from_y(federation, tmp_path)
     elsewhere = dataclasses.replace(fed, owners=tuple(
         dataclasses.replace(o, model=dataclasses.replace(o.model, weights=str(tmp_path / "x.pt")))
         for o in fed.owners))
-    x, y = _data()
+    x, _ = _data()
     clf = FederatedClassifier(elsewhere).fit(x, np.array([0, 1] * 12))
     np.testing.assert_array_equal(clf.classes_, [0, 1])
 
