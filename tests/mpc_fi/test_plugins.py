@@ -95,3 +95,8 @@ def test_two_entry_points_giving_one_name_two_classes_are_refused():
 def test_a_malformed_target_is_named():
     with pytest.raises(MpcFiError, match="package.module:Class"):
         plugins.resolve("protocols.soft_vote")
+
+
+def test_importing_the_engine_loads_no_protocol_and_no_scikit_learn():
+    mods = _modules_after("import mpc_fi")
+    assert not {"sklearn", "dp_accounting", "scipy", "protocols", "launchers"} & mods
