@@ -92,7 +92,7 @@ class DemoSetup:
 def prepare(workdir: str | Path, *, dataset: str = "digits", num_owners: int = 3,
             alpha: float = 0.5, seed: int = 0, arch: str = "mlp", mode: str = "output",
             protocol: str = "soft_vote", protocol_params: dict | None = None, reveal: str = "label",
-            dealer: str = "ttp", batch_size: int = 256, test_fraction: float = 0.3) -> DemoSetup:
+            dealer: str = "ttp", batch_size: int | None = None, test_fraction: float = 0.3) -> DemoSetup:
     """Split the data, train every owner, save each owner's weights to its own file."""
     from sklearn.model_selection import train_test_split  # noqa: PLC0415
 

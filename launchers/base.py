@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import pickle
+import shutil
 import signal
 import tempfile
 import threading
@@ -12,12 +13,13 @@ import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from mpc_fi.config import FederationConfig
-from mpc_fi.errors import InsecureSettingWarning, Terminated
+from mpc_fi.errors import InsecureSettingWarning, MpcFiError, Terminated
 from mpc_fi.memory import check_limit
 
 
@@ -29,16 +31,26 @@ class Launcher(ABC):
     ``run_dir`` receives one log per party (``party-<rank>-<name>.log``, every line tagged with
     rank, role and name) and the result files; a fresh temporary folder by default. A reused
     folder is cleared of the previous run's files for these parties when they start (its logs
-    are kept once, as ``party-<rank>-<name>.log.1``).
+    are kept once, as ``party-<rank>-<name>.log.1``). A folder this launcher created itself
+    (no ``run_dir`` given) is removed after a successful :meth:`run` unless ``keep_run_dir``;
+    a failed run keeps it, and the error raised names it (``exc.run_dir`` too).
+    ``progress(done, total)`` is called as the querier finishes batches (where the launcher can
+    see it: the local launcher).
     ``memory_limit_mb`` bounds each party's working memory for a batch (:mod:`mpc_fi.memory`:
     larger batches are split, a query that cannot fit is refused); None: a share of the memory
     available on the host.
     """
 
     def __init__(self, federation: FederationConfig, *, run_dir: str | Path | None = None,
-                 stop_grace_s: float = 10.0, memory_limit_mb: float | None = None) -> None:
+                 stop_grace_s: float = 10.0, memory_limit_mb: float | None = None,
+                 keep_run_dir: bool = False,
+                 progress: Callable[[int, int], None] | None = None) -> None:
         self.federation = federation
         self.memory_limit_mb = check_limit(memory_limit_mb)
+        #: True when this launcher made the run folder (a temporary one) and may remove it
+        self.created_run_dir = not run_dir
+        self.keep_run_dir = keep_run_dir
+        self.progress = progress
         self.run_dir = Path(run_dir) if run_dir else Path(tempfile.mkdtemp(prefix="mpc-fi-run-"))
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.stop_grace_s = stop_grace_s
@@ -63,9 +75,23 @@ class Launcher(ABC):
         with sigterm_raises(self):
             try:
                 self.start(query=query)
-                return self.wait(timeout_s)
+                results = self.wait(timeout_s)
+            except MpcFiError as exc:
+                raise name_run_dir(exc, self.run_dir)
             finally:
                 self.terminate()
+        self.remove_run_dir()
+        return results
+
+    @property
+    def run_dir_removed(self) -> bool:
+        return self.created_run_dir and not self.keep_run_dir and not self.run_dir.exists()
+
+    def remove_run_dir(self) -> None:
+        """After a success: remove the run folder if this launcher created it and nobody asked
+        to keep it (a folder the caller named is never removed)."""
+        if self.created_run_dir and not self.keep_run_dir:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
 
     #: True while :meth:`terminate` runs: a SIGTERM then waits for it (see :func:`sigterm_raises`).
     _stopping = False
@@ -134,6 +160,16 @@ def sigterm_raises(launcher: Launcher) -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def name_run_dir(exc: MpcFiError, run_dir: Path) -> MpcFiError:
+    """``exc`` with the run folder (kept, with every party's log) named in its message and in
+    ``exc.run_dir``."""
+    if getattr(exc, "run_dir", None) is None:
+        exc.run_dir = str(run_dir)
+        note = f"(party logs kept in {run_dir})"
+        exc.args = (f"{exc.args[0]}\n{note}" if exc.args else note, *exc.args[1:])
+    return exc
 
 
 def warn_insecure(federation: FederationConfig) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -50,12 +51,30 @@ def log_file(run_dir: Path, rank: int, name: str) -> Path:
     return run_dir / f"party-{rank}-{name}.log"
 
 
+def progress_file(run_dir: Path, rank: int) -> Path:
+    """``"<done> <total>"``: the batches party ``rank`` finished (the querier writes it)."""
+    return run_dir / f"progress-{rank}.txt"
+
+
+def read_progress(path: Path) -> tuple[int, int] | None:
+    """``(done, total)`` from a progress file; None when absent or unreadable."""
+    try:
+        done, total = path.read_text().split()
+        return int(done), int(total)
+    except (OSError, ValueError):
+        return None
+
+
+_BATCH_DONE = re.compile(r"^batch (\d+)/(\d+) done$")
+
+
 def clear_previous_run(run_dir: Path, rank: int, name: str) -> None:
     """Make a reused run folder safe for party ``rank``: an earlier run's heartbeat would be
     blamed on this party as a freeze, its error and result files taken for this run's. They
     are removed; its log is kept once, as ``party-<rank>-<name>.log.1``."""
     for path in (heartbeat_file(run_dir, rank), error_file(run_dir, rank),
-                 result_file(run_dir, rank), run_dir / f"audit-{rank}.pkl"):
+                 result_file(run_dir, rank), run_dir / f"audit-{rank}.pkl",
+                 progress_file(run_dir, rank)):
         for stale in (path, path.with_name(path.name + ".tmp")):
             stale.unlink(missing_ok=True)
     log = log_file(run_dir, rank, name)
@@ -75,17 +94,28 @@ def party_env(federation: FederationConfig, rank: int, rendezvous: str,
 
 
 class _Progress(logging.Handler):
-    """Remembers the party's last progress line (the phase it was in when something failed)."""
+    """Remembers the party's last progress line (the phase it was in when something failed);
+    with ``path``, writes each "batch i/n done" there as ``"i n"`` (the querier's, read by the
+    local launcher for progress bars)."""
 
-    def __init__(self) -> None:
+    def __init__(self, path: Path | None = None) -> None:
         super().__init__(logging.INFO)
         self.last: str | None = None
+        self.path = path
 
     def emit(self, record: logging.LogRecord) -> None:
         if record.name == LOGGER_NAME and record.levelno == logging.INFO:
             msg = record.getMessage()
             if not msg.startswith(("starting", "exit")):
                 self.last = msg
+            done = _BATCH_DONE.match(msg) if self.path is not None else None
+            if done:
+                tmp = self.path.with_name(self.path.name + ".tmp")
+                try:
+                    tmp.write_text(f"{done[1]} {done[2]}")
+                    tmp.replace(self.path)
+                except OSError:
+                    pass  # progress is a convenience; never fail the party for it
 
 
 class _DealerWatch(logging.Handler):
@@ -141,7 +171,7 @@ def party_main(federation: FederationConfig, rank: int, run_dir: str, env: dict[
         echo = logging.StreamHandler(sys.stderr)
         echo.setFormatter(root.handlers[0].formatter)
         root.addHandler(echo)
-    progress = _Progress()
+    progress = _Progress(progress_file(run_path, rank) if role == "querier" else None)
     log.addHandler(progress)
     watch = None
     if role == "dealer":

@@ -119,7 +119,8 @@ class HostLauncher(Launcher):
     party:
         This host's party; None: take it from ``RANK``.
     run_dir:
-        Folder for this party's log and result (a temporary folder by default).
+        Folder for this party's log and result (a temporary folder by default, removed after a
+        successful run unless ``keep_run_dir``; a failed run keeps it and names it).
     timeout_s:
         Bound on the whole run. Every single wait on a peer is bounded by
         ``network.timeout_s`` (gloo timeout); past ``timeout_s`` the process leaves with exit
@@ -135,11 +136,11 @@ class HostLauncher(Launcher):
     def __init__(self, federation: FederationConfig, *, party: str | None = None, run_dir=None,
                  timeout_s: float = 900.0, stop_grace_s: float = 10.0,
                  environ: Mapping[str, str] | None = None, echo_stderr: bool = True,
-                 memory_limit_mb: float | None = None) -> None:
+                 memory_limit_mb: float | None = None, keep_run_dir: bool = False) -> None:
         environ = os.environ if environ is None else environ
         self.rank, self.rendezvous, self.source = resolve_party(federation, party, environ)
         super().__init__(federation, run_dir=run_dir, stop_grace_s=stop_grace_s,
-                         memory_limit_mb=memory_limit_mb)
+                         memory_limit_mb=memory_limit_mb, keep_run_dir=keep_run_dir)
         self.timeout_s = timeout_s
         self.echo_stderr = echo_stderr
         self.party = federation.party_names[self.rank]

@@ -43,7 +43,7 @@ from mpc_fi.memory import auto_limit_mb
 from . import lifeline
 from .base import Launcher, sigterm_raises, wait_until
 from .entry import child_main, clear_previous_run, error_file, heartbeat_file, party_env, \
-    result_file
+    progress_file, read_progress, result_file
 
 
 def _forkserver() -> Any:
@@ -94,9 +94,14 @@ class LocalLauncher(Launcher):
 
     def __init__(self, federation: FederationConfig, *, run_dir=None, stop_grace_s: float = 5.0,
                  timeout_s: float = 600.0, hang_timeout_s: float = 20.0,
-                 audit: bool = False, memory_limit_mb: float | None = None) -> None:
+                 audit: bool = False, memory_limit_mb: float | None = None,
+                 keep_run_dir: bool = False,
+                 progress: Callable[[int, int], None] | None = None) -> None:
         super().__init__(federation, run_dir=run_dir, stop_grace_s=stop_grace_s,
-                         memory_limit_mb=memory_limit_mb)
+                         memory_limit_mb=memory_limit_mb, keep_run_dir=keep_run_dir,
+                         progress=progress)
+        self._progress_seen: tuple[int, int] | None = None
+        self._progress_checked = 0.0
         self.audit = audit  # record every party's traffic and decryptions (mpc_fi.audit)
         self.timeout_s = timeout_s
         self.hang_timeout_s = hang_timeout_s
@@ -143,6 +148,17 @@ class LocalLauncher(Launcher):
             if r not in self._exited_at and p.exitcode is not None:
                 self._exited_at[r] = now
 
+    def _report_progress(self, *, force: bool = False) -> None:
+        """Pass the querier's latest "batch i/n done" to ``progress`` (at most 5 times a second)."""
+        now = time.monotonic()
+        if self.progress is None or (not force and now - self._progress_checked < 0.2):
+            return
+        self._progress_checked = now
+        seen = read_progress(progress_file(self.run_dir, self.federation.querier_rank))
+        if seen is not None and seen != self._progress_seen:
+            self._progress_seen = seen
+            self.progress(*seen)
+
     def _frozen(self) -> int | None:
         """A live party whose heartbeat is older than ``hang_timeout_s`` (None if all beat)."""
         now = time.time()
@@ -172,7 +188,9 @@ class LocalLauncher(Launcher):
                 if any(p.exitcode not in (None, 0) for p in self.procs):
                     self._fail()
                 if all(self.procs[r].exitcode == 0 for r in compute):
+                    self._report_progress(force=True)
                     break
+                self._report_progress()
                 frozen = self._frozen()
                 if frozen is not None:
                     self.terminate()

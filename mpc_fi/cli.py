@@ -71,6 +71,45 @@ def check_output(output: str | None) -> None:
                           key="--output")
 
 
+class _ProgressBar:
+    """A tqdm bar over the querier's batches, on a terminal only (quiet when stderr is not a
+    TTY: logs, pipes, CI). Used as ``Federation(..., progress=bar)``."""
+
+    def __init__(self, enabled: bool | None = None) -> None:
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.bar = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            from tqdm import tqdm  # noqa: PLC0415
+
+            self.bar = tqdm(total=total, unit="batch", desc="secure inference", file=sys.stderr,
+                            leave=False)
+        self.bar.total = total
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _report_run_dir(result) -> None:  # noqa: ANN001 - a RunResult
+    if result.run_dir_kept:
+        _step(f"party logs in {result.run_dir}")
+    else:
+        _step(f"party logs removed with their temporary folder {result.run_dir} after the "
+              "successful run (--keep-run-dir keeps them)")
+
+
+def _federation_kwargs(args: argparse.Namespace, bar: _ProgressBar) -> dict:
+    return {"timeout_s": args.timeout, "run_dir": args.run_dir,
+            "memory_limit_mb": args.memory_limit_mb, "keep_run_dir": args.keep_run_dir,
+            "progress": bar}
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .federation import Federation  # noqa: PLC0415
 
@@ -81,10 +120,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         fed = FederationConfig.load(args.federation)
         _step(f"running federation {args.federation}: {fed.num_owners} owners, mode {fed.mode}, "
               f"protocol {fed.protocol.name}")
-        result = Federation(fed, timeout_s=args.timeout, run_dir=args.run_dir,
-                            memory_limit_mb=args.memory_limit_mb).run()
+        bar = _ProgressBar()
+        try:
+            result = Federation(fed, **_federation_kwargs(args, bar)).run()
+        finally:
+            bar.close()
         _emit_labels(result.prediction.labels, args.output)
         _print_costs(result.costs)
+        _report_run_dir(result)
         return 0
     return _run_demo(args, Federation)
 
@@ -123,10 +166,15 @@ def _run_demo(args: argparse.Namespace, Federation) -> int:  # noqa: N803 - a cl
           f"{args.dealer}, {args.owners} owners + querier"
           + (" + dealer" if args.dealer == "ttp" else "") + " as processes) ...")
     t1 = time.perf_counter()
-    result = Federation(setup.federation, timeout_s=args.timeout, run_dir=args.run_dir,
-                        memory_limit_mb=args.memory_limit_mb).run(x)
+    bar = _ProgressBar()
+    try:
+        result = Federation(setup.federation, **_federation_kwargs(args, bar)).run(x)
+    finally:
+        bar.close()
     secure = result.prediction.labels
-    _step(f"      done in {time.perf_counter() - t1:.1f} s (party logs in {result.run_dir})")
+    kept = f"party logs in {result.run_dir}" if result.run_dir_kept else \
+        "party logs removed after the successful run; --keep-run-dir keeps them"
+    _step(f"      done in {time.perf_counter() - t1:.1f} s ({kept})")
 
     _step("[4/4] results")
     answered = secure != -1
@@ -149,7 +197,7 @@ def cmd_party(args: argparse.Namespace) -> int:
     fed = FederationConfig.load(args.federation)
     launcher = lookup(LAUNCHERS, "host", key="launcher")(
         fed, party=args.party, run_dir=args.run_dir, timeout_s=args.timeout,
-        memory_limit_mb=args.memory_limit_mb)
+        memory_limit_mb=args.memory_limit_mb, keep_run_dir=args.keep_run_dir)
     results = launcher.run()
     out = results.get(fed.querier_rank)
     if out is not None and "labels" in out:
@@ -201,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "(scikit-learn's bundled digits, owners trained at start-up on a non-IID split, "
                     "the querier holding the held-out split); it prints each owner's accuracy, the "
                     "plaintext and secure ensemble accuracies, their label agreement and the cost "
-                    "per party.")
+                    "per party. On a terminal, a progress bar follows the querier's batches; the "
+                    "output names the folder of the party logs.")
     run.add_argument("--federation", metavar="FILE", help="run this federation file instead of the demo")
     run.add_argument("--output", metavar="FILE.npy", help="with --federation: save the labels here")
     demo = run.add_argument_group("demo options (ignored with --federation)")
@@ -220,10 +269,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--dealer", default="ttp", choices=["ttp", "insecure-party-dealer"],
                       help="source of correlated randomness (default: a separate trusted dealer)")
     demo.add_argument("--queries", type=int, help="answer only the first N held-out queries")
-    demo.add_argument("--batch-size", type=int, default=256, help="queries per secure batch (default 256)")
+    demo.add_argument("--batch-size", type=int, default=None,
+                      help="queries per secure batch (default: as few batches as the parties' "
+                           "memory allows)")
     demo.add_argument("--workdir", help="where owners' weight files go (default: a temporary folder)")
     run.add_argument("--timeout", type=float, default=900.0, help="bound on the run in seconds (default 900)")
-    run.add_argument("--run-dir", help="folder for party logs (default: a temporary folder)")
+    run.add_argument("--run-dir", help="folder for party logs and results, kept after the run "
+                                       "(default: a temporary folder, removed after a successful "
+                                       "run; a failed run keeps it and the error names it)")
+    run.add_argument("--keep-run-dir", action="store_true",
+                     help="keep the temporary run folder (party logs) after a successful run too")
     run.add_argument("--memory-limit-mb", type=float, metavar="MIB",
                      help="working memory per party for one batch; larger batches are split "
                           "(default: half of this host's available memory, shared by the parties)")
@@ -240,7 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
     party.add_argument("--party", metavar="NAME", help="this host's party (default: from RANK)")
     party.add_argument("--output", metavar="FILE.npy", help="querier only: save the labels here")
     party.add_argument("--timeout", type=float, default=900.0, help="bound on the run in seconds (default 900)")
-    party.add_argument("--run-dir", help="folder for this party's log and result")
+    party.add_argument("--run-dir", help="folder for this party's log and result (default: a "
+                                         "temporary folder, removed after a successful run)")
+    party.add_argument("--keep-run-dir", action="store_true",
+                       help="keep the temporary run folder after a successful run too")
     party.add_argument("--memory-limit-mb", type=float, metavar="MIB",
                        help="working memory of this party for one batch; larger batches are "
                             "split, a query that cannot fit is refused on every party (default: "

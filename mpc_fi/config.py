@@ -350,7 +350,8 @@ class FederationConfig:
     reveal: str = "label"
     dealer: str = "ttp"
     network: NetworkConfig = field(default_factory=NetworkConfig)
-    batch_size: int = 256
+    #: queries per secure batch; None (default): as few batches as the parties' memory allows
+    batch_size: int | None = None
     precision_bits: int = 16
     privacy: PrivacyConfig | None = None  # the querier's DP budget (DP protocols only)
 
@@ -386,9 +387,11 @@ class FederationConfig:
                               key="dealer")
         if self.reveal not in ("label", "scores"):
             raise ConfigError(f"must be 'label' or 'scores', got {self.reveal!r}", key="reveal")
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) \
-                or not 1 <= self.batch_size <= 65536:
-            raise ConfigError(f"must be an integer in 1..65536, got {self.batch_size!r}",
+        if self.batch_size is not None and (
+                isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int)
+                or not 1 <= self.batch_size <= 65536):
+            raise ConfigError("must be an integer in 1..65536, or left out to answer in as few "
+                              f"batches as memory allows; got {self.batch_size!r}",
                               key="batch_size")
         if isinstance(self.precision_bits, bool) or not isinstance(self.precision_bits, int) \
                 or not 8 <= self.precision_bits <= 16:
@@ -501,7 +504,7 @@ class FederationConfig:
             protocol=ProtocolConfig.from_value(data.get("protocol", "soft_vote"), "protocol"),
             reveal=data.get("reveal", "label"), dealer=data.get("dealer", "ttp"),
             network=NetworkConfig.from_dict(data.get("network") or {}, "network"),
-            batch_size=data.get("batch_size", 256), precision_bits=data.get("precision_bits", 16),
+            batch_size=data.get("batch_size"), precision_bits=data.get("precision_bits", 16),
             privacy=privacy,
         )
 

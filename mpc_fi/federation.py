@@ -21,7 +21,7 @@ import contextlib
 import fcntl
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -49,7 +49,13 @@ class Federation:
     timeout_s:
         Bound on one whole run; past it every party is stopped and ``PartyFailedError`` raised.
     run_dir:
-        Folder for party logs and results (a fresh temporary folder per run by default).
+        Folder for party logs and results. By default a fresh temporary folder per run, removed
+        after a successful run unless ``keep_run_dir``; a failed run keeps it and its error
+        names it. A folder given here is never removed.
+    keep_run_dir:
+        Keep the temporary run folder (party logs) after a successful run too.
+    progress:
+        ``progress(done, total)``, called as the querier finishes batches (local launcher).
     memory_limit_mb:
         Working memory each party may use for one batch, in MiB. A ``batch_size`` that would
         need more is split into smaller batches (same answers); a single query that needs more is
@@ -59,12 +65,15 @@ class Federation:
 
     def __init__(self, config: FederationConfig | str | os.PathLike[str], *, launcher: str = "local",
                  timeout_s: float = 600.0, run_dir: str | os.PathLike[str] | None = None,
-                 memory_limit_mb: float | None = None) -> None:
+                 memory_limit_mb: float | None = None, keep_run_dir: bool = False,
+                 progress: Callable[[int, int], None] | None = None) -> None:
         self.config = config if isinstance(config, FederationConfig) else FederationConfig.load(config)
         self._launcher_cls = lookup(LAUNCHERS, launcher, key="launcher")
         self.timeout_s = timeout_s
         self.run_dir = run_dir
         self.memory_limit_mb = memory_limit_mb
+        self.keep_run_dir = keep_run_dir
+        self.progress = progress
 
     def run(self, X: Any | None = None) -> RunResult:
         """Answer every query in ``X`` (or in ``querier.data`` when ``X`` is None).
@@ -81,15 +90,21 @@ class Federation:
             if plan:
                 budget, worst, _ = plan
                 budget.check(fed.querier.name, worst)  # raises before any party starts
+            extra: dict[str, Any] = {}  # only when asked: other launchers may not take them
+            if self.keep_run_dir:
+                extra["keep_run_dir"] = True
+            if self.progress is not None:
+                extra["progress"] = self.progress
             launcher = self._launcher_cls(fed, run_dir=self.run_dir, timeout_s=self.timeout_s,
-                                          memory_limit_mb=self.memory_limit_mb)
+                                          memory_limit_mb=self.memory_limit_mb, **extra)
             results = launcher.run(query=query)
             out = results[fed.querier_rank]
             prediction = Prediction(labels=out["labels"], scores=out["scores"])
             if plan:
                 self._charge(protocol_cls, plan, prediction)
         costs = tuple(PartyCost(**results[r]["cost"]) for r in sorted(results))
-        return RunResult(prediction=prediction, costs=costs, run_dir=str(Path(launcher.run_dir)))
+        return RunResult(prediction=prediction, costs=costs, run_dir=str(Path(launcher.run_dir)),
+                         run_dir_kept=Path(launcher.run_dir).exists())
 
     # -- differential privacy -------------------------------------------------------------
     def _privacy_plan(self, protocol_cls: Any, query: np.ndarray | None

@@ -48,6 +48,8 @@ from .runtime import Session, SessionSpec
 #: Largest |value| accepted in a query or model output before sharing. Fixed-point products are
 #: formed at scale 2**(2*precision) inside 64-bit integers; this keeps them far from overflow.
 MAX_ABS_VALUE = MAX_QUERY_VALUE
+#: Rows per batch when ``batch_size`` is unset and no party can tell how much memory it has.
+UNPLANNED_BATCH_ROWS = 256
 
 
 @dataclass(frozen=True)
@@ -195,17 +197,27 @@ class _Party:
             self._share_parameters()
 
     def _plan_batches(self) -> int:
-        """Rows per batch that fit every party's memory; the same on every party (or refuse)."""
+        """Rows per batch that fit every party's memory; the same on every party (or refuse).
+
+        With ``batch_size`` unset, as many rows as the tightest party's plan allows (all the
+        queries in one batch when they fit): fewer batches mean fewer rounds, and a batch's
+        rounds barely grow with its rows. A party that cannot tell its memory plans
+        :data:`UNPLANNED_BATCH_ROWS` rows.
+        """
         fed = self.fed
         per_row = row_bytes(input_shape=self.input_shape, num_owners=fed.num_owners,
                             protocol_elements=self.protocol.row_elements,
                             archs=self.archs if fed.mode == "full" else ())
+        requested = fed.batch_size
+        want = max(1, self.num_queries) if requested is None else requested
 
         def plan() -> tuple[int, float | None]:
             limit = self.ctx.memory_limit_mb
             if limit is None:
                 limit = auto_limit_mb()
-            return plan_rows(fed.batch_size, per_row, limit), limit
+            if limit is None and requested is None:
+                return min(want, UNPLANNED_BATCH_ROWS), None
+            return plan_rows(want, per_row, limit), limit
 
         _, plans = self._agree(plan, wire.BATCH_PLAN, "batch plan")
         tightest = min(range(len(plans)), key=lambda r: (plans[r][0], r))
@@ -213,10 +225,16 @@ class _Party:
         who = self.fed.party_names[tightest]
         if rows < 1:
             raise InputError(refuse_message(party=who, limit_mb=its_limit, per_row=per_row))
-        if rows < min(fed.batch_size, self.num_queries):
+        batches = math.ceil(self.num_queries / rows) if self.num_queries else 0
+        if requested is None:
+            limit_text = "unknown" if its_limit is None else f"{its_limit:.0f} MiB"
+            self.log.info("batch size from the memory plan: %d queries in %d batch(es) of up to "
+                          "%d (about %.1f KiB per query on shares; party %s may use %s)",
+                          self.num_queries, batches, rows, per_row / 1024, who, limit_text)
+        elif rows < min(requested, self.num_queries):
             self.log.warning("batch_size %d would need about %.0f MiB per batch on shares; party %s "
                              "may use %.0f MiB: answering in batches of %d queries",
-                             fed.batch_size, fed.batch_size * per_row / 2**20, who, its_limit, rows)
+                             requested, requested * per_row / 2**20, who, its_limit, rows)
         return rows
 
     def _querier_meta(self) -> tuple[int, tuple[int, ...]]:

@@ -33,6 +33,10 @@ class Prediction:
 
 @dataclass(frozen=True)
 class RunResult:
+    """A run's answers, each party's cost, and its run folder (``run_dir_kept`` False: the
+    temporary folder was removed after the successful run)."""
+
     prediction: Prediction
     costs: tuple[PartyCost, ...]
     run_dir: str
+    run_dir_kept: bool = True

@@ -30,19 +30,21 @@ import math
 import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
 
 from mpc_fi import plain
 from mpc_fi.errors import ConfigError, ProtocolError
-from mpc_fi.privacy import QueryCost
 from mpc_fi.result import Prediction
 
 from . import plain_ops, secure_ops
 from .noise import NoiseSource, SystemNoise
 from .ops import Ops, PlainOps, SecureOps
+
+if TYPE_CHECKING:  # dp-accounting and scipy load only with a differentially private protocol
+    from mpc_fi.privacy import QueryCost
 
 
 @dataclasses.dataclass(frozen=True)
