@@ -702,11 +702,16 @@ def _make_channel(logging_wrapper: Callable[[Callable[..., Any]], Callable[..., 
         group = self.main_group if group is None else group
         payload, own = _try_encode(obj, OBJECT_LIMIT)
         size = torch.tensor([-1 if payload is None else len(payload)], dtype=torch.int64)
-        dist.isend(size, dst=dst, group=group).wait()
+        first = dist.isend(size, dst=dst, group=group)
         if payload is None:
+            first.wait()
             raise WireFormatError(f"rank {self.get_rank()} could not send an object: {own}",
                                   rank=self.get_rank())
-        dist.isend(_bytes_tensor(payload), dst=dst, group=group).wait()
+        # Both sends in flight before waiting, as CrypTen does: waiting for the length to land
+        # before sending the bytes costs a round trip per message (every dealer request).
+        second = dist.isend(_bytes_tensor(payload), dst=dst, group=group)
+        first.wait()
+        second.wait()
 
     def recv_obj(self: Any, src: int, group: Any = None) -> Any:
         group = self.main_group if group is None else group
