@@ -44,9 +44,14 @@ from typing import Any
 from urllib.parse import urlparse
 
 from mpc_fi.config import FederationConfig
-from mpc_fi.errors import ConfigError, PartyFailedError
+from mpc_fi import wire
+from mpc_fi.errors import ConfigError, MpcFiError, PartyFailedError
 
 ROLL_CALL = "mpc-fi/roll-call"
+#: What a party announces at the roll call (mpc_fi.wire schema), and its size limit in bytes.
+ROLL_CALL_WIRE = wire.Record({"name": wire.Str(64), "address": wire.Str(64),
+                              "pid": wire.Int(0, 1 << 31), "host": wire.Str(255)})
+ROLL_CALL_LIMIT = 1024
 
 #: Filled by the roll call: rank -> what the party announced (name, address, pid, host).
 PEERS: dict[int, dict[str, Any]] = {}
@@ -234,9 +239,11 @@ def roll_call(federation: FederationConfig, *, host: str, port: int, rank: int, 
         time.sleep(0.05)
     PEERS.clear()
     for r, key in enumerate(keys):
+        # A peer's roll-call entry only labels addresses in error messages; it is read as
+        # size-limited JSON against a fixed schema, and ignored (name only) if it is not that.
         try:
-            PEERS[r] = json.loads(store.get(key))
-        except (RuntimeError, ValueError):
+            PEERS[r] = wire.decode(bytes(store.get(key)), ROLL_CALL_WIRE, limit=ROLL_CALL_LIMIT)
+        except (RuntimeError, MpcFiError):
             PEERS[r] = {"name": federation.party_names[r]}
     return store
 

@@ -174,3 +174,16 @@ def test_the_rendezvous_store_listens_on_the_configured_address_only(kind):
     stores[1].set("k", "v")  # the store still works through that one socket
     assert stores[0].get("k") == b"v"
     stores.clear()
+
+
+def test_a_peers_roll_call_entry_is_read_against_a_fixed_schema():
+    import json
+
+    from mpc_fi import wire
+    from mpc_fi.errors import WireFormatError
+
+    good = json.dumps({"name": "owner0", "address": "127.0.0.1", "pid": 7, "host": "h"}).encode()
+    assert wire.decode(good, rendezvous.ROLL_CALL_WIRE, limit=rendezvous.ROLL_CALL_LIMIT)["pid"] == 7
+    for bad in (b"\x80\x04K\x01.", b"{" * 5000, json.dumps({"name": "x", "extra": 1}).encode()):
+        with pytest.raises(WireFormatError):
+            wire.decode(bad, rendezvous.ROLL_CALL_WIRE, limit=rendezvous.ROLL_CALL_LIMIT)
