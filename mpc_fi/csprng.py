@@ -84,7 +84,7 @@ def _zeros(n: int) -> memoryview:
 def _size(size: Any) -> tuple[int, ...]:
     if isinstance(size, int):
         return (size,)
-    if len(size) == 1 and not isinstance(size[0], int):  # f(*size) and f(size) both occur
+    if len(size) == 1 and hasattr(size[0], "__len__"):  # f(*size) and f(size) both occur
         return tuple(int(s) for s in size[0])
     return tuple(int(s) for s in size)
 
