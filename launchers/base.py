@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import pickle
+import json
+import zipfile
 import shutil
 import signal
 import tempfile
@@ -18,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from mpc_fi import records
 from mpc_fi.config import FederationConfig
 from mpc_fi.errors import InsecureSettingWarning, MpcFiError, Terminated
 from mpc_fi.memory import check_limit
@@ -193,10 +195,16 @@ def insecure_settings(federation: FederationConfig) -> list[str]:
 
 
 def write_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "wb") as fh:
-        pickle.dump(obj, fh)
-    tmp.replace(path)
+    """A party's result or error record for its launcher (:mod:`mpc_fi.records`, never pickle)."""
+    records.save(path, obj)
+
+
+def read_record(path: Path) -> Any:
+    """A record :func:`write_atomic` wrote; ``ValueError`` if it is missing or not a record."""
+    try:
+        return records.load(path)
+    except (OSError, KeyError, EOFError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
+        raise ValueError(f"no readable record at {path}: {exc}") from None
 
 
 def wait_until(predicate, timeout_s: float, step_s: float = 0.05) -> bool:

@@ -36,11 +36,11 @@ HEARTBEAT_S = 1.0
 
 
 def result_file(run_dir: Path, rank: int) -> Path:
-    return run_dir / f"result-{rank}.pkl"
+    return run_dir / f"result-{rank}.npz"
 
 
 def error_file(run_dir: Path, rank: int) -> Path:
-    return run_dir / f"error-{rank}.pkl"
+    return run_dir / f"error-{rank}.npz"
 
 
 def heartbeat_file(run_dir: Path, rank: int) -> Path:
@@ -73,7 +73,7 @@ def clear_previous_run(run_dir: Path, rank: int, name: str) -> None:
     blamed on this party as a freeze, its error and result files taken for this run's. They
     are removed; its log is kept once, as ``party-<rank>-<name>.log.1``."""
     for path in (heartbeat_file(run_dir, rank), error_file(run_dir, rank),
-                 result_file(run_dir, rank), run_dir / f"audit-{rank}.pkl",
+                 result_file(run_dir, rank), run_dir / f"audit-{rank}.npz",
                  progress_file(run_dir, rank)):
         for stale in (path, path.with_name(path.name + ".tmp")):
             stale.unlink(missing_ok=True)
@@ -151,7 +151,7 @@ def party_main(federation: FederationConfig, rank: int, run_dir: str, env: dict[
     ``threads`` caps torch's intra-op threads in this process (None: torch's default; the local
     launcher runs every party on one machine and passes 1); ``echo_stderr`` copies the log lines
     to stderr as well (one party per host); ``audit`` records this party's outgoing traffic and
-    decryptions in ``audit-<rank>.pkl`` (:mod:`mpc_fi.audit`; tests only, it weakens security);
+    decryptions in ``audit-<rank>.npz`` (:mod:`mpc_fi.audit`; tests only, it weakens security);
     ``memory_limit_mb`` bounds the party's working memory for a batch (None: half of what this
     host has available).
     """
@@ -184,7 +184,7 @@ def party_main(federation: FederationConfig, rank: int, run_dir: str, env: dict[
         log.warning("INSECURE SETTING: %s", message)
     if audit:
         log.warning("INSECURE SETTING: wire audit on: this party's shares and opened values are "
-                    "written to %s", run_path / f"audit-{rank}.pkl")
+                    "written to %s", run_path / f"audit-{rank}.npz")
     # SIGTERM from the launcher: leave quickly, as after Ctrl-C.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     code, payload = 0, None
@@ -193,7 +193,7 @@ def party_main(federation: FederationConfig, rank: int, run_dir: str, env: dict[
         rendezvous.install(federation, rank, federation.network.timeout_s)
         payload = run_party(PartyContext(
             federation=federation, rank=rank, query=query, memory_limit_mb=memory_limit_mb,
-            audit_path=str(run_path / f"audit-{rank}.pkl") if audit else None))
+            audit_path=str(run_path / f"audit-{rank}.npz") if audit else None))
         if watch is not None and watch.broken:
             raise PartyFailedError(
                 f"the dealer lost its connection to the parties before party "

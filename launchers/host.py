@@ -14,7 +14,6 @@ the dealer included). See ``docs/multihost.md``.
 from __future__ import annotations
 
 import os
-import pickle
 import sys
 import threading
 from collections.abc import Mapping
@@ -26,7 +25,7 @@ from mpc_fi import errors
 from mpc_fi.config import FederationConfig
 from mpc_fi.errors import ConfigError, PartyFailedError
 
-from .base import Launcher, write_atomic
+from .base import Launcher, read_record, write_atomic
 from .entry import clear_previous_run, error_file, logging_shutdown, party_env, party_main, \
     result_file
 from .rendezvous import gloo_interface, is_loopback, parse_tcp
@@ -173,17 +172,15 @@ class HostLauncher(Launcher):
         finally:
             self._done.set()
         if self._code == 0:
-            with open(result_file(self.run_dir, rank), "rb") as fh:
-                return {rank: pickle.load(fh)}
+            return {rank: read_record(result_file(self.run_dir, rank))}
         self._raise()
         raise AssertionError("unreachable")
 
     def _raise(self) -> None:
         fed, rank = self.federation, self.rank
         try:
-            with open(error_file(self.run_dir, rank), "rb") as fh:
-                rec = pickle.load(fh)
-        except (OSError, pickle.UnpicklingError, EOFError):
+            rec = read_record(error_file(self.run_dir, rank))
+        except ValueError:
             rec = {"type": "PartyFailedError", "message": f"exit code {self._code}"}
         if rec["type"] == "KeyboardInterrupt":
             raise KeyboardInterrupt

@@ -23,8 +23,8 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
-import pickle
-import queue as queue_mod
+import shutil
+import tempfile
 import socket
 import time
 import traceback
@@ -41,7 +41,7 @@ from mpc_fi.logs import setup_party_logging
 from mpc_fi.memory import auto_limit_mb
 
 from . import lifeline
-from .base import Launcher, sigterm_raises, wait_until
+from .base import Launcher, read_record, sigterm_raises, wait_until, write_atomic
 from .entry import child_main, clear_previous_run, error_file, heartbeat_file, party_env, \
     progress_file, read_progress, result_file
 
@@ -139,8 +139,7 @@ class LocalLauncher(Launcher):
                              timeout_s=timeout_s, log_dir=log_dir, star=star)
 
     def _read(self, path) -> Any:
-        with open(path, "rb") as fh:
-            return pickle.load(fh)
+        return read_record(path)
 
     def _note_exits(self) -> None:
         now = time.monotonic()
@@ -241,7 +240,7 @@ class LocalLauncher(Launcher):
             if path.exists():
                 try:
                     records[r] = self._read(path)
-                except (OSError, pickle.UnpicklingError, EOFError):
+                except ValueError:
                     pass
         # Prefer an error the parties agreed on (a user-facing MpcFiError subclass).
         for r, rec in sorted(records.items()):
@@ -287,7 +286,7 @@ def _role(rank: int, world: int) -> str:
 
 def _child(rank: int, world: int, port: int, dealer: str, precision_bits: int,
            fn: Callable[..., Any], payload: Any, star: bool, log_dir: str | None,
-           out: Any, audit_dir: str | None = None,
+           out: str, audit_dir: str | None = None,
            launcher: tuple[int, int | None] | None = None) -> None:
     if launcher is not None:  # never outlive the calling process (see launchers.lifeline)
         lifeline.exit_when_gone(*launcher, code=PartyFailedError.exit_code)
@@ -319,21 +318,24 @@ def _child(rank: int, world: int, port: int, dealer: str, precision_bits: int,
             session.start()
             if session.role == "dealer":
                 session.serve_dealer()
-                out.put((rank, "ok", None))
+                write_atomic(_outcome(out, rank), {"status": "ok", "value": None})
                 return
             value = fn(rank, *payload) if star else fn(rank, payload)
             session.close()  # after a success only: party 0 then tells the dealer to stop
         finally:
             if recorder is not None:
                 recorder.uninstall()
-                recorder.dump(str(Path(audit_dir) / f"audit-{rank}.pkl"))
+                recorder.dump(str(Path(audit_dir) / f"audit-{rank}.npz"))
         log.info("done")
-        # Plain pickle, not the queue's: torch's reducer would pass tensors as shared-memory
-        # handles that die with this process.
-        out.put((rank, "ok", pickle.dumps(value)))
+        # A record file, not a queue: nothing a party hands back is unpickled (mpc_fi.records).
+        write_atomic(_outcome(out, rank), {"status": "ok", "value": value})
     except BaseException:  # noqa: BLE001 - every failure goes back to the parent, keyed by rank
         log.error("failed:\n%s", traceback.format_exc())
-        out.put((rank, "error", traceback.format_exc()))
+        write_atomic(_outcome(out, rank), {"status": "error", "value": traceback.format_exc()})
+
+
+def _outcome(folder: str, rank: int) -> Path:
+    return Path(folder) / f"outcome-{rank}.npz"
 
 
 def run_functions(fn: Callable[..., Any], payloads: Sequence[Any], *, dealer: str = "ttp",
@@ -345,7 +347,8 @@ def run_functions(fn: Callable[..., Any], payloads: Sequence[Any], *, dealer: st
     Parameters
     ----------
     fn:
-        A module-level function returning plain Python / numpy values (they are pickled).
+        A module-level function returning plain Python values, numpy arrays and tensors (handed
+        back as :mod:`mpc_fi.records`, never pickle; anything else fails that party).
     payloads:
         One per computing party: owners ``0..N-1``, then the querier.
     dealer:
@@ -356,7 +359,7 @@ def run_functions(fn: Callable[..., Any], payloads: Sequence[Any], *, dealer: st
     log_dir:
         One log per party there (``party-<rank>.log``); None: warnings to stderr only.
     audit_dir:
-        Record every party's and the dealer's traffic there (``audit-<rank>.pkl``,
+        Record every party's and the dealer's traffic there (``audit-<rank>.npz``,
         :mod:`mpc_fi.audit`; tests only: it writes shares and keys to disk).
 
     Raises :class:`~mpc_fi.errors.PartyFailedError` naming the first party that failed, with every
@@ -367,7 +370,7 @@ def run_functions(fn: Callable[..., Any], payloads: Sequence[Any], *, dealer: st
         raise ValueError("need at least two computing parties")
     total = world + (1 if dealer == "ttp" else 0)
     ctx = _forkserver()
-    out = ctx.Queue()
+    out = tempfile.mkdtemp(prefix="mpc-fi-fn-")  # each party's outcome record lands here
     port = free_port()
     procs = [ctx.Process(target=_child, daemon=True, name=f"mpc-fi-fn-{rank}",
                          args=(rank, world, port, dealer, precision_bits, fn,
@@ -382,22 +385,23 @@ def run_functions(fn: Callable[..., Any], payloads: Sequence[Any], *, dealer: st
     deadline = time.monotonic() + timeout_s
     try:
         while len(results) < total and time.monotonic() < deadline:
-            try:
-                rank, status, value = out.get(timeout=0.5)
-            except queue_mod.Empty:
-                if any(p.exitcode not in (None, 0)
-                       for r, p in enumerate(procs) if r not in results):
-                    break
-                continue
-            results[rank] = (status, pickle.loads(value) if status == "ok" and value else value)
-            if status == "error":
+            for rank in range(total):
+                if rank not in results and _outcome(out, rank).exists():
+                    rec = read_record(_outcome(out, rank))
+                    results[rank] = (rec["status"], rec["value"])
+            if any(status == "error" for status, _ in results.values()):
                 break
+            if any(p.exitcode not in (None, 0) for r, p in enumerate(procs)
+                   if r not in results and not _outcome(out, r).exists()):
+                break
+            time.sleep(0.02)
     finally:
         for p in procs:
             p.join(0.1 if len(results) < total else 10)
             if p.is_alive():
                 p.kill()
                 p.join(5)
+        shutil.rmtree(out, ignore_errors=True)
     failed = {r: v for r, (s, v) in results.items() if s == "error"}
     dead = {r: f"exited with code {p.exitcode}" for r, p in enumerate(procs)
             if r not in results and p.exitcode not in (None, 0, -9)}

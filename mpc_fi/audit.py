@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import pickle
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -41,7 +40,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import wire
+from . import records, wire
 from .csprng import CSPRNG
 
 #: torch.distributed calls whose first tensor argument is (part of) what this rank sends.
@@ -318,14 +317,18 @@ class WireAudit:
             ACTIVE = None
 
     def dump(self, path: str) -> None:
-        with open(path, "wb") as fh:
-            pickle.dump(self.log, fh)
+        records.save(path, self.log)
 
 
 def load(path: str) -> AuditLog:
-    """Read an audit file this project wrote (a local test artifact, never a peer's bytes)."""
-    with open(path, "rb") as fh:
-        return pickle.load(fh)
+    """Read an audit file :meth:`WireAudit.dump` wrote (:mod:`mpc_fi.records`, never pickle)."""
+    raw = records.load(path)
+    return AuditLog(
+        rank=raw["rank"], sent=[WireRecord(**r) for r in raw["sent"]],
+        decryptions=[tuple(d) for d in raw["decryptions"]],
+        sites=[Site(s["kind"], s["name"], s["seq"], [MaskedPart(**p) for p in s["parts"]],
+                    s["info"]) for s in raw["sites"]],
+        dealer_keys=raw["dealer_keys"])
 
 
 # ---------------------------------------------------------------------------------------------

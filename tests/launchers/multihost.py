@@ -5,7 +5,6 @@ Used by ``test_netns.py`` and by ``measure_links.py`` (the LAN/WAN cost table).
 
 from __future__ import annotations
 
-import pickle
 import shutil
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from typing import Any
 import yaml
 
 from fedkit import wait_for_line  # noqa: F401 - re-exported for the tests
+from mpc_fi import records
 from netns import Topology
 
 MPC_FI = str(Path(sys.executable).with_name("mpc-fi"))
@@ -55,11 +55,10 @@ class HostRun:
         return codes
 
     def result(self, name: str) -> dict[str, Any] | None:
-        path = self.run_dir / name / f"result-{self.names.index(name)}.pkl"
+        path = self.run_dir / name / f"result-{self.names.index(name)}.npz"
         if not path.exists():
             return None
-        with open(path, "rb") as fh:
-            return pickle.load(fh)
+        return records.load(path)
 
 
 def federation_for(topology: Topology, source: Path, target: Path, *,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import pickle
 import re
 import signal
 import subprocess
@@ -19,6 +18,7 @@ from fedkit import alive, listening, logged_pids, session_members, wait_for_line
 from launchers import LocalLauncher
 from launchers.base import sigterm_raises
 from mpc_fi.cli import build_parser
+from mpc_fi import records
 from mpc_fi.config import FederationConfig
 from mpc_fi.errors import EXIT_CODES, PartyFailedError, Terminated
 
@@ -81,15 +81,13 @@ def test_a_reused_run_dir_ignores_the_previous_runs_files(small_federation, tmp_
         heartbeat.touch()
         os.utime(heartbeat, (hour_ago, hour_ago))
         (tmp_path / f"party-{rank}-{name}.log").write_text("a line of the previous run\n")
-    with open(tmp_path / "error-0.pkl", "wb") as fh:
-        pickle.dump({"type": "ConfigError", "message": "stale", "party": "owner0", "rank": 0,
-                     "phase": None}, fh)
-    with open(tmp_path / "result-2.pkl", "wb") as fh:
-        pickle.dump({"labels": np.full(len(twin), 99)}, fh)
+    records.save(tmp_path / "error-0.npz", {"type": "ConfigError", "message": "stale",
+                                            "party": "owner0", "rank": 0, "phase": None})
+    records.save(tmp_path / "result-2.npz", {"labels": np.full(len(twin), 99)})
     launcher = LocalLauncher(fed, run_dir=tmp_path, timeout_s=180)
     launcher.start()
     try:
-        assert not (tmp_path / "error-0.pkl").exists()
+        assert not (tmp_path / "error-0.npz").exists()
         results = launcher.wait()
     finally:
         launcher.terminate()
@@ -248,4 +246,4 @@ def test_the_federation_never_outlives_its_launcher(long_federation, tmp_path, h
     assert len(pids) == 4 and not any(alive(pid) for pid in pids.values())
     # They stopped; they did not finish the run.
     assert "batch 120/120" not in querier_log.read_text()
-    assert not list(run_dir.glob("result-*.pkl"))
+    assert not list(run_dir.glob("result-*.npz"))

@@ -71,7 +71,7 @@ def test_only_the_release_is_opened_and_no_secret_crosses_the_wire(federation_fa
     x = np.random.default_rng(3).normal(size=(24, 6)).astype(np.float32)
     run_dir = tmp_path / "run"
     LocalLauncher(fed, run_dir=run_dir, audit=True).run(query=x)
-    logs = {r: audit.load(str(run_dir / f"audit-{r}.pkl")) for r in range(len(fed.party_names))}
+    logs = {r: audit.load(str(run_dir / f"audit-{r}.npz")) for r in range(len(fed.party_names))}
     q = fed.querier_rank
 
     # 1. Decryptions: only towards the querier, one release per batch (2 batches).

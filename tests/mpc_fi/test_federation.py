@@ -177,7 +177,7 @@ def test_a_bad_model_output_mid_run_stops_every_party(federation_factory, tmp_pa
         assert "InputError: [owner1] reported a bad model output" in logs[name], name
     if "nan_when" in factory:
         assert "batch 2/3 done" in logs["querier"] and "batch 3/3 done" not in logs["querier"]
-    assert not list(tmp_path.glob("result-[012].pkl"))  # no partial result
+    assert not list(tmp_path.glob("result-[012].npz"))  # no partial result
 
 
 def test_model_returning_the_wrong_shape(federation_factory):

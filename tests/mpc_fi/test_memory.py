@@ -78,7 +78,7 @@ def test_a_query_that_cannot_fit_is_refused_by_every_party(federation_factory, t
     with pytest.raises(InputError, match=r"one query needs about 0.0 MiB of working memory on "
                                          r"shares but party owner0 may use 0.0 MiB"):
         Federation(fed, run_dir=tmp_path, memory_limit_mb=1e-4).run(np.zeros((4, 6), np.float32))
-    assert not [p for p in tmp_path.glob("result-*.pkl") if p.name != "result-3.pkl"]  # 3: dealer
+    assert not [p for p in tmp_path.glob("result-*.npz") if p.name != "result-3.npz"]  # 3: dealer
     for name, text in _logs(tmp_path).items():
         if "dealer" not in name:
             assert "InputError: one query needs about" in text, name

@@ -91,7 +91,7 @@ def _full_mode_ops(rank: int) -> list:
 
 def _audited(mpc, tmp_path, fn, *args):
     results = mpc(fn, WORLD, *args, audit_dir=tmp_path)
-    logs = {r: audit.load(str(tmp_path / f"audit-{r}.pkl")) for r in range(WORLD + 1)}
+    logs = {r: audit.load(str(tmp_path / f"audit-{r}.npz")) for r in range(WORLD + 1)}
     return results, audit.verify(logs, querier=WORLD - 1, dealer=WORLD)
 
 
@@ -100,16 +100,16 @@ def test_an_honest_argmax_passes_and_every_opening_is_checked(mpc, tmp_path):
     assert problems == []
     want = np.eye(4)[[0, 1, 3]]  # ties go to the lowest index
     np.testing.assert_array_equal(np.array(results[WORLD - 1]), want)
-    log = audit.load(str(tmp_path / "audit-0.pkl"))
+    log = audit.load(str(tmp_path / "audit-0.npz"))
     kinds = {s.name for s in log.sites if s.kind == "masked"}
     assert {"compare.and", "compare.bits"} <= kinds
-    assert log.dealer_keys is None and audit.load(str(tmp_path / "audit-3.pkl")).dealer_keys
+    assert log.dealer_keys is None and audit.load(str(tmp_path / "audit-3.npz")).dealer_keys
 
 
 def test_crypten_operations_of_full_mode_pass(mpc, tmp_path):
     results, problems = _audited(mpc, tmp_path, _full_mode_ops)
     assert problems == []
-    names = {s.name for s in audit.load(str(tmp_path / "audit-1.pkl")).sites}
+    names = {s.name for s in audit.load(str(tmp_path / "audit-1.npz")).sites}
     assert {"beaver.matmul", "beaver.mul", "beaver.wraps", "beaver.square",
             "compare.and"} <= names
 
