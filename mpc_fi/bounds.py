@@ -78,6 +78,8 @@ AGGREGATE_RANGE_WIRE = wire.Tuple(wire.Optional(VALUE_RANGE_WIRE),
 
 
 def _probe_logits(num_classes: int, limit: float) -> list[torch.Tensor]:
+    # Public probes, masking nothing: a fixed seed, so that every party derives the same range
+    # and picks the same comparison circuit. Secrets never come from torch's generators.
     gen = torch.Generator().manual_seed(20240611)
     probes = [torch.zeros(2, num_classes, dtype=torch.float64),
               torch.full((2, num_classes), limit, dtype=torch.float64),
@@ -129,7 +131,7 @@ def _integer_weights(protocol: Any, num_owners: int, num_classes: int) -> list[i
             if out.shape != zeros.shape or not torch.all(out == w) or w != round(w):
                 return None
             weights.append(int(round(w)))
-        gen = torch.Generator().manual_seed(7)
+        gen = torch.Generator().manual_seed(7)  # public test values (see _probe_logits)
         parts = [torch.randint(-50, 50, zeros.shape, generator=gen).to(torch.float64)
                  for _ in range(num_owners)]
         if not torch.equal(combined(parts), sum(w * p for w, p in zip(weights, parts))):

@@ -343,7 +343,7 @@ def check_additive(proto: Any) -> None:
     elif getattr(proto, "contribution_width", c) != c:
         why = f"its contributions have {proto.contribution_width} columns, not one per class"
     else:
-        gen = torch.Generator().manual_seed(3)
+        gen = torch.Generator().manual_seed(3)  # public test values for a structural check
         parts = [torch.rand(4, c, generator=gen, dtype=torch.float64) for _ in range(proto.num_owners)]
         try:
             total = torch.as_tensor(proto.combine(parts)).to(torch.float64)
