@@ -413,8 +413,14 @@ def shapley_exact(values: CoalitionValues, *, empty: str = "zero") -> np.ndarray
     acc = values.accuracy()
     if len(acc) != (1 << n) - 1:
         raise ValueError(f"exact Shapley values need all {(1 << n) - 1} coalitions, got {len(acc)}")
+    return shapley_from_values(acc, n, empty_value=values.empty_value(empty))
+
+
+def shapley_from_values(acc: dict[int, float], n: int, *, empty_value: float = 0.0
+                        ) -> np.ndarray:
+    """Exact Shapley values from ``v(S)`` for every non-empty coalition mask ``S``."""
     v = np.zeros(1 << n)
-    v[0] = values.empty_value(empty)
+    v[0] = empty_value
     for mask, a in acc.items():
         v[mask] = a
     size = np.array([bin(s).count("1") for s in range(1 << n)])

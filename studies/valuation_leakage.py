@@ -66,6 +66,7 @@ import numpy as np
 import torch
 
 from .common import Progress, Row, markdown_table, mean_ci
+from .contribution import shapley_from_values
 
 DEFENCES = ("none", "min_validation", "dp", "dp+budget", "min_validation+dp")
 
@@ -233,28 +234,13 @@ def shapley_error(world: ValuationWorld, sigma: float, seed: int) -> dict[str, f
     m = exact.num_queries
     phi = shapley_exact(exact)
     acc = dict(zip(range(1, 1 << n), noisy / m))  # row m - 1 is bitmask m
-    phi_noisy = _shapley_from(acc, n)
+    phi_noisy = shapley_from_values(acc, n)
     own_exact = np.array([exact.accuracy()[1 << i] for i in range(n)])
     own_noisy = np.array([acc[1 << i] for i in range(n)])
     a = merit_shares(phi, own_exact)["shapley"]
     b = merit_shares(phi_noisy, own_noisy)["shapley"]
     return {"shapley_max_error": float(np.abs(phi_noisy - phi).max()),
             "merit_l1_error": float(np.abs(a - b).sum())}
-
-
-def _shapley_from(acc: dict[int, float], n: int) -> np.ndarray:
-    size = np.array([bin(s).count("1") for s in range(1 << n)])
-    v = np.zeros(1 << n)
-    for mask, a in acc.items():
-        v[mask] = a
-    weight = np.array([math.factorial(k) * math.factorial(n - k - 1) / math.factorial(n)
-                       for k in range(n)])
-    phi = np.zeros(n)
-    for i in range(n):
-        bit = 1 << i
-        without = np.array([s for s in range(1 << n) if not s & bit])
-        phi[i] = float(np.sum(weight[size[without]] * (v[without | bit] - v[without])))
-    return phi
 
 
 def _settings(cfg: ValuationLeakageConfig) -> list[dict[str, Any]]:
