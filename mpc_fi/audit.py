@@ -108,7 +108,10 @@ def opening(kind: str, name: str, parts: Callable[[], list[MaskedPart]] | None =
 
 
 def dealer_offset() -> int | None:
-    """Where this party's dealer stream stands (None without a TTP dealer); audits only."""
+    """Where this party's dealer stream stands (None without a TTP dealer or without an audit:
+    the comparison circuits ask on every run, so this costs nothing outside audits)."""
+    if ACTIVE is None:
+        return None
     crypten = sys.modules.get("crypten")
     if crypten is None or crypten.cfg.mpc.provider != "TTP":
         return None
