@@ -80,7 +80,6 @@ class Patches:
     """
 
     def __init__(self) -> None:
-        self.alias = False
         self.originals: dict[str, Any] = {}
         self.components: list[str] = []
 
@@ -127,7 +126,7 @@ def load_crypten() -> types.ModuleType:
     """
     if "crypten" in sys.modules and "csprng" in _PATCHES.components:
         return sys.modules["crypten"]
-    _PATCHES.alias = install_alias() or _PATCHES.alias
+    install_alias()
     _PATCHES.add("onnx-alias")
     import crypten  # noqa: PLC0415 - the only import of crypten in the code base
 
