@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import pickle
 
 import numpy as np
 import pytest
@@ -21,7 +20,7 @@ from torch import nn
 
 from launchers.entry import error_file
 from launchers.local import run_functions
-from mpc_fi import errors, wire
+from mpc_fi import errors, records, wire
 from mpc_fi.bounds import AGGREGATE_RANGE_WIRE, ContributionRange
 from mpc_fi.compare import VALUE_RANGE_WIRE, ValueRange
 from mpc_fi.errors import (HandshakeError, InputError, MpcFiError, PartyFailedError,
@@ -285,8 +284,7 @@ def test_a_rogue_querier_stops_every_honest_party_and_runs_nothing(federation_fa
     why = {"pickle": "not UTF-8", "oversize": f"announced {1 << 40} bytes",
            "schema": "unexpected keys"}[attack]
     for rank in range(fed.num_owners):  # every honest party, on its own
-        with open(error_file(run_dir, rank), "rb") as fh:
-            record = pickle.load(fh)  # our own party's error file, not a peer's bytes
+        record = records.load(error_file(run_dir, rank))  # our own party's error record
         assert record["type"] == "WireFormatError", record
         assert "party querier (rank 2) sent a malformed handshake message" in record["message"]
         assert why in record["message"], record["message"]
