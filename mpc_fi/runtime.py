@@ -48,6 +48,8 @@ class SessionSpec:
     names: tuple[str, ...]
     dealer: str = "ttp"
     precision_bits: int = 16
+    #: each party's public key (Z85 text, by rank) when the parties authenticate; () otherwise
+    public_keys: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.dealer not in DEALERS:
@@ -158,6 +160,22 @@ class Session:
         values = wire.agree(step, schema, group=self.comm.main_group, names=self.spec.names,
                             what=what, on_error=on_error)
         return values[self.rank], values
+
+    def identity_of(self, rank: int) -> str:
+        """The identity party ``rank`` proved in this session, as a stable string.
+
+        ``"key:<fingerprint>"`` when the parties authenticated with keys (the SHA-256 of the
+        party's public key, as the federation file names it); ``"name:<party name>"`` when they
+        did not (loopback only: the processes of one user on one machine).
+        """
+        if not 0 <= rank < len(self.spec.names):
+            raise ValueError(f"rank {rank} is not a seat of {len(self.spec.names)} parties")
+        keys = self.spec.public_keys
+        if keys:
+            from .keys import fingerprint  # noqa: PLC0415
+
+            return "key:" + fingerprint(keys[rank])
+        return "name:" + self.spec.names[rank]
 
     def communication(self) -> tuple[int, int]:
         """CrypTen's counters for this party: (collective calls, bytes)."""
