@@ -187,10 +187,12 @@ def insecure_settings(federation: FederationConfig) -> list[str]:
             f"dealer 'insecure-party-dealer': party {federation.party_names[0]} generates every "
             "Beaver triple and could recover any value opened during the protocol, including other "
             "owners' predictions and (in full mode) the query. Use dealer: ttp outside development.")
-    if not federation.network.is_loopback():
-        out.append(f"parties talk to {federation.network.address} over plaintext TCP (gloo): shares "
-                   "are readable on the wire unless the parties run inside a VPN (WireGuard, or SSH "
-                   "tunnel devices; see docs/multihost.md).")
+    transport = federation.transport()
+    if not federation.network.is_loopback() and transport != "curve":
+        out.append(f"parties talk to {federation.network.address} over plaintext TCP "
+                   f"({transport}): shares are readable on the wire and no party proves who it "
+                   "is unless the parties run inside a VPN (WireGuard; see docs/multihost.md). "
+                   "Name every party's public key under identities (mpc-fi keygen) instead.")
     return out
 
 

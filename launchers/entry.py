@@ -19,13 +19,15 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from mpc_fi import channel, keys
 from mpc_fi.config import FederationConfig
-from mpc_fi.errors import MpcFiError, PartyFailedError
+from mpc_fi.errors import ConfigError, MpcFiError, PartyFailedError
 from mpc_fi.logs import LOGGER_NAME, setup_party_logging
 from mpc_fi.party import PartyContext, run_party
 
@@ -85,12 +87,60 @@ def clear_previous_run(run_dir: Path, rank: int, name: str) -> None:
 def party_env(federation: FederationConfig, rank: int, rendezvous: str,
               gloo_ifname: str | None = None) -> dict[str, str]:
     """What CrypTen reads from the environment. ``WORLD_SIZE`` is CrypTen's: the computing
-    parties only (it adds the dealer itself), not the process count torchrun means by it."""
+    parties only (it adds the dealer itself), not the process count torchrun means by it.
+    ``DISTRIBUTED_BACKEND`` is gloo or mpc-fi's own channels (:mod:`mpc_fi.channel`)."""
+    transport = federation.transport()
     env = {"RANK": str(rank), "WORLD_SIZE": str(federation.compute_world_size),
-           "RENDEZVOUS": rendezvous, "DISTRIBUTED_BACKEND": "gloo"}
-    if gloo_ifname:
+           "RENDEZVOUS": rendezvous,
+           "DISTRIBUTED_BACKEND": "gloo" if transport == "gloo" else channel.BACKEND}
+    if gloo_ifname and transport == "gloo":
         env["GLOO_SOCKET_IFNAME"] = gloo_ifname
     return env
+
+
+def channel_configs(federation: FederationConfig, ranks: Sequence[int], *,
+                    secret_key: str | None = None, listen: str = "127.0.0.1"
+                    ) -> dict[int, channel.ChannelConfig] | None:
+    """Each of ``ranks``' channel settings (None with transport gloo).
+
+    Transport ``curve``: every party's public key comes from the federation's ``identities``;
+    a party's secret key from ``secret_key`` (the path given to ``mpc-fi party --key``) or, by
+    ZeroMQ's convention, from ``NAME.key_secret`` beside the ``NAME.key`` the federation names.
+    On loopback without identities, the parties get one-run keys made here (the local launcher:
+    every process is this user's, on this machine).
+    """
+    transport = federation.transport()
+    if transport == "gloo":
+        return None
+    names, timeout = federation.party_names, federation.network.timeout_s
+    if transport == "zmq":
+        return {r: channel.ChannelConfig(names=names, listen=listen, timeout_s=timeout)
+                for r in ranks}
+    if not federation.identities:
+        pairs = [keys.ephemeral_pair() for _ in names]
+        publics = tuple(p for p, _ in pairs)
+        return {r: channel.ChannelConfig(names=names, public_keys=publics,
+                                         secret_key=pairs[r][1], listen=listen, timeout_s=timeout)
+                for r in ranks}
+    publics = tuple(federation.identities[n].public_key for n in names)
+    out = {}
+    for r in ranks:
+        name, ident = names[r], federation.identities[names[r]]
+        path = secret_key
+        if path is None:
+            if ident.file is None:
+                raise ConfigError(f"where is {name}'s secret key? Pass --key NAME.key_secret (the "
+                                  "federation names its public key as text, so no key file lies "
+                                  "beside it)", key="key")
+            path = ident.file + "_secret"
+        public, secret = keys.load_secret(path, where="key")
+        if public != ident.public_key:
+            raise ConfigError(f"{path} holds the key pair of another party: its public key is "
+                              f"not the one the federation names for {name} "
+                              f"(identities.{name})", key="key")
+        out[r] = channel.ChannelConfig(names=names, public_keys=publics, secret_key=secret,
+                                       listen=listen, timeout_s=timeout)
+    return out
 
 
 class _Progress(logging.Handler):
@@ -144,7 +194,8 @@ def _ours(record: logging.LogRecord) -> bool:
 def party_main(federation: FederationConfig, rank: int, run_dir: str, env: dict[str, str],
                query: np.ndarray | None = None, log_to_file: bool = True,
                threads: int | None = None, *, echo_stderr: bool = False,
-               audit: bool = False, memory_limit_mb: float | None = None) -> int:
+               audit: bool = False, memory_limit_mb: float | None = None,
+               channel_config: channel.ChannelConfig | None = None) -> int:
     """Run party ``rank``; return (and, in a child, exit with) its exit code.
 
     ``log_to_file`` writes ``party-<rank>-<name>.log`` in ``run_dir`` (stderr otherwise);
@@ -191,6 +242,8 @@ def party_main(federation: FederationConfig, rank: int, run_dir: str, env: dict[
     try:
         log.info("starting (pid %d, rendezvous %s)", os.getpid(), env.get("RENDEZVOUS"))
         rendezvous.install(federation, rank, federation.network.timeout_s)
+        if channel_config is not None:
+            channel.configure(channel_config)
         payload = run_party(PartyContext(
             federation=federation, rank=rank, query=query, memory_limit_mb=memory_limit_mb,
             audit_path=str(run_path / f"audit-{rank}.npz") if audit else None))
@@ -218,6 +271,9 @@ def party_main(federation: FederationConfig, rank: int, run_dir: str, env: dict[
         else:
             log.error("crashed:\n%s", traceback.format_exc())
             code, payload = 1, {"type": type(exc).__name__, "message": str(exc)}
+    # What is still queued for the peers (the last shares, an error every party must agree on)
+    # reaches them before this process goes; bounded, since a failed peer may never take it.
+    channel.close(linger_s=10.0 if code == 0 else 2.0)
     if payload is not None and code != 0:
         payload.update(party=name, rank=rank, phase=progress.last)
     target = result_file(run_path, rank) if code == 0 else error_file(run_path, rank)

@@ -13,6 +13,7 @@ the dealer included). See ``docs/multihost.md``.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import threading
@@ -26,9 +27,9 @@ from mpc_fi.config import FederationConfig
 from mpc_fi.errors import ConfigError, PartyFailedError
 
 from .base import Launcher, read_record, write_atomic
-from .entry import clear_previous_run, error_file, logging_shutdown, party_env, party_main, \
-    result_file
-from .rendezvous import gloo_interface, is_loopback, parse_tcp
+from .entry import channel_configs, clear_previous_run, error_file, logging_shutdown, party_env, \
+    party_main, result_file
+from .rendezvous import gloo_interface, is_loopback, local_address_towards, parse_tcp
 
 TORCHRUN_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")
 
@@ -91,11 +92,13 @@ def resolve_party(federation: FederationConfig, party: str | None,
             raise ConfigError(f"MASTER_PORT must be an integer, got {environ['MASTER_PORT']!r}",
                               key="environment") from None
         addr = environ["MASTER_ADDR"]
-        if not is_loopback(addr) and not federation.network.acknowledge_plaintext_network:
+        if not is_loopback(addr) and federation.transport() != "curve" \
+                and not federation.network.acknowledge_plaintext_network:
             raise ConfigError(
-                f"MASTER_ADDR {addr} is not loopback: gloo traffic between hosts is not "
-                "encrypted. Run the parties inside a VPN (WireGuard, or SSH tunnel devices; see "
-                "docs/multihost.md) and set network.acknowledge_plaintext_network: true",
+                f"MASTER_ADDR {addr} is not loopback and transport {federation.transport()} is "
+                "not encrypted: name every party's public key under identities (mpc-fi keygen "
+                "NAME; transport curve), or, inside a VPN (WireGuard; see docs/multihost.md), set "
+                "network.acknowledge_plaintext_network: true",
                 key="network.acknowledge_plaintext_network")
         return rank, f"tcp://{addr}:{port}", "MASTER_ADDR/MASTER_PORT"
     if federation.network.port is None:
@@ -135,7 +138,8 @@ class HostLauncher(Launcher):
     def __init__(self, federation: FederationConfig, *, party: str | None = None, run_dir=None,
                  timeout_s: float = 900.0, stop_grace_s: float = 10.0,
                  environ: Mapping[str, str] | None = None, echo_stderr: bool = True,
-                 memory_limit_mb: float | None = None, keep_run_dir: bool = False) -> None:
+                 memory_limit_mb: float | None = None, keep_run_dir: bool = False,
+                 key: str | os.PathLike[str] | None = None) -> None:
         environ = os.environ if environ is None else environ
         self.rank, self.rendezvous, self.source = resolve_party(federation, party, environ)
         super().__init__(federation, run_dir=run_dir, stop_grace_s=stop_grace_s,
@@ -143,6 +147,13 @@ class HostLauncher(Launcher):
         self.timeout_s = timeout_s
         self.echo_stderr = echo_stderr
         self.party = federation.party_names[self.rank]
+        if federation.transport() == "curve" and not federation.identities:
+            raise ConfigError("one party per host with transport curve needs identities: every "
+                              "party's public key in the federation file (mpc-fi keygen NAME)",
+                              key="identities")
+        self.key = None if key is None else str(key)
+        self._channel = channel_configs(federation, [self.rank], secret_key=self.key,
+                                        listen="127.0.0.1")  # checks the key before any wait
         self._query: np.ndarray | None = None
         self._code: int | None = None
         self._done = threading.Event()
@@ -160,6 +171,10 @@ class HostLauncher(Launcher):
         host, port = parse_tcp(self.rendezvous)
         env = party_env(fed, rank, self.rendezvous,
                         gloo_ifname=os.environ.get("GLOO_SOCKET_IFNAME") or gloo_interface(host, port))
+        config = None
+        if self._channel is not None:  # listen on the address that faces the rendezvous host
+            listen = "127.0.0.1" if is_loopback(host) else local_address_towards(host, port)
+            config = dataclasses.replace(self._channel[rank], listen=listen)
         print(f"mpc-fi: running {self.party} (rank {rank}, {fed.role_of(rank)}) of "
               f"{len(fed.party_names)} processes; rendezvous {self.rendezvous} (from "
               f"{self.source}); log {self.log_path(rank)}", file=sys.stderr, flush=True)
@@ -168,7 +183,7 @@ class HostLauncher(Launcher):
         try:
             self._code = party_main(fed, rank, str(self.run_dir), env, self._query,
                                     log_to_file=True, echo_stderr=self.echo_stderr,
-                                    memory_limit_mb=self.memory_limit_mb)
+                                    memory_limit_mb=self.memory_limit_mb, channel_config=config)
         finally:
             self._done.set()
         if self._code == 0:

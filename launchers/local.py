@@ -35,15 +35,15 @@ from typing import Any
 import numpy as np
 
 from mpc_fi import errors
-from mpc_fi.config import FederationConfig
-from mpc_fi.errors import PartyFailedError, Terminated
+from mpc_fi.config import PLAINTEXT_DEFAULT, FederationConfig
+from mpc_fi.errors import ConfigError, PartyFailedError, Terminated
 from mpc_fi.logs import setup_party_logging
 from mpc_fi.memory import auto_limit_mb
 
 from . import lifeline
 from .base import Launcher, read_record, sigterm_raises, wait_until, write_atomic
-from .entry import child_main, clear_previous_run, error_file, heartbeat_file, party_env, \
-    progress_file, read_progress, result_file
+from .entry import channel_configs, child_main, clear_previous_run, error_file, heartbeat_file, \
+    party_env, progress_file, read_progress, result_file
 
 
 def _forkserver() -> Any:
@@ -118,12 +118,14 @@ class LocalLauncher(Launcher):
         for rank, name in enumerate(fed.party_names):  # the run folder may be reused
             clear_previous_run(self.run_dir, rank, name)
         launcher = lifeline.this_process()  # every party leaves when this process is gone
+        channels = channel_configs(fed, range(len(fed.party_names))) or {}
         for rank in range(len(fed.party_names)):
             args = (fed, rank, str(self.run_dir), party_env(fed, rank, rendezvous),
                     query if rank == fed.querier_rank else None, True, 1)  # log file; 1 thread
             proc = ctx.Process(target=child_main, args=args,
                                kwargs={"audit": self.audit, "memory_limit_mb": memory,
-                                       "launcher": launcher},
+                                       "launcher": launcher,
+                                       "channel_config": channels.get(rank)},
                                daemon=True,
                                name=f"mpc-fi-{fed.party_names[rank]}")
             proc.start()
@@ -132,11 +134,13 @@ class LocalLauncher(Launcher):
     @staticmethod
     def run_functions(fn: Callable[..., Any], payloads: Sequence[Any], *, dealer: str = "ttp",
                       precision_bits: int = 16, timeout_s: float = 600.0,
-                      log_dir: str | None = None, star: bool = False) -> list[Any]:
+                      log_dir: str | None = None, star: bool = False,
+                      transport: str = PLAINTEXT_DEFAULT) -> list[Any]:
         """Run a secure computation that is not inference in local parties: ``fn(rank,
         payloads[rank])`` in each, inside the same party runtime (see :func:`run_functions`)."""
         return run_functions(fn, payloads, dealer=dealer, precision_bits=precision_bits,
-                             timeout_s=timeout_s, log_dir=log_dir, star=star)
+                             timeout_s=timeout_s, log_dir=log_dir, star=star,
+                             transport=transport)
 
     def _read(self, path) -> Any:
         return read_record(path)
@@ -287,10 +291,16 @@ def _role(rank: int, world: int) -> str:
 def _child(rank: int, world: int, port: int, dealer: str, precision_bits: int,
            fn: Callable[..., Any], payload: Any, star: bool, log_dir: str | None,
            out: str, audit_dir: str | None = None,
-           launcher: tuple[int, int | None] | None = None) -> None:
+           launcher: tuple[int, int | None] | None = None,
+           channel_config: Any = None) -> None:
     if launcher is not None:  # never outlive the calling process (see launchers.lifeline)
         lifeline.exit_when_gone(*launcher, code=PartyFailedError.exit_code)
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), DISTRIBUTED_BACKEND="gloo",
+    if channel_config is not None:
+        from mpc_fi import channel  # noqa: PLC0415
+
+        channel.configure(channel_config)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world),
+                      DISTRIBUTED_BACKEND="gloo" if channel_config is None else "mpcfi",
                       RENDEZVOUS=f"tcp://127.0.0.1:{port}")
     role = _role(rank, world)
     log = setup_party_logging(Path(log_dir) / f"party-{rank}.log" if log_dir else None,
@@ -338,10 +348,28 @@ def _outcome(folder: str, rank: int) -> Path:
     return Path(folder) / f"outcome-{rank}.npz"
 
 
+def _function_channels(transport: str, world: int, total: int, timeout_s: float) -> list[Any]:
+    """Each process's channel settings for :func:`run_functions` (None everywhere for gloo)."""
+    if transport == "gloo":
+        return [None] * total
+    if transport not in ("zmq", "curve"):
+        raise ConfigError(f"must be zmq, curve or gloo, got {transport!r}", key="transport")
+    from mpc_fi import channel, keys  # noqa: PLC0415
+
+    names = tuple(f"party{r}" for r in range(world)) + (("dealer",) if total > world else ())
+    if transport == "zmq":
+        return [channel.ChannelConfig(names=names, timeout_s=timeout_s)] * total
+    pairs = [keys.ephemeral_pair() for _ in range(total)]
+    publics = tuple(p for p, _ in pairs)
+    return [channel.ChannelConfig(names=names, public_keys=publics, secret_key=sec,
+                                  timeout_s=timeout_s) for _, sec in pairs]
+
+
 def run_functions(fn: Callable[..., Any], payloads: Sequence[Any], *, dealer: str = "ttp",
                   precision_bits: int = 16, timeout_s: float = 600.0,
                   log_dir: str | os.PathLike[str] | None = None, star: bool = False,
-                  audit_dir: str | os.PathLike[str] | None = None) -> list[Any]:
+                  audit_dir: str | os.PathLike[str] | None = None,
+                  transport: str = PLAINTEXT_DEFAULT) -> list[Any]:
     """Run ``fn(rank, payloads[rank])`` in each computing party; results by rank.
 
     Parameters
@@ -361,6 +389,9 @@ def run_functions(fn: Callable[..., Any], payloads: Sequence[Any], *, dealer: st
     audit_dir:
         Record every party's and the dealer's traffic there (``audit-<rank>.npz``,
         :mod:`mpc_fi.audit`; tests only: it writes shares and keys to disk).
+    transport:
+        ``zmq`` (mpc-fi's channels, the default on loopback), ``curve`` (the same, with one-run
+        keys: authenticated and encrypted) or ``gloo`` (see :mod:`mpc_fi.channel`).
 
     Raises :class:`~mpc_fi.errors.PartyFailedError` naming the first party that failed, with every
     failed party's traceback, or the ranks that gave no result within ``timeout_s``.
@@ -372,12 +403,14 @@ def run_functions(fn: Callable[..., Any], payloads: Sequence[Any], *, dealer: st
     ctx = _forkserver()
     out = tempfile.mkdtemp(prefix="mpc-fi-fn-")  # each party's outcome record lands here
     port = free_port()
+    channels = _function_channels(transport, world, total, timeout_s)
     procs = [ctx.Process(target=_child, daemon=True, name=f"mpc-fi-fn-{rank}",
                          args=(rank, world, port, dealer, precision_bits, fn,
                                payloads[rank] if rank < world else None, star,
                                None if log_dir is None else str(log_dir), out,
                                None if audit_dir is None else str(audit_dir)),
-                         kwargs={"launcher": lifeline.this_process()})
+                         kwargs={"launcher": lifeline.this_process(),
+                                 "channel_config": channels[rank]})
              for rank in range(total)]
     for p in procs:
         p.start()

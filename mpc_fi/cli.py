@@ -1,7 +1,8 @@
 """``mpc-fi``: the command line.
 
 ``mpc-fi run`` runs a local federated inference (the embedded digits demo by default, or a
-federation file), ``mpc-fi party`` runs one party of a multi-host federation, ``mpc-fi protocols``
+federation file), ``mpc-fi party`` runs one party of a multi-host federation, ``mpc-fi keygen``
+makes a party's key pair, ``mpc-fi protocols``
 lists the aggregation protocols, ``mpc-fi validate`` checks a federation file, ``mpc-fi study``
 runs the collaboration-value, contribution and leakage experiments. Protocol cost is measured by
 the benchmark suites of the source checkout (``make bench``, ``benchmarks/report.py``).
@@ -197,7 +198,8 @@ def cmd_party(args: argparse.Namespace) -> int:
     fed = FederationConfig.load(args.federation)
     launcher = lookup(LAUNCHERS, "host", key="launcher")(
         fed, party=args.party, run_dir=args.run_dir, timeout_s=args.timeout,
-        memory_limit_mb=args.memory_limit_mb, keep_run_dir=args.keep_run_dir)
+        memory_limit_mb=args.memory_limit_mb, keep_run_dir=args.keep_run_dir,
+        **({"key": args.key} if args.key else {}))
     results = launcher.run()
     out = results.get(fed.querier_rank)
     if out is not None and "labels" in out:
@@ -232,6 +234,17 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
         for line in check_files(fed, parties=args.party):
             print(f"ok: {line}")
+    return 0
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from .keys import fingerprint, generate, read_public  # noqa: PLC0415
+
+    public, secret = generate(args.dir, args.name, force=args.force)
+    key = read_public(str(public))
+    print(f"public key  {public}  (share it: identities: {{{args.name}: {public.name}}})")
+    print(f"secret key  {secret}  (mode 0600; keep it on this host, never share it)")
+    print(f"{args.name}: {key}  fingerprint {fingerprint(key)}")
     return 0
 
 
@@ -303,7 +316,25 @@ def build_parser() -> argparse.ArgumentParser:
                        help="working memory of this party for one batch; larger batches are "
                             "split, a query that cannot fit is refused on every party (default: "
                             "half of this host's available memory)")
+    party.add_argument("--key", metavar="NAME.key_secret",
+                       help="this party's secret key (mpc-fi keygen), when the federation names "
+                            "identities (default: NAME.key_secret beside the NAME.key file the "
+                            "federation names for this party)")
     party.set_defaults(func=cmd_party)
+
+    keygen = sub.add_parser(
+        "keygen", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        help="make a party's key pair (its identity in a federation)",
+        description="Write NAME.key (the public key: give it to the federation's other parties, "
+                    "who list it under identities.NAME) and NAME.key_secret (the secret key, "
+                    "readable by you only: it never leaves this host) in --dir. With identities "
+                    "in the federation file, every party proves it holds its secret key before "
+                    "any protocol byte, and every message between parties is encrypted and "
+                    "authenticated (ZeroMQ CurveZMQ).")
+    keygen.add_argument("name", metavar="NAME", help="the party's name in the federation")
+    keygen.add_argument("--dir", default=".", help="where to write the two files (default: here)")
+    keygen.add_argument("--force", action="store_true", help="replace an existing key pair")
+    keygen.set_defaults(func=cmd_keygen)
 
     protocols = sub.add_parser("protocols", help="list the aggregation protocols and what each reveals")
     protocols.set_defaults(func=cmd_protocols)

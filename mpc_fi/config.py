@@ -230,14 +230,38 @@ class ProtocolConfig:
         return cls(name=str(value["name"]), params=params)
 
 
+TRANSPORTS = ("auto", "curve", "zmq", "gloo")
+#: what ``transport: auto`` means on loopback (or an acknowledged network) without identities
+PLAINTEXT_DEFAULT = "zmq"
+
+
+@dataclass(frozen=True)
+class Identity:
+    """A party's public key (Z85 text) and the file it was read from, if any (the local
+    launcher finds ``NAME.key_secret`` beside ``NAME.key``)."""
+
+    public_key: str
+    file: str | None = None
+
+
 @dataclass(frozen=True)
 class NetworkConfig:
-    """Rendezvous of the parties (torch.distributed over gloo, TCP)."""
+    """How the parties meet and talk.
+
+    ``address``/``port``: the rendezvous (a store on the host of rank 0) where the parties find
+    each other. ``transport`` (see :mod:`mpc_fi.channel`): ``curve`` (ZeroMQ with CurveZMQ:
+    every party proves its key, every message is encrypted and authenticated; the default
+    whenever the federation names ``identities``), ``zmq`` (the same channels without keys or
+    encryption; the default on loopback without identities), ``gloo`` (torch's own plaintext
+    backend), or ``auto`` for those defaults. A plaintext transport on a non-loopback address
+    needs ``acknowledge_plaintext_network: true``.
+    """
 
     address: str = "127.0.0.1"
     port: int | None = None  # None: the local launcher picks a free port per run
     acknowledge_plaintext_network: bool = False
     timeout_s: float = 120.0  # bound on start-up rendezvous and on any single wait
+    transport: str = "auto"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -258,15 +282,20 @@ class NetworkConfig:
             raise ConfigError(f"must be a positive number of seconds, got {timeout!r}",
                               key=f"{key}.timeout_s")
         object.__setattr__(self, "timeout_s", float(timeout))
+        if self.transport not in TRANSPORTS:
+            raise ConfigError(f"must be one of {', '.join(TRANSPORTS)}, got {self.transport!r}",
+                              key=f"{key}.transport")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], key: str) -> "NetworkConfig":
-        _check_keys(data, ("address", "port", "acknowledge_plaintext_network", "timeout_s"), key)
+        _check_keys(data, ("address", "port", "acknowledge_plaintext_network", "timeout_s",
+                           "transport"), key)
         address = data.get("address", "127.0.0.1")
         return cls(address=address if not isinstance(address, (int, float)) else str(address),
                    port=data.get("port"),
                    acknowledge_plaintext_network=data.get("acknowledge_plaintext_network", False),
-                   timeout_s=data.get("timeout_s", 120.0))
+                   timeout_s=data.get("timeout_s", 120.0),
+                   transport=data.get("transport", "auto"))
 
     def is_loopback(self) -> bool:
         if self.address == "localhost":
@@ -354,6 +383,8 @@ class FederationConfig:
     batch_size: int | None = None
     precision_bits: int = 16
     privacy: PrivacyConfig | None = None  # the querier's DP budget (DP protocols only)
+    #: each party's public key (``mpc-fi keygen``), by party name, the dealer included
+    identities: Mapping[str, Identity] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -412,12 +443,70 @@ class FederationConfig:
         from .plugins import check_protocol_params  # noqa: PLC0415 - plugins imports config
 
         check_protocol_params(self)
-        if not self.network.is_loopback() and not self.network.acknowledge_plaintext_network:
+        self._validate_identities()
+        self.transport()  # the transport these settings resolve to, or a ConfigError
+
+    def _validate_identities(self) -> None:
+        if not isinstance(self.identities, Mapping):
+            raise ConfigError("must map each party's name to its public key", key="identities")
+        if not self.identities:
+            return
+        names = self.party_names
+        for name in self.identities:
+            if name not in names:
+                raise ConfigError(f"{name!r} is not a party of this federation (parties: "
+                                  f"{', '.join(names)})", key=f"identities.{name}")
+        missing = [n for n in names if n not in self.identities]
+        if missing:
+            raise ConfigError(f"no public key for {', '.join(missing)}: every party, the dealer "
+                              "included, needs one (mpc-fi keygen NAME)", key="identities")
+        seen: dict[str, str] = {}
+        for name in names:
+            ident = self.identities[name]
+            if not isinstance(ident, Identity):
+                raise ConfigError("must be an Identity", key=f"identities.{name}")
+            if ident.public_key in seen:
+                raise ConfigError(f"{name} and {seen[ident.public_key]} have the same public key: "
+                                  "every party needs its own key pair", key=f"identities.{name}")
+            seen[ident.public_key] = name
+
+    def transport(self) -> str:
+        """The transport these settings resolve to: ``curve``, ``zmq`` or ``gloo``.
+
+        Raises :class:`ConfigError` for a combination that would be insecure without saying so
+        (plaintext between hosts without the acknowledgement) or cannot work (identities with a
+        transport that does not prove them).
+        """
+        net = self.network
+        plaintext_ok = net.is_loopback() or net.acknowledge_plaintext_network
+        wanted = net.transport
+        if self.identities:
+            if wanted in ("zmq", "gloo"):
+                raise ConfigError(f"transport {wanted} does not prove the identities the "
+                                  "federation names: use transport curve (or auto), or remove "
+                                  "identities", key="network.transport")
+            return "curve"
+        if wanted == "auto":
+            if not plaintext_ok:
+                raise ConfigError(
+                    f"address {net.address} is not loopback: name every party's public key "
+                    "under identities (mpc-fi keygen NAME; the parties then authenticate each "
+                    "other and encrypt every message), or, on a network protected otherwise "
+                    "(WireGuard, see docs/multihost.md), set "
+                    "network.acknowledge_plaintext_network: true", key="network.address")
+            return PLAINTEXT_DEFAULT
+        if wanted == "curve":
+            if not net.is_loopback():
+                raise ConfigError("transport curve between hosts needs identities: every "
+                                  "party's public key (mpc-fi keygen NAME)", key="identities")
+            return "curve"  # loopback: the local launcher makes one-run keys
+        if not plaintext_ok:
             raise ConfigError(
-                f"address {self.network.address} is not loopback: gloo traffic between hosts is "
-                "not encrypted. Run the parties over a protected network (WireGuard or a layer-3 "
-                "SSH tunnel; see docs/multihost.md) and set "
-                "network.acknowledge_plaintext_network: true", key="network.address")
+                f"address {net.address} is not loopback and transport {wanted} is plaintext: "
+                "use identities (transport curve), or set "
+                "network.acknowledge_plaintext_network: true on a protected network",
+                key="network.transport")
+        return wanted
 
     # -- derived facts ------------------------------------------------------------------
     @property
@@ -461,6 +550,8 @@ class FederationConfig:
                 return [plain(v) for v in obj]
             return obj
         out = plain(self)
+        # the file form of identities: each party's public key, as text
+        out["identities"] = {name: ident.public_key for name, ident in self.identities.items()}
         # the file form of a protocol: its name beside its parameters
         out["protocol"] = {"name": self.protocol.name, **plain(self.protocol.params)}
         return out
@@ -482,7 +573,7 @@ class FederationConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, base: Path | None = None) -> "FederationConfig":
         _check_keys(data, ("owners", "querier", "mode", "protocol", "reveal", "dealer", "network",
-                           "batch_size", "precision_bits", "privacy"), "")
+                           "batch_size", "precision_bits", "privacy", "identities"), "")
         if "owners" not in data:
             raise ConfigError("missing: list the model owners", key="owners")
         if not isinstance(data["owners"], list):
@@ -505,7 +596,7 @@ class FederationConfig:
             reveal=data.get("reveal", "label"), dealer=data.get("dealer", "ttp"),
             network=NetworkConfig.from_dict(data.get("network") or {}, "network"),
             batch_size=data.get("batch_size"), precision_bits=data.get("precision_bits", 16),
-            privacy=privacy,
+            privacy=privacy, identities=_identities(data.get("identities"), base),
         )
 
     @classmethod
@@ -528,6 +619,27 @@ class FederationConfig:
         if not isinstance(data, Mapping):
             raise ConfigError("the federation file must hold a mapping at top level", key=str(path))
         return cls.from_dict(data, base=path.parent.resolve())
+
+
+def _identities(value: Any, base: Path | None) -> dict[str, "Identity"]:
+    """``identities`` of a federation file: party name -> public key text or ``.key`` file."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError("must map each party's name to its public key (Z85 text, or the path "
+                          "of the NAME.key file made by mpc-fi keygen)", key="identities")
+    from .keys import read_public  # noqa: PLC0415
+
+    out = {}
+    for name, spec in value.items():
+        where = f"identities.{name}"
+        public = read_public(spec, base=base, where=where)
+        file = None
+        if isinstance(spec, str) and public != spec:
+            path = Path(os.path.expanduser(spec))
+            file = str(path if path.is_absolute() or base is None else (base / path).resolve())
+        out[str(name)] = Identity(public_key=public, file=file)
+    return out
 
 
 def _load_yaml(text: str, source: str) -> Any:
