@@ -240,7 +240,10 @@ def party_main(federation: FederationConfig, rank: int, run_dir: str, env: dict[
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     code, payload = 0, None
     try:
-        log.info("starting (pid %d, rendezvous %s)", os.getpid(), env.get("RENDEZVOUS"))
+        log.info("starting (pid %d, rendezvous %s, transport %s%s)", os.getpid(),
+                 env.get("RENDEZVOUS"), federation.transport(),
+                 ": every party proves its key, every message is encrypted"
+                 if federation.transport() == "curve" else "")
         rendezvous.install(federation, rank, federation.network.timeout_s)
         if channel_config is not None:
             channel.configure(channel_config)

@@ -74,7 +74,10 @@ class SessionSpec:
 
     @classmethod
     def of_federation(cls, federation: Any) -> "SessionSpec":
-        return cls(tuple(federation.party_names), federation.dealer, federation.precision_bits)
+        names = tuple(federation.party_names)
+        identities = federation.identities
+        keys = tuple(identities[n].public_key for n in names) if identities else ()
+        return cls(names, federation.dealer, federation.precision_bits, keys)
 
 
 class Session:

@@ -63,6 +63,21 @@ def with_network(path: Path, target: Path, **network: Any) -> Path:
     return target
 
 
+def with_identities(path: Path, target: Path, key_dir: Path) -> Path:
+    """Copy of the federation file at ``target`` naming a fresh key pair for every party
+    (``mpc-fi keygen`` files in ``key_dir``: NAME.key beside NAME.key_secret)."""
+    from mpc_fi import keys  # noqa: PLC0415
+    from mpc_fi.config import FederationConfig  # noqa: PLC0415
+
+    names = FederationConfig.load(path).party_names
+    for name in names:
+        keys.generate(key_dir, name)
+    data = yaml.safe_load(Path(path).read_text())
+    data["identities"] = {name: str(key_dir / f"{name}.key") for name in names}
+    target.write_text(yaml.safe_dump(data, sort_keys=False))
+    return target
+
+
 def wait_for_line(path: Path, pattern: str, timeout_s: float, step_s: float = 0.002) -> bool:
     """Poll a party log until a line matches ``pattern`` (regex)."""
     rx = re.compile(pattern)

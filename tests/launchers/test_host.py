@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedkit import free_port, with_network
+from fedkit import free_port, with_identities, with_network
 from launchers import REGISTRY, HostLauncher
 from launchers.host import resolve_party
 from mpc_fi.config import FederationConfig, ModelSource, NetworkConfig, OwnerConfig
@@ -133,8 +133,10 @@ def start_party(fed: Path, name: str, run_dir: Path, *extra: str,
 
 
 def test_one_process_per_party_over_tcp_matches_the_plaintext_twin(small_federation, tmp_path):
+    """Every party proves its key (identities: transport curve) and answers like the twin."""
     path, twin = small_federation
     fed = with_network(path, tmp_path / "fed.yaml", port=free_port(), timeout_s=60)
+    fed = with_identities(fed, fed, tmp_path / "keys")
     names = list(FederationConfig.load(fed).party_names)
     procs = {n: start_party(fed, n, tmp_path, "--output", str(tmp_path / f"{n}.npy"))
              for n in names}
@@ -152,6 +154,64 @@ def test_one_process_per_party_over_tcp_matches_the_plaintext_twin(small_federat
         text = (tmp_path / name / f"party-{rank}-{name}.log").read_text()
         live = text.split("patches live: ")[1].splitlines()[0]
         assert "csprng, fast-comparisons, object-channel" in live, (name, live)
+    assert "transport curve" in (tmp_path / "owner0" / "party-0-owner0.log").read_text()
+
+
+def test_a_key_file_of_another_party_is_refused_before_anything_starts(small_federation,
+                                                                       tmp_path):
+    path, _ = small_federation
+    fed = with_network(path, tmp_path / "fed.yaml", port=free_port(), timeout_s=30)
+    fed = with_identities(fed, fed, tmp_path / "keys")
+    proc = start_party(fed, "querier", tmp_path, "--key", str(tmp_path / "keys" /
+                                                              "owner0.key_secret"))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, err
+    assert "another party" in err and "identities.querier" in err
+
+
+ROGUE = """
+import sys
+from launchers.entry import channel_configs, party_env, party_main
+from mpc_fi import channel, keys
+from mpc_fi.config import FederationConfig
+import dataclasses
+fed = FederationConfig.load(sys.argv[1])
+rank = fed.querier_rank
+publics = tuple(fed.identities[n].public_key for n in fed.party_names)
+# the querier's seat, with every public key right but a secret key of its own
+config = channel.ChannelConfig(names=fed.party_names, public_keys=publics,
+                               secret_key=keys.ephemeral_pair()[1], timeout_s=30)
+env = party_env(fed, rank, f"tcp://127.0.0.1:{fed.network.port}")
+import os
+os.environ.update(env)
+sys.exit(party_main(fed, rank, sys.argv[2], env, None, log_to_file=True, echo_stderr=True,
+                    channel_config=config))
+"""
+
+
+def test_an_impostor_in_a_seat_is_refused_by_name_and_learns_nothing(small_federation,
+                                                                     tmp_path):
+    """A rogue process takes the querier's seat with the federation's file and every public key,
+    but not the querier's secret key: the handshake fails before any protocol byte; every
+    honest party stops with an error naming the querier; nobody has a result."""
+    path, _ = small_federation
+    fed = with_network(path, tmp_path / "fed.yaml", port=free_port(), timeout_s=30)
+    fed = with_identities(fed, fed, tmp_path / "keys")
+    procs = {n: start_party(fed, n, tmp_path) for n in ("owner0", "owner1", "dealer")}
+    (tmp_path / "rogue").mkdir()
+    rogue = subprocess.Popen([sys.executable, "-c", ROGUE, str(fed), str(tmp_path / "rogue")],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             cwd=str(Path(__file__).resolve().parents[2]))
+    outs = {n: p.communicate(timeout=300) for n, p in procs.items()}
+    rogue_out = rogue.communicate(timeout=300)
+    for name in ("owner0", "owner1", "dealer"):
+        assert procs[name].returncode == 7, outs[name][1]
+        assert "could not authenticate querier (rank 2)" in outs[name][1], outs[name][1]
+        assert not list((tmp_path / name).glob("result-*.npz"))
+    assert rogue.returncode != 0, rogue_out[1][-2000:]
+    assert not list((tmp_path / "rogue").glob("result-*.npz"))
+    # Nothing reached the rogue: the handshake is the first thing on every connection.
+    assert "query" not in rogue_out[1].lower() or "batch" not in rogue_out[1].lower()
 
 
 @pytest.mark.slow  # the same check in-process: test_rendezvous.py; across namespaces: test_netns.py

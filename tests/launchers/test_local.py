@@ -52,6 +52,18 @@ def test_every_log_line_names_its_party_and_labels_match_the_twin(small_federati
     assert not any(alive(pid) for pid in logged_pids(tmp_path).values())
 
 
+@pytest.mark.parametrize("transport", ["curve", pytest.param("gloo", marks=pytest.mark.slow)])
+def test_every_transport_gives_the_twin_labels(small_federation, tmp_path, transport):
+    """Transport curve without identities on loopback: one-run keys made by the launcher."""
+    from fedkit import with_network
+
+    path, twin = small_federation
+    fed = FederationConfig.load(with_network(path, tmp_path / "fed.yaml", transport=transport))
+    results = LocalLauncher(fed, run_dir=tmp_path / "run", timeout_s=180).run()
+    np.testing.assert_array_equal(results[fed.querier_rank]["labels"], twin)
+    assert f"transport {transport}" in (tmp_path / "run" / "party-0-owner0.log").read_text()
+
+
 def test_parties_listen_on_the_loopback_address_only(small_federation, tmp_path):
     path, twin = small_federation
     fed = FederationConfig.load(path)

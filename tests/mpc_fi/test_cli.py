@@ -48,3 +48,16 @@ def test_an_unusable_output_is_refused_before_any_party_starts(tmp_path, command
     assert out.returncode == ConfigError.exit_code, out.stderr
     assert "mpc-fi: error: ConfigError: --output: " in out.stderr and words in out.stderr
     assert not run_dir.exists()  # no party started: no log, no rendezvous
+
+
+def test_keygen_writes_a_pair_and_never_overwrites_it(tmp_path, capsys):
+    from mpc_fi import cli, keys
+
+    assert cli.main(["keygen", "owner0", "--dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    public = keys.read_public(str(tmp_path / "owner0.key"))
+    assert public in out and keys.fingerprint(public) in out
+    assert (tmp_path / "owner0.key_secret").stat().st_mode & 0o077 == 0
+    assert cli.main(["keygen", "owner0", "--dir", str(tmp_path)]) == 2
+    assert "never overwritten" in capsys.readouterr().err
+    assert keys.read_public(str(tmp_path / "owner0.key")) == public

@@ -186,3 +186,79 @@ def test_validate_command_prints_the_public_settings_or_names_the_key(tmp_path):
                           timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert "revael" in proc.stderr and "did you mean 'reveal'" in proc.stderr
+
+
+# -- identities and transports ---------------------------------------------------------------
+PARTIES = ("hospital_a", "hospital_b", "clinic", "dealer")
+
+
+def _with_keys(tmp_path, names=PARTIES, extra=""):
+    from mpc_fi import keys
+
+    lines = ["identities:"]
+    for name in names:
+        keys.generate(tmp_path / "keys", name, force=True)
+        lines.append(f"  {name}: keys/{name}.key")
+    return write(tmp_path, GOOD_YAML + "\n".join(lines) + "\n" + extra)
+
+
+def test_identities_make_the_transport_curve_even_between_hosts(tmp_path):
+    fed = FederationConfig.load(_with_keys(tmp_path, extra="network: {address: 10.1.2.3, "
+                                                           "port: 29500}\n"))
+    assert fed.transport() == "curve"
+    assert set(fed.identities) == set(PARTIES)
+    assert all(len(i.public_key) == 40 and i.file.endswith(".key")
+               for i in fed.identities.values())
+
+
+def test_loopback_without_identities_runs_zmq_and_hosts_need_keys_or_the_acknowledgement(
+        tmp_path):
+    assert FederationConfig.load(write(tmp_path, GOOD_YAML)).transport() == "zmq"
+    with pytest.raises(ConfigError, match="identities .*mpc-fi keygen") as info:
+        FederationConfig.load(write(tmp_path, GOOD_YAML + "network: {address: 10.1.2.3, "
+                                    "port: 29500}\n"))
+    assert info.value.key == "network.address"
+    for transport in ("zmq", "gloo"):
+        with pytest.raises(ConfigError) as info:
+            FederationConfig.load(write(tmp_path, GOOD_YAML + "network: {address: 10.1.2.3, "
+                                        f"port: 29500, transport: {transport}}}\n"))
+        assert info.value.key == "network.transport"
+    with pytest.raises(ConfigError) as info:
+        FederationConfig.load(write(tmp_path, GOOD_YAML + "network: {address: 10.1.2.3, "
+                                    "port: 29500, transport: curve}\n"))
+    assert info.value.key == "identities"
+
+
+@pytest.mark.parametrize("names, extra, words", [
+    (PARTIES[:3], "", "no public key for dealer"),
+    (PARTIES + ("mallory",), "", "'mallory' is not a party"),
+    (PARTIES, "network: {transport: gloo}\n", "does not prove the identities"),
+])
+def test_bad_identities_name_the_key(tmp_path, names, extra, words):
+    with pytest.raises(ConfigError, match=words):
+        FederationConfig.load(_with_keys(tmp_path, names, extra))
+
+
+def test_two_parties_with_one_key_are_refused(tmp_path):
+    from mpc_fi import keys
+
+    path = _with_keys(tmp_path)
+    public = keys.read_public(str(tmp_path / "keys" / "clinic.key"))
+    text = path.read_text().replace("dealer: keys/dealer.key", f'dealer: "{public}"')
+    with pytest.raises(ConfigError, match="same public key"):
+        FederationConfig.load(write(tmp_path, text))
+
+
+def test_the_fingerprint_covers_the_keys_not_where_they_were_read(tmp_path):
+    import shutil
+
+    first = FederationConfig.load(_with_keys(tmp_path))
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(tmp_path / "keys", moved / "keys")
+    second = FederationConfig.load(write(moved, (tmp_path / "fed.yaml").read_text()))
+    assert second.fingerprint() == first.fingerprint()
+    third = FederationConfig.load(_with_keys(tmp_path))  # fresh key pairs
+    assert third.fingerprint() != first.fingerprint()
+    # The file form round-trips: identities as public-key text.
+    again = FederationConfig.from_dict(first.to_dict())
+    assert again.fingerprint() == first.fingerprint()
