@@ -293,6 +293,33 @@ def as_dicts(costs: Any) -> list[dict[str, Any]]:
     return [asdict(c) if not isinstance(c, dict) else c for c in costs]
 
 
+def timed_federation_runs(benchmark: Any, federation: Any, x: np.ndarray, *, timeout_s: float,
+                          run_dir: Callable[[int], Path | None] = lambda k: None,
+                          rounds: int = 5) -> dict[str, Any]:
+    """``Federation(federation).run(x)`` under pytest-benchmark, one warm-up run not counted.
+
+    Returns the medians (inference wall time, max over parties; whole-call wall time), the last
+    run's cost summary and its labels.
+    """
+    from mpc_fi import Federation  # noqa: PLC0415
+
+    runs: list[tuple[float, dict[str, Any], np.ndarray]] = []
+
+    def once() -> Any:
+        t0 = time.perf_counter()
+        result = Federation(federation, timeout_s=timeout_s, run_dir=run_dir(len(runs))).run(x)
+        runs.append((time.perf_counter() - t0, cost_summary(as_dicts(result.costs)),
+                     result.prediction.labels))
+        return result
+
+    benchmark.pedantic(once, rounds=rounds, warmup_rounds=1)
+    measured = runs[1:]  # the warm-up run is not counted
+    infer = sorted(c["max_wall_s"] for _, c, _ in measured)
+    calls = sorted(t for t, _, _ in measured)
+    return {"inference_s": infer[len(infer) // 2], "call_s": calls[len(calls) // 2],
+            "runs": len(measured), "cost": measured[-1][1], "labels": measured[-1][2]}
+
+
 # ---------------------------------------------------------------------------------------
 # Argmax ablation: CrypTen's argmax against each step of mpc_fi.compare, on the same values
 # ---------------------------------------------------------------------------------------

@@ -59,32 +59,19 @@ def test_generator_throughput(benchmark, source):
 
 @pytest.mark.parametrize("name", sorted(WORKLOADS))
 def test_workload(benchmark, name, bench_dir: Path, bench_timeout):
-    from mpc_fi import Federation, __file__ as engine_file
+    from mpc_fi import __file__ as engine_file
 
     case = WORKLOADS[name]
     wl = mb.workload(case, bench_dir / f"rand-{name}")
-    runs = []
-
-    def once():
-        t0 = time.perf_counter()
-        result = Federation(wl.federation, timeout_s=bench_timeout,
-                            run_dir=bench_dir / f"rand-{name}" / f"run{len(runs)}").run(wl.x)
-        runs.append((time.perf_counter() - t0, mb.cost_summary(mb.as_dicts(result.costs)),
-                     result.prediction.labels))
-        return result
-
-    benchmark.pedantic(once, rounds=5, warmup_rounds=1)
-    measured = runs[1:]  # the warm-up run is not counted
-    infer = sorted(c["max_wall_s"] for _, c, _ in measured)
-    calls = sorted(t for t, _, _ in measured)
-    cost = measured[-1][1]
-    agree = float((measured[-1][2] == mb.plaintext_labels(case, wl)).mean())
+    out = mb.timed_federation_runs(benchmark, wl.federation, wl.x, timeout_s=bench_timeout,
+                                   run_dir=lambda k: bench_dir / f"rand-{name}" / f"run{k}")
+    cost = out["cost"]
+    agree = float((out["labels"] == mb.plaintext_labels(case, wl)).mean())
     benchmark.extra_info.update({
         "workload": name, "case": case.id, "tree": str(Path(engine_file).parents[1]),
-        "inference_wall_s_median": infer[len(infer) // 2], "call_wall_s_median":
-        calls[len(calls) // 2], "max_rounds": cost["max_rounds"], "max_bytes": cost["max_bytes"],
-        "agreement": agree})
+        "inference_wall_s_median": out["inference_s"], "call_wall_s_median": out["call_s"],
+        "max_rounds": cost["max_rounds"], "max_bytes": cost["max_bytes"], "agreement": agree})
     print(f"\n{name} ({case.id}) from {Path(engine_file).parents[1]}: inference "
-          f"{infer[len(infer) // 2]:.3f} s (median of {len(infer)}, max over parties), call "
-          f"{calls[len(calls) // 2]:.2f} s, {cost['max_rounds']} rounds, "
+          f"{out['inference_s']:.3f} s (median of {out['runs']}, max over parties), call "
+          f"{out['call_s']:.2f} s, {cost['max_rounds']} rounds, "
           f"{cost['max_bytes']:,} bytes per party (max), agreement {agree:.4f}")

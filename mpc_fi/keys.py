@@ -95,12 +95,7 @@ def read_public(value: str, *, base: str | os.PathLike[str] | None = None,
         raise ConfigError(f"{value!r} is neither a public key ({KEY_TEXT_LENGTH} characters of Z85 "
                           f"text) nor a key file: no file at {path} (make one with: mpc-fi "
                           "keygen NAME)", key=where)
-    zmq = _zmq()
-    try:
-        public, _secret = zmq.auth.load_certificate(str(path))
-    except (ValueError, OSError) as exc:
-        raise ConfigError(f"{path} is not a key file of mpc-fi keygen / ZeroMQ: {exc}",
-                          key=where) from None
+    public, _secret = _load(path, where)
     return _check_text(public.decode("ascii"), where)
 
 
@@ -115,11 +110,7 @@ def load_secret(path: str | os.PathLike[str], *, where: str = "key") -> tuple[st
         raise ConfigError(f"permissions {mode:04o} for {file} are too open: a secret key must be "
                           f"readable by its owner only (chmod 600 {file})", key=where)
     zmq = _zmq()
-    try:
-        public, secret = zmq.auth.load_certificate(str(file))
-    except (ValueError, OSError) as exc:
-        raise ConfigError(f"{file} is not a key file of mpc-fi keygen / ZeroMQ: {exc}",
-                          key=where) from None
+    public, secret = _load(file, where)
     if secret is None:
         raise ConfigError(f"{file} holds a public key only; pass the .key_secret file", key=where)
     pub = _check_text(public.decode("ascii"), where)
@@ -127,6 +118,16 @@ def load_secret(path: str | os.PathLike[str], *, where: str = "key") -> tuple[st
     if zmq.curve_public(sec.encode("ascii")).decode("ascii") != pub:
         raise ConfigError(f"{file}: its public key does not belong to its secret key", key=where)
     return pub, sec
+
+
+def _load(path: Path, where: str) -> tuple[bytes, bytes | None]:
+    """``(public, secret or None)`` from a ZeroMQ certificate file."""
+    zmq = _zmq()
+    try:
+        return zmq.auth.load_certificate(str(path))
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"{path} is not a key file of mpc-fi keygen / ZeroMQ: {exc}",
+                          key=where) from None
 
 
 def fingerprint(public: str) -> str:

@@ -1,7 +1,7 @@
 """Protocol cost across emulated LAN/WAN links: one real ``mpc-fi party`` per namespace host.
 
     sudo .venv/bin/python tests/launchers/measure_links.py [--owners 3] [--queries 100]
-        [--mode output] [--profiles native,lan,...]
+        [--mode output] [--profiles native,lan,...] [--transports curve,zmq,gloo]
 
 For each link profile it builds the hosts (``netns.Topology``), runs the federation with every
 party in its own namespace, checks the querier's labels against the plaintext twin, and prints
@@ -42,7 +42,7 @@ PROFILES = {
 
 
 def measure(profile_key: str, federation: Path, twin: list[int], workdir: Path, *,
-            timeout_s: float = 600.0, shaper: str | None = None) -> dict:
+            timeout_s: float = 600.0, shaper: str | None = None, transport: str = "auto") -> dict:
     """Run once under ``profile_key``; return the row (raises if the run fails or disagrees)."""
     profile = PROFILES[profile_key]
     names = party_names(federation)
@@ -53,7 +53,8 @@ def measure(profile_key: str, federation: Path, twin: list[int], workdir: Path, 
         kind, used = ("bridge", "netem") if shaper == "netem" else ("emulated", "linkemu")
     with Topology(len(names), kind=kind, profile=None if kind == "bridge" and used == "none"
                   else profile) as topo:
-        fed = federation_for(topo, federation, workdir / f"{profile_key}.yaml", timeout_s=120)
+        fed = federation_for(topo, federation, workdir / f"{profile_key}-{transport}.yaml",
+                             timeout_s=120, transport=transport)
         run = start_parties(topo, fed, workdir / profile_key, names, timeout_s=timeout_s)
         codes = run.wait(timeout_s)
         failed = {n: c for n, c in codes.items() if c != 0}
@@ -67,7 +68,7 @@ def measure(profile_key: str, federation: Path, twin: list[int], workdir: Path, 
         costs = {n: run.result(n)["cost"] for n in names}
         setup = max(run.result(n).get("setup_s", 0.0) for n in names if n != "dealer")
     compute = [n for n in names if n != "dealer"]
-    return {"profile": profile.name, "shaper": used,
+    return {"profile": f"{profile.name}, {transport}", "shaper": used,
             "infer_s": max(costs[n]["wall_s"] for n in compute), "setup_s": setup,
             "process_s": run.wall_s,
             "rounds": {n: costs[n]["rounds"] for n in compute},
@@ -112,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3,
                         help="runs per profile; the table shows the median (default 3)")
     parser.add_argument("--workdir", help="where the federation and run folders go")
+    parser.add_argument("--transports", default="auto",
+                        help="comma-separated, from auto, curve, zmq, gloo (default auto: zmq "
+                             "on these acknowledged test links)")
     args = parser.parse_args(argv)
     reason = unavailable_reason()
     if reason:
@@ -125,12 +129,14 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.batch_size}, mode {args.mode}, soft_vote; one namespace per party; "
           f"netem available: {netem_available()}", flush=True)
     rows = []
-    for key in args.profiles.split(","):
-        runs = []
-        for _ in range(args.repeat):
-            runs.append(measure(key.strip(), federation, list(twin), workdir, shaper=args.shaper))
-            print(f"  {key}: inference {runs[-1]['infer_s']:.2f} s", flush=True)
-        rows.append(median_row(runs))
+    for transport in args.transports.split(","):
+        for key in args.profiles.split(","):
+            runs = []
+            for _ in range(args.repeat):
+                runs.append(measure(key.strip(), federation, list(twin), workdir,
+                                    shaper=args.shaper, transport=transport.strip()))
+                print(f"  {key} {transport}: inference {runs[-1]['infer_s']:.2f} s", flush=True)
+            rows.append(median_row(runs))
     print(table(rows))
     return 0
 

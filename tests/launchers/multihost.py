@@ -62,11 +62,24 @@ class HostRun:
 
 
 def federation_for(topology: Topology, source: Path, target: Path, *,
-                   timeout_s: float = 60.0) -> Path:
-    """Copy of ``source`` whose parties meet at rank 0's namespace address."""
+                   timeout_s: float = 60.0, transport: str = "auto") -> Path:
+    """Copy of ``source`` whose parties meet at rank 0's namespace address.
+
+    ``transport`` ``curve``: every party gets a key pair (``keys/`` beside ``target``) named
+    under ``identities``; otherwise the plaintext network is acknowledged (test namespaces)."""
     data = yaml.safe_load(Path(source).read_text())
-    data["network"] = {"address": topology.address(0), "port": PORT,
-                       "acknowledge_plaintext_network": True, "timeout_s": timeout_s}
+    data["network"] = {"address": topology.address(0), "port": PORT, "timeout_s": timeout_s}
+    if transport == "curve":
+        from mpc_fi import keys  # noqa: PLC0415
+        from mpc_fi.config import FederationConfig  # noqa: PLC0415
+
+        folder = target.parent / f"{target.stem}-keys"
+        names = FederationConfig.load(source).party_names
+        for name in names:
+            keys.generate(folder, name, force=True)
+        data["identities"] = {n: str(folder / f"{n}.key") for n in names}
+    else:
+        data["network"].update(acknowledge_plaintext_network=True, transport=transport)
     target.write_text(yaml.safe_dump(data, sort_keys=False))
     return target
 
