@@ -37,14 +37,17 @@ def hosts():
         topo.close()
 
 
+@pytest.mark.parametrize("transport", ["curve", "zmq", "gloo"])
 def test_one_party_per_namespace_matches_local_run_and_plaintext_twin(small_federation, hosts,
-                                                                      tmp_path):
+                                                                      tmp_path, transport):
+    """Between namespaces: with identities (curve, no acknowledgement needed) and with each
+    plaintext transport on the acknowledged test network."""
     from mpc_fi.federation import Federation  # noqa: PLC0415
 
     path, twin = small_federation
     names = party_names(path)
     topo = hosts(len(names))
-    fed = federation_for(topo, path, tmp_path / "fed.yaml", timeout_s=60)
+    fed = federation_for(topo, path, tmp_path / "fed.yaml", timeout_s=60, transport=transport)
     run = start_parties(topo, fed, tmp_path / "run", names)
     codes = run.wait(400)
     assert codes == dict.fromkeys(names, 0), {n: run.outputs[n][1][-2000:] for n in names}
@@ -52,9 +55,10 @@ def test_one_party_per_namespace_matches_local_run_and_plaintext_twin(small_fede
     local = Federation(path, run_dir=tmp_path / "local").predict()
     np.testing.assert_array_equal(labels, twin)
     np.testing.assert_array_equal(labels, local)
-    # Each party really used its own namespace address for gloo.
+    # Each party met at rank 0's namespace address, over the transport asked for.
     for k, name in enumerate(names):
         assert f"rendezvous tcp://{topo.address(0)}:" in run.outputs[name][1]
+        assert f"transport {transport}" in run.outputs[name][1]
         cost = run.result(name)["cost"]
         assert cost["party"] == name and cost["wall_s"] > 0
     for k in range(len(names)):
