@@ -195,7 +195,8 @@ def party_main(federation: FederationConfig, rank: int, run_dir: str, env: dict[
                query: np.ndarray | None = None, log_to_file: bool = True,
                threads: int | None = None, *, echo_stderr: bool = False,
                audit: bool = False, memory_limit_mb: float | None = None,
-               channel_config: channel.ChannelConfig | None = None) -> int:
+               channel_config: channel.ChannelConfig | None = None,
+               serve_socket: str | None = None) -> int:
     """Run party ``rank``; return (and, in a child, exit with) its exit code.
 
     ``log_to_file`` writes ``party-<rank>-<name>.log`` in ``run_dir`` (stderr otherwise);
@@ -249,7 +250,8 @@ def party_main(federation: FederationConfig, rank: int, run_dir: str, env: dict[
             channel.configure(channel_config)
         payload = run_party(PartyContext(
             federation=federation, rank=rank, query=query, memory_limit_mb=memory_limit_mb,
-            audit_path=str(run_path / f"audit-{rank}.npz") if audit else None))
+            audit_path=str(run_path / f"audit-{rank}.npz") if audit else None,
+            serve_socket=serve_socket))
         if watch is not None and watch.broken:
             raise PartyFailedError(
                 f"the dealer lost its connection to the parties before party "

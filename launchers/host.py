@@ -139,7 +139,8 @@ class HostLauncher(Launcher):
                  timeout_s: float = 900.0, stop_grace_s: float = 10.0,
                  environ: Mapping[str, str] | None = None, echo_stderr: bool = True,
                  memory_limit_mb: float | None = None, keep_run_dir: bool = False,
-                 key: str | os.PathLike[str] | None = None) -> None:
+                 key: str | os.PathLike[str] | None = None,
+                 serve_socket: str | os.PathLike[str] | None = None) -> None:
         environ = os.environ if environ is None else environ
         self.rank, self.rendezvous, self.source = resolve_party(federation, party, environ)
         super().__init__(federation, run_dir=run_dir, stop_grace_s=stop_grace_s,
@@ -152,6 +153,8 @@ class HostLauncher(Launcher):
                               "party's public key in the federation file (mpc-fi keygen NAME)",
                               key="identities")
         self.key = None if key is None else str(key)
+        #: a served session (``mpc-fi serve``): the querier's socket; None: one run
+        self.serve_socket = None if serve_socket is None else str(serve_socket)
         self._channel = channel_configs(federation, [self.rank], secret_key=self.key,
                                         listen="127.0.0.1")  # checks the key before any wait
         self._query: np.ndarray | None = None
@@ -179,11 +182,13 @@ class HostLauncher(Launcher):
               f"{len(fed.party_names)} processes; rendezvous {self.rendezvous} (from "
               f"{self.source}); log {self.log_path(rank)}", file=sys.stderr, flush=True)
         clear_previous_run(self.run_dir, rank, self.party)  # the run folder may be reused
-        self._watchdog(limit)
+        if self.serve_socket is None:  # a served party lives until the querier says stop
+            self._watchdog(limit)
         try:
             self._code = party_main(fed, rank, str(self.run_dir), env, self._query,
                                     log_to_file=True, echo_stderr=self.echo_stderr,
-                                    memory_limit_mb=self.memory_limit_mb, channel_config=config)
+                                    memory_limit_mb=self.memory_limit_mb, channel_config=config,
+                                    serve_socket=self.serve_socket)
         finally:
             self._done.set()
         if self._code == 0:

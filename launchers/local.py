@@ -36,12 +36,12 @@ import numpy as np
 
 from mpc_fi import errors
 from mpc_fi.config import PLAINTEXT_DEFAULT, FederationConfig
-from mpc_fi.errors import ConfigError, PartyFailedError, Terminated
+from mpc_fi.errors import ConfigError, MpcFiError, PartyFailedError, Terminated
 from mpc_fi.logs import setup_party_logging
 from mpc_fi.memory import auto_limit_mb
 
 from . import lifeline
-from .base import Launcher, read_record, sigterm_raises, wait_until, write_atomic
+from .base import Launcher, name_run_dir, read_record, sigterm_raises, wait_until, write_atomic
 from .entry import channel_configs, child_main, clear_previous_run, error_file, heartbeat_file, \
     party_env, progress_file, read_progress, result_file
 
@@ -96,7 +96,8 @@ class LocalLauncher(Launcher):
                  timeout_s: float = 600.0, hang_timeout_s: float = 20.0,
                  audit: bool = False, memory_limit_mb: float | None = None,
                  keep_run_dir: bool = False,
-                 progress: Callable[[int, int], None] | None = None) -> None:
+                 progress: Callable[[int, int], None] | None = None,
+                 serve_socket: str | None = None) -> None:
         super().__init__(federation, run_dir=run_dir, stop_grace_s=stop_grace_s,
                          memory_limit_mb=memory_limit_mb, keep_run_dir=keep_run_dir,
                          progress=progress)
@@ -108,6 +109,8 @@ class LocalLauncher(Launcher):
         self.procs: list[mp.Process] = []
         self._exited_at: dict[int, float] = {}
         self._terminated: set[int] = set()  # ranks this launcher stopped itself
+        #: a served session (mpc_fi.serve): the querier's socket; None: one run
+        self.serve_socket = serve_socket
 
     def start(self, *, query: np.ndarray | None = None) -> None:
         fed = self.federation
@@ -125,7 +128,8 @@ class LocalLauncher(Launcher):
             proc = ctx.Process(target=child_main, args=args,
                                kwargs={"audit": self.audit, "memory_limit_mb": memory,
                                        "launcher": launcher,
-                                       "channel_config": channels.get(rank)},
+                                       "channel_config": channels.get(rank),
+                                       "serve_socket": self.serve_socket},
                                daemon=True,
                                name=f"mpc-fi-{fed.party_names[rank]}")
             proc.start()
@@ -179,6 +183,27 @@ class LocalLauncher(Launcher):
     def wait(self, timeout_s: float | None = None) -> dict[int, dict[str, Any]]:
         with sigterm_raises(self):
             return self._wait(timeout_s)
+
+    # -- a served session (Federation.start) -------------------------------------------------
+    def raise_first_failure(self) -> None:
+        """Raise the error of a party that has stopped with one (nothing if all are running)."""
+        self._note_exits()
+        if any(p.exitcode not in (None, 0) for p in self.procs):
+            try:
+                self._fail()
+            except MpcFiError as exc:
+                raise name_run_dir(exc, self.run_dir)
+
+    def finish(self, timeout_s: float) -> dict[int, dict[str, Any]]:
+        """After the querier said stop: every party's result; stops them whatever happens."""
+        try:
+            results = self.wait(timeout_s)
+        except MpcFiError as exc:
+            raise name_run_dir(exc, self.run_dir)
+        finally:
+            self.terminate()
+        self.remove_run_dir()
+        return results
 
     def _wait(self, timeout_s: float | None) -> dict[int, dict[str, Any]]:
         fed = self.federation

@@ -1,8 +1,9 @@
 """mpc-fi: secure multiparty computation for federated inference.
 
 Independently owned classifiers answer a query together on secret shares (CrypTen); only the
-agreed aggregate reaches the querier. Public API: :class:`Federation`, the configuration
-classes, the result types and the errors.
+agreed aggregate reaches the querier. Public API: :class:`Federation` (one-shot runs, or a
+long-lived session with ``Federation.start()``), :func:`connect` (a session served by
+``mpc-fi serve``), the configuration classes, the result types and the errors.
 """
 
 from .config import FederationConfig, ModelSource, NetworkConfig, OwnerConfig, PrivacyConfig, \
@@ -11,11 +12,12 @@ from .errors import BudgetExceededError, ConfigError, InputError, InsecureSettin
     PartyFailedError, ProtocolError, Terminated, UnsupportedModelError
 from .federation import Federation
 from .result import ABSTAIN, PartyCost, Prediction, RunResult
+from .serve import ServedFederation, connect
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Federation", "FederationConfig", "OwnerConfig", "QuerierConfig", "ModelSource",
+    "Federation", "ServedFederation", "connect", "FederationConfig", "OwnerConfig", "QuerierConfig", "ModelSource",
     "ProtocolConfig", "NetworkConfig", "PrivacyConfig", "Prediction", "RunResult", "PartyCost", "ABSTAIN",
     "MpcFiError", "ConfigError", "UnsupportedModelError", "InputError", "ProtocolError",
     "PartyFailedError", "BudgetExceededError", "InsecureSettingWarning", "Terminated",

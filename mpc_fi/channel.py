@@ -36,12 +36,14 @@ connection closes while a party waits on it, or whose handshake fails, is named 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import hashlib
 import logging
 import struct
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -128,6 +130,22 @@ def close(linger_s: float = 10.0) -> None:
 atexit.register(close)
 
 
+@contextlib.contextmanager
+def unbounded(src: int) -> Iterator[None]:
+    """Wait for ``src`` without a deadline inside this block (a served party idle between
+    requests). A peer that stops is still noticed: its connection closes, or its heartbeats
+    stop (10 s)."""
+    m = _MESH
+    if m is None:
+        yield
+        return
+    m.unbounded.add(src)
+    try:
+        yield
+    finally:
+        m.unbounded.discard(src)
+
+
 def _group_tag(group_id: str) -> bytes:
     return hashlib.sha256(group_id.encode()).digest()[:4]
 
@@ -149,6 +167,7 @@ class Mesh:
         self.state: dict[int, str] = {}  # peer -> "connected" | "closed" | failure text
         self.closed_at: dict[int, float] = {}
         self.heard: set[int] = set()
+        self.unbounded: set[int] = set()  # peers waited for without a deadline (see unbounded)
         self.sent_bytes = 0
         self.router = self.ctx.socket(zmq.ROUTER)
         self._tune(self.router)
@@ -371,6 +390,8 @@ class Mesh:
                 raise PartyFailedError(f"{self.name(src)} closed its connection while this party "
                                        "waited for its message: that party stopped",
                                        party=self.config.names[src], rank=src)
+            if src in self.unbounded:
+                deadline = now + timeout_s
             if now > deadline:
                 raise PartyFailedError(f"no message from {self.name(src)} within "
                                        f"{timeout_s:g} s (network.timeout_s): that party hung or "

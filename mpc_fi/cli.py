@@ -1,8 +1,9 @@
 """``mpc-fi``: the command line.
 
 ``mpc-fi run`` runs a local federated inference (the embedded digits demo by default, or a
-federation file), ``mpc-fi party`` runs one party of a multi-host federation, ``mpc-fi keygen``
-makes a party's key pair, ``mpc-fi protocols``
+federation file), ``mpc-fi party`` runs one party of a multi-host federation (``mpc-fi serve``:
+as a long-lived service, asked with ``mpc-fi ask``), ``mpc-fi keygen`` makes a party's key
+pair, ``mpc-fi protocols``
 lists the aggregation protocols, ``mpc-fi validate`` checks a federation file, ``mpc-fi study``
 runs the collaboration-value, contribution and leakage experiments. Protocol cost is measured by
 the benchmark suites of the source checkout (``make bench``, ``benchmarks/report.py``).
@@ -237,6 +238,41 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .config import FederationConfig  # noqa: PLC0415
+    from .plugins import LAUNCHERS, lookup  # noqa: PLC0415
+
+    fed = FederationConfig.load(args.federation)
+    socket_path = str(Path(args.socket).resolve())
+    launcher = lookup(LAUNCHERS, "host", key="launcher")(
+        fed, party=args.party, run_dir=args.run_dir, memory_limit_mb=args.memory_limit_mb,
+        keep_run_dir=args.keep_run_dir, serve_socket=socket_path,
+        **({"key": args.key} if args.key else {}))
+    if launcher.rank == fed.querier_rank:
+        print(f"mpc-fi: the querier's requests: unix socket {socket_path} (mode 0600; "
+              "mpc_fi.connect() or `mpc-fi ask`)", file=sys.stderr, flush=True)
+    results = launcher.run()
+    served = next(iter(results.values())).get("served", 0)
+    _step(f"served {served} request(s)")
+    return 0
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from .data import load_queries  # noqa: PLC0415
+    from .serve import connect  # noqa: PLC0415
+
+    check_output(args.output)
+    with connect(args.socket, timeout_s=args.timeout, wait_s=args.wait) as fed:
+        if args.health:
+            print(fed.health())
+        if args.queries:
+            _emit_labels(fed.predict(load_queries(args.queries)), args.output)
+        if args.stop:
+            fed.stop()
+            _step("the served federation stopped")
+    return 0
+
+
 def cmd_keygen(args: argparse.Namespace) -> int:
     from .keys import fingerprint, generate, read_public  # noqa: PLC0415
 
@@ -322,6 +358,44 @@ def build_parser() -> argparse.ArgumentParser:
                             "federation names for this party)")
     party.set_defaults(func=cmd_party)
 
+    serve = sub.add_parser(
+        "serve", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        help="run one party of a federation as a long-lived service on this host",
+        description="Like `mpc-fi party`, but the party stays up and answers many query batches: "
+                    "it joins once, loads its model once (full mode: shares its weights once), "
+                    "and serves until the querier says stop (`mpc-fi ask --stop`) or receives "
+                    "SIGTERM (the request in flight is finished first). The querier's party "
+                    "takes requests on a Unix socket (--socket, mode 0600) from mpc_fi.connect() "
+                    "or `mpc-fi ask`. A party that stops ends the session; the error names it.")
+    serve.add_argument("--federation", metavar="FILE", required=True)
+    serve.add_argument("--party", metavar="NAME", help="this host's party (default: from RANK)")
+    serve.add_argument("--key", metavar="NAME.key_secret",
+                       help="this party's secret key (see `mpc-fi party --help`)")
+    serve.add_argument("--socket", default="mpc-fi-querier.sock", metavar="PATH",
+                       help="querier only: where its requests arrive (default: "
+                            "./mpc-fi-querier.sock)")
+    serve.add_argument("--run-dir", help="folder for this party's log and result")
+    serve.add_argument("--keep-run-dir", action="store_true",
+                       help="keep the temporary run folder after the session")
+    serve.add_argument("--memory-limit-mb", type=float, metavar="MIB",
+                       help="working memory of this party for one batch")
+    serve.set_defaults(func=cmd_serve)
+
+    ask = sub.add_parser(
+        "ask", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        help="send queries to a served federation (the querier's socket)",
+        description="Send QUERIES (.npy, .pt or .csv) to the federation served by `mpc-fi "
+                    "serve` through the querier's socket; print or save the labels.")
+    ask.add_argument("queries", nargs="?", metavar="QUERIES")
+    ask.add_argument("--socket", default="mpc-fi-querier.sock", metavar="PATH")
+    ask.add_argument("--output", metavar="FILE.npy", help="save the labels here")
+    ask.add_argument("--health", action="store_true", help="print the session's status")
+    ask.add_argument("--stop", action="store_true", help="end the session (every party leaves)")
+    ask.add_argument("--timeout", type=float, default=600.0, help="bound on one request (s)")
+    ask.add_argument("--wait", type=float, default=0.0, metavar="S",
+                     help="wait up to S seconds for the socket to appear")
+    ask.set_defaults(func=cmd_ask)
+
     keygen = sub.add_parser(
         "keygen", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         help="make a party's key pair (its identity in a federation)",
@@ -380,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     except Terminated as exc:  # SIGTERM during a run: the launcher stopped the parties first
         print("mpc-fi: terminated (SIGTERM); every party was stopped", file=sys.stderr)
         code = exc.exit_code
-    if args.func is cmd_party:
+    if args.func in (cmd_party, cmd_serve):
         _leave(code)
     return code
 

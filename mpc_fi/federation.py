@@ -20,6 +20,8 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import tempfile
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,11 +31,12 @@ import numpy as np
 
 from .config import FederationConfig
 from .errors import BudgetExceededError, ConfigError, InputError, InsecureSettingWarning, \
-    ProtocolError
+    PartyFailedError, ProtocolError
 from .plugins import LAUNCHERS, PROTOCOLS, lookup, registry
 from .result import ABSTAIN, PartyCost, Prediction, RunResult
 
 if TYPE_CHECKING:  # dp-accounting (and scipy) load only for federations with a budget
+    from .serve import ServedFederation
     from .privacy import PrivacyBudget, QueryCost
 
 
@@ -162,6 +165,43 @@ class Federation:
             raise BudgetExceededError(
                 f"the run finished but charging it failed, so its answers are withheld: {exc} "
                 "(another process charged the same ledger during this run)") from None
+
+    def start(self, *, ready_timeout_s: float | None = None) -> "ServedFederation":
+        """Bring up a long-lived local federation; use it as a context manager.
+
+        Every party starts once (models loaded once; in full mode the weights shared once) and
+        answers each ``predict`` / ``predict_proba`` / ``run`` of the returned
+        :class:`~mpc_fi.serve.ServedFederation` with exactly what :meth:`run` gives, until
+        ``close()`` or the end of the ``with`` block. Differential-privacy budgets are checked
+        and charged by the owners per request.
+        """
+        from .serve import ServedFederation  # noqa: PLC0415
+
+        fed = self.config
+        extra: dict[str, Any] = {"keep_run_dir": True} if self.keep_run_dir else {}
+        launcher = self._launcher_cls(fed, run_dir=self.run_dir, timeout_s=self.timeout_s,
+                                      memory_limit_mb=self.memory_limit_mb, **extra)
+        if not hasattr(launcher, "serve_socket"):
+            raise ConfigError(f"launcher {type(launcher).__name__} cannot serve a session",
+                              key="launcher")
+        socket_path = Path(launcher.run_dir) / "querier.sock"
+        if len(str(socket_path)) > 100:  # AF_UNIX paths are short
+            socket_path = Path(tempfile.mkdtemp(prefix="mpc-fi-sock-")) / "querier.sock"
+        launcher.serve_socket = str(socket_path)
+        launcher.start()
+        deadline = time.monotonic() + (ready_timeout_s or self.timeout_s)
+        try:
+            while not socket_path.exists():
+                launcher.raise_first_failure()
+                if time.monotonic() > deadline:
+                    raise PartyFailedError("the served federation was not ready within "
+                                           f"{ready_timeout_s or self.timeout_s:g} s")
+                time.sleep(0.01)
+            return ServedFederation(socket_path, launcher=launcher, timeout_s=self.timeout_s,
+                                    reveal=fed.reveal)
+        except BaseException:
+            launcher.terminate()
+            raise
 
     def predict(self, X: Any | None = None) -> np.ndarray:
         """Labels, one per query (``-1`` where the protocol abstained)."""

@@ -35,7 +35,8 @@ from . import audit, secure, wire
 from .bounds import AGGREGATE_RANGE_WIRE, aggregate_range
 from .config import MAX_QUERY_VALUE, FederationConfig
 from .data import validate_queries
-from .errors import HandshakeError, InputError
+from .errors import BudgetExceededError, ConfigError, HandshakeError, InputError, MpcFiError, \
+    ProtocolError
 from .logs import party_logger
 from .memory import auto_limit_mb, plan_rows, refuse_message, row_bytes
 from .models import ARCHITECTURE_WIRE, LOAD_AUDIT, Architecture, extract_architecture, \
@@ -63,6 +64,8 @@ class PartyContext:
     audit_path: str | None = None
     #: working memory this party may use for a batch, in MiB (None: half of what is available)
     memory_limit_mb: float | None = None
+    #: a served session (mpc_fi.serve): the querier's socket path; None: a one-shot run
+    serve_socket: str | None = None
 
 
 def package_versions() -> dict[str, str]:
@@ -140,6 +143,8 @@ class _Party:
         return validate_queries(data, self.fed.querier)
 
     def setup(self) -> None:
+        """One-shot run: the querier announces its queries, then :meth:`prepare` and
+        :meth:`plan`."""
         fed = self.fed
         self.queries = None
         # Only the querier announces queries; anything else from another seat is malformed.
@@ -150,6 +155,14 @@ class _Party:
         n, shape = all_meta[self.q]
         self.num_queries, self.input_shape = n, tuple(shape)
         self.log.info("querier announced %d queries of shape %s", n, self.input_shape)
+        self.prepare()
+        self.plan()
+
+    def prepare(self) -> None:
+        """What does not depend on the number of queries, done once per session: owners load
+        their models and publish class counts (and, in full mode, architectures), the protocol
+        and its value range are fixed, and in full mode the owners share their weights."""
+        fed = self.fed
 
         def owner_setup() -> Any:
             if self.role != "owner":
@@ -192,9 +205,12 @@ class _Party:
             if all(other == found for other in agreed):
                 self.aggregate_range, self.contribution_range = found
         self.log.info("protocol %s, %d classes, mode %s", self.protocol.name, self.num_classes, fed.mode)
-        self.batch_rows = self._plan_batches()
         if fed.mode == "full":
             self._share_parameters()
+
+    def plan(self) -> None:
+        """Rows per batch for this run's (or this request's) queries; see _plan_batches."""
+        self.batch_rows = self._plan_batches()
 
     def _plan_batches(self) -> int:
         """Rows per batch that fit every party's memory; the same on every party (or refuse).
@@ -367,6 +383,8 @@ def run_party(ctx: PartyContext) -> dict[str, Any]:
 def _run_party(ctx: PartyContext) -> dict[str, Any]:
     fed = ctx.federation
     role = fed.role_of(ctx.rank)
+    if ctx.serve_socket is not None:
+        return _serve_party(ctx)
     if role == "dealer":
         return run_dealer(fed)
     t0 = time.perf_counter()
@@ -393,3 +411,98 @@ def _run_party(ctx: PartyContext) -> dict[str, Any]:
     # close and fails too.
     party.session.close()
     return out
+
+
+def _serve_party(ctx: PartyContext) -> dict[str, Any]:
+    """A served session (:mod:`mpc_fi.serve`): set up once, then answer the querier's requests
+    until it says stop. Every party runs the same steps per request; a failure every party
+    agrees on (bad input, a refused budget, a bad model output) ends that request only."""
+    from . import channel  # noqa: PLC0415
+    from .serve import Endpoint, error_reply  # noqa: PLC0415
+
+    fed = ctx.federation
+    if fed.transport() == "gloo":
+        raise ConfigError("a served session needs mpc-fi's channels (network.transport: auto, "
+                          "zmq or curve): gloo bounds every idle wait by network.timeout_s",
+                          key="network.transport")
+    if fed.role_of(ctx.rank) == "dealer":
+        session = Session(SessionSpec.of_federation(fed), ctx.rank).start()
+        with channel.unbounded(0):  # party 0's next request may come after any idle time
+            wall = session.serve_dealer()
+        return {"cost": asdict(PartyCost(party="dealer", role="dealer", wall_s=wall, rounds=0,
+                                         bytes_sent=0, peak_rss_mb=_peak_rss_mb()))}
+    t0 = time.perf_counter()
+    party = _Party(ctx)
+    party.handshake()
+    endpoint = Endpoint(ctx.serve_socket) if party.role == "querier" else None
+    if endpoint is not None:
+        import signal  # noqa: PLC0415
+
+        # SIGTERM: finish the request in flight, then tell every party to stop.
+        signal.signal(signal.SIGTERM, lambda *_: endpoint.stopping.set())
+    party.log.info("serving: ready after %.2f s", time.perf_counter() - t0)
+    served, wall = 0, 0.0
+    try:
+        while True:
+            x = None
+            if endpoint is not None:
+                request = endpoint.next()
+                if request["op"] == "health":
+                    endpoint.reply({"ok": True, "status": "ready", "requests": served,
+                                    "parties": list(fed.party_names), "mode": fed.mode,
+                                    "protocol": fed.protocol.name})
+                    continue
+                if request["op"] == "predict":
+                    try:
+                        x = validate_queries(request.get("x"), fed.querier)
+                        shape = tuple(x.shape[1:])
+                        if getattr(party, "input_shape", shape) != shape:
+                            raise InputError(f"this session answers queries of shape "
+                                             f"{party.input_shape}, got {shape}: start another "
+                                             "session for another shape")
+                    except MpcFiError as exc:
+                        endpoint.reply(error_reply(exc))
+                        continue
+                step = ({"op": "batch", "n": int(x.shape[0]), "shape": list(x.shape[1:])}
+                        if x is not None else {"op": "stop", "n": 0, "shape": []})
+            else:
+                step = None
+            with channel.unbounded(party.q):  # owners wait for the next request without end
+                step = party.session.broadcast(step, wire.SERVED_STEP, src=party.q,
+                                               what="served request")
+            if step["op"] == "stop":
+                break
+            t1 = time.perf_counter()
+            try:
+                if not hasattr(party, "protocol"):
+                    party.input_shape = tuple(step["shape"])
+                    party.prepare()
+                party.num_queries, party.queries = step["n"], x
+                party.plan()
+                budget = getattr(party, "charge_budget", lambda: None)()  # MERGE-TODO
+                labels, scores = party.infer()
+            except (InputError, BudgetExceededError, ProtocolError) as exc:
+                # Raised alike on every party (agreed): this request fails, the session goes on.
+                party.log.warning("request %d refused: %s: %s", served + 1, type(exc).__name__,
+                                  exc)
+                if endpoint is not None:
+                    endpoint.reply(error_reply(exc))
+                continue
+            served += 1
+            wall += time.perf_counter() - t1
+            if endpoint is not None:
+                endpoint.reply({"ok": True, "labels": labels, "scores": scores,
+                                "budget": budget})
+    except BaseException as exc:
+        if endpoint is not None:
+            endpoint.reply(error_reply(exc))
+        raise
+    finally:
+        if endpoint is not None:
+            endpoint.close()
+    stats = party.comm.get_communication_stats()
+    cost = PartyCost(party=party.name, role=party.role, wall_s=wall, rounds=int(stats["rounds"]),
+                     bytes_sent=int(stats["bytes"]), peak_rss_mb=_peak_rss_mb())
+    party.log.info("served %d request(s); stopping", served)
+    party.session.close()
+    return {"cost": asdict(cost), "served": served}

@@ -529,6 +529,9 @@ HELLO = Record({"name": _NAME, "fingerprint": Str(128),
 QUERY_META = Tuple(Int(1, 1 << 40), Shape(min_dims=1))
 #: A batch plan: rows per batch that fit this party, and its memory limit in MiB (or None).
 BATCH_PLAN = Tuple(Int(0, 1 << 40), Optional(Float(0.0, 1e12)))
+#: A served session: the querier's next step for everyone (answer ``n`` queries, or stop).
+SERVED_STEP = Record({"op": Enum("batch", "stop"), "n": Int(0, 1 << 40),
+                      "shape": Shape(max_dims=8)})
 
 
 # ---------------------------------------------------------------------------------------

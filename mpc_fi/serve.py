@@ -1,0 +1,263 @@
+"""Served federations: long-lived parties that answer many query batches.
+
+A served session is started once (``Federation(cfg).start()`` locally, ``mpc-fi serve`` on each
+host): every party joins, proves its key, loads its model, and in full mode the owners share
+their weights, once. Then the querier's party answers requests from the querier's application
+on a **Unix socket** (mode 0600, on the querier's host only: the queries never travel anywhere
+else in plaintext), one request at a time; for each, the parties run the same batches as a
+one-shot run and the querier's application receives exactly what a one-shot run gives.
+
+Messages on the socket are length-prefixed :mod:`mpc_fi.records` (JSON and numpy arrays, never
+pickle), at most :data:`REQUEST_LIMIT` bytes. Requests: ``{"op": "predict", "x": array}``,
+``{"op": "health"}``, ``{"op": "stop"}``. Replies: ``{"ok": true, ...}`` or ``{"ok": false,
+"type": <error class>, "message": ...}``.
+
+A request whose failure every party agrees on (bad input, a budget refused by the owners, a bad
+model output) is answered with that error and the session goes on; a party that stops ends the
+session, and the error names it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import errors, records
+from .errors import InputError, MpcFiError, PartyFailedError, WireFormatError
+from .result import Prediction
+
+#: Largest request or reply on the querier's socket, in bytes.
+REQUEST_LIMIT = 1 << 31
+_LENGTH = struct.Struct("!Q")
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    chunks, left = [], n
+    while left:
+        chunk = sock.recv(min(left, 1 << 20))
+        if not chunk:
+            raise ConnectionError("the other side closed the connection")
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def send_message(sock: socket.socket, obj: Any) -> None:
+    data = records.dumps(obj)
+    sock.sendall(_LENGTH.pack(len(data)) + data)
+
+
+def recv_message(sock: socket.socket, limit: int = REQUEST_LIMIT) -> Any:
+    (length,) = _LENGTH.unpack(_recv_exact(sock, _LENGTH.size))
+    if length > limit:
+        raise WireFormatError(f"a message of {length} bytes exceeds the limit of {limit}")
+    return records.loads(_recv_exact(sock, length))
+
+
+def error_reply(exc: BaseException) -> dict[str, Any]:
+    return {"ok": False, "type": type(exc).__name__, "message": str(exc)}
+
+
+def raise_reply(reply: dict[str, Any]) -> dict[str, Any]:
+    """The reply, or the error it carries raised as the same mpc-fi class."""
+    if reply.get("ok"):
+        return reply
+    cls = getattr(errors, str(reply.get("type")), None)
+    message = str(reply.get("message"))
+    if isinstance(cls, type) and issubclass(cls, MpcFiError) and cls is not PartyFailedError:
+        raise cls(message)
+    raise PartyFailedError(message)
+
+
+class Endpoint:
+    """The querier party's side of the socket: one client at a time, one request at a time."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        if self.path.exists():
+            self.path.unlink()
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)  # the socket is this user's only: queries are secret
+        try:
+            self.server.bind(str(self.path))
+        finally:
+            os.umask(old)
+        self.server.listen(4)
+        self.server.settimeout(0.5)
+        self.client: socket.socket | None = None
+        self.stopping = threading.Event()  # SIGTERM: finish the request in flight, then stop
+
+    def next(self) -> dict[str, Any]:
+        """The next request (``{"op": "stop"}`` when asked to stop)."""
+        while not self.stopping.is_set():
+            if self.client is None:
+                try:
+                    self.client, _ = self.server.accept()
+                except socket.timeout:
+                    continue
+                self.client.settimeout(None)
+            try:
+                request = recv_message(self.client)
+            except (ConnectionError, OSError):
+                self._drop()
+                continue
+            except MpcFiError as exc:
+                self.reply(error_reply(exc))
+                self._drop()
+                continue
+            if not isinstance(request, dict) or request.get("op") not in (
+                    "predict", "health", "stop"):
+                self.reply(error_reply(InputError(
+                    "a request is {'op': 'predict', 'x': array}, {'op': 'health'} or "
+                    "{'op': 'stop'}")))
+                continue
+            return request
+        return {"op": "stop"}
+
+    def reply(self, obj: dict[str, Any]) -> None:
+        if self.client is None:
+            return
+        try:
+            send_message(self.client, obj)
+        except OSError:
+            self._drop()
+
+    def _drop(self) -> None:
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+
+    def close(self) -> None:
+        self._drop()
+        self.server.close()
+        try:
+            self.path.unlink()
+        except OSError:
+            pass
+
+
+class ServedFederation:
+    """A client of a served federation: ``predict`` / ``predict_proba`` / ``run`` as on
+    :class:`~mpc_fi.Federation`, answered by long-lived parties.
+
+    Made by :meth:`mpc_fi.Federation.start` (local parties, stopped by :meth:`close` or at the
+    end of a ``with`` block) or :func:`connect` (parties served by ``mpc-fi serve``; ``close``
+    only disconnects, ``stop`` ends the session).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, launcher: Any = None,
+                 timeout_s: float = 600.0, reveal: str | None = None) -> None:
+        self.path = Path(path)
+        self.launcher = launcher
+        self.timeout_s = timeout_s
+        self.reveal = reveal
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout_s)
+        try:
+            self.sock.connect(str(self.path))
+        except OSError as exc:
+            raise PartyFailedError(f"no served federation at {self.path}: {exc.strerror or exc} "
+                                   "(is `mpc-fi serve` running for the querier?)") from None
+        self._closed = False
+
+    # -- requests --------------------------------------------------------------------------
+    def _ask(self, request: dict[str, Any]) -> dict[str, Any]:
+        if self._closed:
+            raise PartyFailedError("this served federation is closed")
+        try:
+            send_message(self.sock, request)
+            reply = recv_message(self.sock)
+        except socket.timeout:
+            raise PartyFailedError(f"the served querier did not answer within {self.timeout_s:g} s"
+                                   ) from None
+        except (ConnectionError, OSError) as exc:
+            self._closed = True
+            raise self._gone(exc) from None
+        return raise_reply(reply)
+
+    def _gone(self, exc: BaseException) -> MpcFiError:
+        if self.launcher is not None:
+            try:
+                self.launcher.raise_first_failure()
+            except MpcFiError as failure:
+                return failure
+        return PartyFailedError(f"the served querier closed the connection ({exc}): the session "
+                                "ended (see the parties' logs)")
+
+    def health(self) -> dict[str, Any]:
+        """``{"status": "ready", "parties": [...], "requests": n, ...}`` from the querier."""
+        return self._ask({"op": "health"})
+
+    def run(self, X: Any) -> Prediction:
+        x = np.asarray(X)
+        reply = self._ask({"op": "predict", "x": x})
+        return Prediction(labels=np.asarray(reply["labels"]), scores=reply.get("scores"))
+
+    def predict(self, X: Any) -> np.ndarray:
+        return self.run(X).labels
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        if self.reveal is not None and self.reveal != "scores":
+            from .errors import ProtocolError  # noqa: PLC0415
+
+            raise ProtocolError("predict_proba needs the federation to allow reveal: scores "
+                                "(by default only the label is released)")
+        scores = self.run(X).scores
+        if scores is None:
+            from .errors import ProtocolError  # noqa: PLC0415
+
+            raise ProtocolError("this federation releases labels only (reveal: label)")
+        return np.asarray(scores)
+
+    # -- ending ----------------------------------------------------------------------------
+    def stop(self) -> None:
+        """End the session: every party leaves (the querier after answering this)."""
+        if not self._closed:
+            try:
+                self._ask({"op": "stop"})
+            except MpcFiError:
+                pass
+        self._disconnect()
+        if self.launcher is not None:
+            self.launcher.finish(self.timeout_s)
+
+    def close(self) -> None:
+        """Local session: stop every party. Connected session: disconnect only."""
+        if self.launcher is not None:
+            self.stop()
+        else:
+            self._disconnect()
+
+    def _disconnect(self) -> None:
+        self._closed = True
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def __enter__(self) -> "ServedFederation":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def connect(path: str | os.PathLike[str], *, timeout_s: float = 600.0,
+            wait_s: float = 0.0) -> ServedFederation:
+    """Reach a federation served by ``mpc-fi serve`` through the querier's socket at ``path``
+    (waiting up to ``wait_s`` for it to appear)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return ServedFederation(path, timeout_s=timeout_s)
+        except PartyFailedError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.05)

@@ -1,0 +1,118 @@
+"""Served sessions: long-lived parties that answer many requests (mpc_fi.serve).
+
+Locally through ``Federation(cfg).start()``; one process per party through ``mpc-fi serve`` and
+``mpc-fi ask``. Checked: every answer equals the plaintext twin and the one-shot run; set-up
+happens once (models loaded, full-mode weights shared once); a request every party refuses ends
+that request only; a party that stops ends the session with an error naming it; SIGTERM to the
+querier finishes and stops every party cleanly.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedkit import free_port, with_identities, with_network
+from mpc_fi import Federation, connect
+from mpc_fi.errors import InputError, PartyFailedError, ProtocolError
+
+MPC_FI = str(Path(sys.executable).with_name("mpc-fi"))
+
+
+def test_a_local_session_answers_many_requests_like_one_shot_runs(small_federation, tmp_path):
+    path, twin = small_federation
+    x = np.load(Path(path).parent / "queries.npy")
+    one_shot = Federation(path).predict(x[:5])
+    with Federation(path, run_dir=tmp_path / "run").start() as fed:
+        health = fed.health()
+        assert health["status"] == "ready" and health["parties"][-1] == "dealer"
+        for _ in range(3):
+            np.testing.assert_array_equal(fed.predict(x), twin)
+        np.testing.assert_array_equal(fed.predict(x[:5]), one_shot)
+        np.testing.assert_array_equal(fed.predict(x[7:8]), twin[7:8])
+        # Refused by everyone alike: this request fails, the session goes on.
+        with pytest.raises(InputError, match="shape"):
+            fed.predict(x[:, :10])
+        with pytest.raises(InputError, match="NaN"):
+            fed.predict(np.full_like(x[:2], np.nan))
+        with pytest.raises(ProtocolError, match="reveal: scores"):
+            fed.predict_proba(x[:2])
+        np.testing.assert_array_equal(fed.predict(x[:4]), twin[:4])
+        assert fed.health()["requests"] == 6
+    # Each owner loaded its model once for the whole session.
+    log = (tmp_path / "run" / "party-0-owner0.log").read_text()
+    assert log.count("loaded own model") == 1
+    assert "served 6 request(s)" in log
+    assert not list(tmp_path.glob("run/error-*"))
+
+
+def test_full_mode_shares_the_weights_once(full_federation, tmp_path):
+    path, twin = full_federation
+    x = np.load(Path(path).parent / "queries.npy")
+    with Federation(path, run_dir=tmp_path / "run").start() as fed:
+        np.testing.assert_array_equal(fed.predict(x), twin)
+        np.testing.assert_array_equal(fed.predict(x[:3]), twin[:3])
+    log = (tmp_path / "run" / "party-1-owner1.log").read_text()
+    assert log.count("owners' parameters secret-shared") == 1
+
+
+def test_an_owner_that_stops_ends_the_session_with_its_name(small_federation, tmp_path):
+    path, twin = small_federation
+    x = np.load(Path(path).parent / "queries.npy")
+    fed = Federation(path, run_dir=tmp_path / "run").start()
+    try:
+        np.testing.assert_array_equal(fed.predict(x[:2]), twin[:2])
+        victim = fed.launcher.procs[1]  # owner1
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.join(30)
+        with pytest.raises(PartyFailedError, match="owner1"):
+            fed.predict(x[:2])
+    finally:
+        fed.launcher.terminate()
+    assert not any(p.is_alive() for p in fed.launcher.procs)
+
+
+def _serve(fed: Path, name: str, tmp_path: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([MPC_FI, "serve", "--federation", str(fed), "--party", name,
+                             "--run-dir", str(tmp_path / name), "--socket",
+                             str(tmp_path / "q.sock"), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_mpc_fi_serve_per_host_with_identities_answers_and_stops(small_federation, tmp_path):
+    path, twin = small_federation
+    fed = with_network(path, tmp_path / "fed.yaml", port=free_port(), timeout_s=60)
+    fed = with_identities(fed, fed, tmp_path / "keys")
+    names = ["owner0", "owner1", "querier", "dealer"]
+    procs = {n: _serve(fed, n, tmp_path) for n in names}
+    try:
+        x = np.load(Path(path).parent / "queries.npy")
+        with connect(tmp_path / "q.sock", wait_s=120, timeout_s=120) as client:
+            np.testing.assert_array_equal(client.predict(x), twin)
+            np.testing.assert_array_equal(client.predict(x[3:9]), twin[3:9])
+        np.save(tmp_path / "few.npy", x[:4])
+        asked = subprocess.run([MPC_FI, "ask", "--socket", str(tmp_path / "q.sock"),
+                                str(tmp_path / "few.npy"), "--output",
+                                str(tmp_path / "labels.npy")],
+                               capture_output=True, text=True, timeout=120)
+        assert asked.returncode == 0, asked.stderr
+        np.testing.assert_array_equal(np.load(tmp_path / "labels.npy"), twin[:4])
+        # SIGTERM to the querier: it finishes and tells every party to stop.
+        procs["querier"].send_signal(signal.SIGTERM)
+        outs = {n: p.communicate(timeout=120) for n, p in procs.items()}
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+    assert {n: p.returncode for n, p in procs.items()} == dict.fromkeys(names, 0), \
+        {n: o[1][-1500:] for n, o in outs.items()}
+    assert "served 3 request(s)" in outs["querier"][1]
+    assert "transport curve" in outs["owner0"][1]
+    assert not (tmp_path / "q.sock").exists()
