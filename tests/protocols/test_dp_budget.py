@@ -205,7 +205,7 @@ privacy: {budget_file: ledgers/budget.json, epsilon: 2.0, delta: %s}
     for bad, key in (({"budget_file": "b.json", "epsilon": -1, "delta": 1e-5}, "privacy.epsilon"),
                      ({"budget_file": "b.json", "epsilon": 1, "delta": 1.0}, "privacy.delta"),
                      ({"budget_file": "", "epsilon": 1, "delta": 1e-5}, "privacy.budget_file"),
-                     ({"epsilon": 1, "delta": 1e-5}, "privacy.budget_file"),
+                     ({"budget_file": "b.json", "delta": 1e-5}, "privacy.epsilon"),
                      ({"budget": "b.json", "epsilon": 1, "delta": 1e-5}, "privacy.budget")):
         data = {"owners": [{"name": "a", "model": {"factory": "m.x:f"}},
                            {"name": "b", "model": {"factory": "m.x:f"}}], "privacy": bad}
