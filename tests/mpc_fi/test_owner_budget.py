@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 
 from launchers import LocalLauncher
-from mpc_fi import Federation, records, wire
+from mpc_fi import Federation, cli, records, wire
 from mpc_fi.budget import authorize_release, judge, open_ledger, read_budget, worst_case_cost
 from mpc_fi.config import FederationConfig, PrivacyConfig, default_ledger_dir
 from mpc_fi.errors import BudgetExceededError, ConfigError, MpcFiError, PartyFailedError
@@ -288,6 +288,35 @@ def test_without_a_privacy_section_no_ledger_is_touched(federation_factory, tmp_
                                 params={"sigma": SIGMA})
     out, rounds = release_everywhere(fed, queries=4)
     assert out == {0: None, 1: None, 2: None} and rounds == []
+
+
+# -- reading the budget ----------------------------------------------------------------------------
+
+def test_mpc_fi_budget_reads_each_owners_ledger_on_this_host(tmp_path, capsys):
+    path = tmp_path / "fed.yaml"
+    path.write_text(OWNERS_YAML.replace("privacy: {", "privacy: {budget_file: mine.json, "))
+    fed = FederationConfig.load(path)
+    (tmp_path / "ledgers").mkdir()
+    cost = gnmax_cost(sigma=40.0 * math.sqrt(2 / 3), queries=3)
+    open_ledger(fed, 0).charge(QUERIER, cost)
+    open_ledger(fed, 0).charge("key:someone-else", cost)
+    spent = epsilon_for([cost], delta=DELTA)
+    assert cli.main(["budget", "--federation", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "this federation's querier is name:querier" in out
+    assert f"  name:querier: spent epsilon={spent:.6g} of 2, remaining {2 - spent:.6g}, in 1 " \
+           "charge(s)  (this federation's querier)" in out
+    assert "  key:someone-else: spent" in out
+    assert f"b: no ledger at {fed.owners[1].ledger_path()} on this host" in out
+    assert "querier's own ledger (a convenience" in out and "none at" in out
+    assert not fed.owners[1].ledger_path().exists()  # reading creates nothing
+    assert cli.main(["budget", "--federation", str(path), "--party", "a", "--querier",
+                     "key:nobody"]) == 0
+    assert "  key:nobody: spent epsilon=0 of 2" in capsys.readouterr().out
+    assert cli.main(["budget", "--federation", str(path), "--party", "querier"]) == 2
+    assert "ConfigError: --party: 'querier' is not an owner" in capsys.readouterr().err
+    report = Federation(fed).budget()
+    assert report.spent == pytest.approx(spent) and [o.charges for o in report.owners] == [1, 0]
 
 
 # -- real parties ----------------------------------------------------------------------------------
