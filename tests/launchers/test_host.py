@@ -268,3 +268,59 @@ def test_parties_with_different_package_versions_are_refused_by_everyone(small_f
         assert "HandshakeError" in err and "install the same versions" in err
         assert "'crypten': '0.4.1+other'" in err
         assert not list((tmp_path / name).glob("result-*.npz"))
+
+
+def test_owners_check_and_charge_their_own_ledgers_in_one_party_per_host_runs(small_federation,
+                                                                               tmp_path):
+    """``mpc-fi party`` used to answer a DP federation without any budget. Each owner now
+    charges its own ledger (``owners[i].ledger``, beside the federation file on its host): the
+    first run is charged the worst case at both owners and the querier is told what is left; the
+    second would overspend, and every computing party refuses it with the same error."""
+    import math
+
+    import yaml
+
+    from mpc_fi.privacy import PrivacyBudget, epsilon_for, gnmax_cost
+
+    path, _ = small_federation
+    cost = gnmax_cost(sigma=20.0 * math.sqrt(2 / 3), queries=24)  # what 24 answers cost
+    one, two = (epsilon_for([cost] * k, delta=1e-5) for k in (1, 2))
+    data = yaml.safe_load(path.read_text())
+    data["protocol"] = {"name": "gnmax", "sigma": 20.0}
+    data["privacy"] = {"epsilon": (one + two) / 2, "delta": 1.0e-5}
+    for owner in data["owners"]:
+        owner["ledger"] = f"ledgers/{owner['name']}.json"  # relative to the federation file
+    (tmp_path / "ledgers").mkdir()
+    template = tmp_path / "template.yaml"
+    template.write_text(yaml.safe_dump(data, sort_keys=False))
+    names = list(FederationConfig.load(template).party_names)
+    computing = names[:-1]
+
+    def run(attempt: str) -> dict:
+        fed = with_network(template, tmp_path / "fed.yaml", port=free_port(), timeout_s=60)
+        procs = {n: start_party(fed, n, tmp_path / attempt,
+                                *(["--output", str(tmp_path / f"{attempt}.npy")]
+                                  if n == "querier" else [])) for n in names}
+        outs = {n: p.communicate(timeout=400) for n, p in procs.items()}
+        return {n: (procs[n].returncode, *outs[n]) for n in names}
+
+    def history(owner: str) -> list:
+        return PrivacyBudget(tmp_path / "ledgers" / f"{owner}.json", epsilon=(one + two) / 2,
+                             delta=1e-5).history("name:querier")
+
+    first = run("first")
+    assert {n: first[n][0] for n in names} == dict.fromkeys(names, 0), \
+        {n: first[n][2][-2000:] for n in names}
+    assert np.load(tmp_path / "first.npy").shape == (24,)
+    assert f"querier name:querier has spent epsilon={one:.4g}" in first["querier"][1]
+    assert history("owner0") == history("owner1") == [cost]
+    charged = [(tmp_path / "ledgers" / f"{n}.json").read_bytes() for n in ("owner0", "owner1")]
+
+    second = run("second")
+    for name in computing:  # every computing party stops with the budget's exit code and error
+        code, _, err = second[name]
+        assert code == 6, err[-2000:]
+        assert "owner(s) owner0, owner1 refuse this release: querier name:querier" in err
+    assert not (tmp_path / "second.npy").exists()
+    assert [(tmp_path / "ledgers" / f"{n}.json").read_bytes()
+            for n in ("owner0", "owner1")] == charged
