@@ -132,7 +132,7 @@ def open_ledger(federation: FederationConfig, index: int) -> PrivacyBudget:
         if exc.key == "path":
             hint = (f"; create it, or leave {key} out to keep the ledger under the owner's "
                     "state folder")
-        raise type(exc)(f"owner {owner.name}'s ledger {path}: {exc.bare}{hint}", key=key) from None
+        raise type(exc)(f"owner {owner.name}: {exc.bare}{hint}", key=key) from None
     except OSError as exc:
         raise ConfigError(f"owner {owner.name} cannot open its ledger {path}: {exc}",
                           key=key) from None

@@ -107,7 +107,7 @@ def test_a_ledger_an_owner_cannot_open_is_named_by_its_key(tmp_path):
     path = tmp_path / "fed.yaml"
     path.write_text(OWNERS_YAML)
     fed = FederationConfig.load(path)
-    with pytest.raises(ConfigError, match=r"^owners\[0\]\.ledger: owner a's ledger .* does not "
+    with pytest.raises(ConfigError, match=r"^owners\[0\]\.ledger: owner a: directory .* does not "
                                           r"exist; create it, or leave owners\[0\]\.ledger out"):
         open_ledger(fed, 0)  # an explicit folder is never made up: a typo would hide a ledger
     (tmp_path / "ledgers").mkdir()
@@ -281,6 +281,21 @@ def test_a_run_that_spends_the_room_between_check_and_charge_is_refused(federati
     assert "another run charged querier name:querier in this ledger" in str(out[2])
     assert ledger(fed, 0).history(QUERIER) == [cost]  # the other run's charge only
     assert ledger(fed, 1).history(QUERIER) == [cost]  # owner1 charged this one: never less
+
+
+def test_a_corrupt_ledger_stops_every_party_naming_its_key_and_is_never_reset(
+        federation_factory, tmp_path):
+    fed, _ = federation_factory(num_owners=2, num_classes=3)
+    fed = with_budget(fed, tmp_path, epsilon=100.0)
+    fed.owners[1].ledger_path().write_text('{"format": "mpc-fi-privacy-ledger", "versi')
+    out, rounds = release_everywhere(fed, queries=4)
+    assert rounds == ["privacy budget check"]
+    assert all(type(e) is ConfigError for e in out.values())  # exit code 2 everywhere
+    assert {str(e).split(" (", 1)[0] for e in out.values()} == {
+        f"[owner1] owners[1].ledger: owner owner1: privacy ledger "
+        f"{fed.owners[1].ledger_path()} is corrupt or unreadable"}
+    assert fed.owners[1].ledger_path().read_text().endswith('"versi')
+    assert not ledger(fed, 0).history(QUERIER)
 
 
 def test_without_a_privacy_section_no_ledger_is_touched(federation_factory, tmp_path):
