@@ -138,6 +138,22 @@ def open_ledger(federation: FederationConfig, index: int) -> PrivacyBudget:
                           key=key) from None
 
 
+def check_ledger(federation: FederationConfig, index: int) -> str:
+    """What ``mpc-fi validate`` says about owner ``index``'s ledger on this host; raises the
+    ConfigError :func:`open_ledger` would raise at start-up, without creating the ledger."""
+    owner = federation.owners[index]
+    path = owner.ledger_path()
+    if path.exists():
+        budget = open_ledger(federation, index)
+        queriers = budget.queriers()
+        charges = sum(len(budget.history(q)) for q in queriers)
+        return (f"{owner.name}: privacy ledger {path} ({charges} charge(s) for "
+                f"{len(queriers)} querier(s))")
+    if owner.ledger is not None and not path.parent.is_dir():
+        open_ledger(federation, index)  # raises, naming the missing folder and the key
+    return f"{owner.name}: privacy ledger {path} (none yet: created at the first release)"
+
+
 def _owner_check(federation: FederationConfig, index: int, querier: str,
                  cost: QueryCost) -> dict[str, Any]:
     from .privacy import epsilon_for  # noqa: PLC0415

@@ -119,6 +119,22 @@ def test_a_ledger_an_owner_cannot_open_is_named_by_its_key(tmp_path):
         open_ledger(fed, 0)
 
 
+def test_validate_checks_each_owners_ledger_without_creating_it(tmp_path):
+    from mpc_fi.preflight import check_files
+
+    path = tmp_path / "fed.yaml"
+    path.write_text(OWNERS_YAML.replace("ledger: ledgers/a.json", "ledger: a.json"))
+    fed = FederationConfig.load(path)
+    lines = check_files(fed, parties=["a"])
+    assert f"a: privacy ledger {tmp_path / 'a.json'} (none yet: created at the first release)" \
+        in lines
+    assert not (tmp_path / "a.json").exists()
+    (tmp_path / "a.json").write_text("[]")
+    with pytest.raises(ConfigError, match=r"^\[a\] owners\[0\]\.ledger: owner a: privacy "
+                                          r"ledger .* is corrupt"):
+        check_files(fed, parties=["a"])
+
+
 # -- the decision every party takes -------------------------------------------------------------
 
 def test_the_owner_that_recorded_most_decides_and_the_error_names_every_figure():
