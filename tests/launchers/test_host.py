@@ -270,57 +270,77 @@ def test_parties_with_different_package_versions_are_refused_by_everyone(small_f
         assert not list((tmp_path / name).glob("result-*.npz"))
 
 
-def test_owners_check_and_charge_their_own_ledgers_in_one_party_per_host_runs(small_federation,
-                                                                               tmp_path):
-    """``mpc-fi party`` used to answer a DP federation without any budget. Each owner now
-    charges its own ledger (``owners[i].ledger``, beside the federation file on its host): the
-    first run is charged the worst case at both owners and the querier is told what is left; the
-    second would overspend, and every computing party refuses it with the same error."""
-    import math
+class BudgetedHosts:
+    """``small_federation`` as GNMax with a privacy budget that holds one run of its 24 queries
+    but not two, each owner's ledger beside the federation file (``ledgers/<owner>.json``);
+    :meth:`run` starts every party with ``mpc-fi party``, one process each."""
 
-    import yaml
+    def __init__(self, path: Path, folder: Path) -> None:
+        import math
 
-    from mpc_fi.privacy import PrivacyBudget, epsilon_for, gnmax_cost
+        import yaml
 
-    path, _ = small_federation
-    cost = gnmax_cost(sigma=20.0 * math.sqrt(2 / 3), queries=24)  # what 24 answers cost
-    one, two = (epsilon_for([cost] * k, delta=1e-5) for k in (1, 2))
-    data = yaml.safe_load(path.read_text())
-    data["protocol"] = {"name": "gnmax", "sigma": 20.0}
-    data["privacy"] = {"epsilon": (one + two) / 2, "delta": 1.0e-5}
-    for owner in data["owners"]:
-        owner["ledger"] = f"ledgers/{owner['name']}.json"  # relative to the federation file
-    (tmp_path / "ledgers").mkdir()
-    template = tmp_path / "template.yaml"
-    template.write_text(yaml.safe_dump(data, sort_keys=False))
-    names = list(FederationConfig.load(template).party_names)
-    computing = names[:-1]
+        from mpc_fi.privacy import epsilon_for, gnmax_cost
 
-    def run(attempt: str) -> dict:
-        fed = with_network(template, tmp_path / "fed.yaml", port=free_port(), timeout_s=60)
-        procs = {n: start_party(fed, n, tmp_path / attempt,
-                                *(["--output", str(tmp_path / f"{attempt}.npy")]
-                                  if n == "querier" else [])) for n in names}
+        self.folder = folder
+        self.cost = gnmax_cost(sigma=20.0 * math.sqrt(2 / 3), queries=24)  # 24 answers
+        self.one, two = (epsilon_for([self.cost] * k, delta=1e-5) for k in (1, 2))
+        self.epsilon = (self.one + two) / 2
+        data = yaml.safe_load(path.read_text())
+        data["protocol"] = {"name": "gnmax", "sigma": 20.0}
+        data["privacy"] = {"epsilon": self.epsilon, "delta": 1.0e-5}
+        for owner in data["owners"]:
+            owner["ledger"] = f"ledgers/{owner['name']}.json"  # relative to the federation file
+        (folder / "ledgers").mkdir()
+        self.template = folder / "template.yaml"
+        self.template.write_text(yaml.safe_dump(data, sort_keys=False))
+        self.names = list(FederationConfig.load(self.template).party_names)
+
+    def run(self, attempt: str) -> dict[str, tuple[int, str, str]]:
+        """``{party: (exit code, stdout, stderr)}``; the querier's labels in ``<attempt>.npy``."""
+        fed = with_network(self.template, self.folder / "fed.yaml", port=free_port(), timeout_s=60)
+        output = ["--output", str(self.folder / f"{attempt}.npy")]
+        procs = {n: start_party(fed, n, self.folder / attempt, *(output if n == "querier" else []))
+                 for n in self.names}
         outs = {n: p.communicate(timeout=400) for n, p in procs.items()}
-        return {n: (procs[n].returncode, *outs[n]) for n in names}
+        return {n: (procs[n].returncode, *outs[n]) for n in self.names}
 
-    def history(owner: str) -> list:
-        return PrivacyBudget(tmp_path / "ledgers" / f"{owner}.json", epsilon=(one + two) / 2,
+    def ledger(self, owner: str) -> Path:
+        return self.folder / "ledgers" / f"{owner}.json"
+
+    def history(self, owner: str) -> list:
+        from mpc_fi.privacy import PrivacyBudget
+
+        return PrivacyBudget(self.ledger(owner), epsilon=self.epsilon,
                              delta=1e-5).history("name:querier")
 
-    first = run("first")
-    assert {n: first[n][0] for n in names} == dict.fromkeys(names, 0), \
-        {n: first[n][2][-2000:] for n in names}
-    assert np.load(tmp_path / "first.npy").shape == (24,)
-    assert f"querier name:querier has spent epsilon={one:.4g}" in first["querier"][1]
-    assert history("owner0") == history("owner1") == [cost]
-    charged = [(tmp_path / "ledgers" / f"{n}.json").read_bytes() for n in ("owner0", "owner1")]
+    def charge_and_answer(self) -> None:
+        first = self.run("first")
+        assert {n: first[n][0] for n in self.names} == dict.fromkeys(self.names, 0), \
+            {n: first[n][2][-2000:] for n in self.names}
+        assert np.load(self.folder / "first.npy").shape == (24,)
+        assert f"querier name:querier has spent epsilon={self.one:.4g}" in first["querier"][1]
+        assert self.history("owner0") == self.history("owner1") == [self.cost]
 
-    second = run("second")
-    for name in computing:  # every computing party stops with the budget's exit code and error
+
+def test_owners_charge_their_own_ledgers_in_one_party_per_host_runs(small_federation, tmp_path):
+    """``mpc-fi party`` used to answer a DP federation without any budget. Each owner now
+    checks and charges its own ledger (``owners[i].ledger``, beside the federation file on its
+    host): the run is charged the worst case at both owners, and the querier is told what is
+    left."""
+    BudgetedHosts(small_federation[0], tmp_path).charge_and_answer()
+
+
+@pytest.mark.slow  # the same refusal with local processes: tests/mpc_fi/test_owner_budget.py
+def test_owners_refuse_the_run_that_would_overspend_in_one_party_per_host_runs(small_federation,
+                                                                               tmp_path):
+    hosts = BudgetedHosts(small_federation[0], tmp_path)
+    hosts.charge_and_answer()
+    charged = [hosts.ledger(n).read_bytes() for n in ("owner0", "owner1")]
+    second = hosts.run("second")
+    for name in hosts.names[:-1]:  # every computing party stops with the budget's exit code
         code, _, err = second[name]
         assert code == 6, err[-2000:]
         assert "owner(s) owner0, owner1 refuse this release: querier name:querier" in err
     assert not (tmp_path / "second.npy").exists()
-    assert [(tmp_path / "ledgers" / f"{n}.json").read_bytes()
-            for n in ("owner0", "owner1")] == charged
+    assert [hosts.ledger(n).read_bytes() for n in ("owner0", "owner1")] == charged
