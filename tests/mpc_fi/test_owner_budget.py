@@ -288,7 +288,7 @@ def test_a_write_that_fails_mid_charge_leaves_the_ledger_whole_and_stops_everyon
 def test_a_run_that_spends_the_room_between_check_and_charge_is_refused(federation_factory,
                                                                         tmp_path):
     fed, _ = federation_factory(num_owners=2, num_classes=3)
-    one, epsilon = one_run_fits(2, queries=24)
+    _, epsilon = one_run_fits(2, queries=24)
     fed = with_budget(fed, tmp_path, epsilon=epsilon)
     cost = gnmax_cost(sigma=SIGMA * math.sqrt(2 / 3), queries=24)
     concurrent = {"privacy budget check": lambda: ledger(fed, 0).charge(QUERIER, cost)}
@@ -307,9 +307,9 @@ def test_a_corrupt_ledger_stops_every_party_naming_its_key_and_is_never_reset(
     out, rounds = release_everywhere(fed, queries=4)
     assert rounds == ["privacy budget check"]
     assert all(type(e) is ConfigError for e in out.values())  # exit code 2 everywhere
-    assert {str(e).split(" (", 1)[0] for e in out.values()} == {
-        f"[owner1] owners[1].ledger: owner owner1: privacy ledger "
-        f"{fed.owners[1].ledger_path()} is corrupt or unreadable"}
+    named = (f"[owner1] owners[1].ledger: owner owner1: privacy ledger "
+             f"{fed.owners[1].ledger_path()} is corrupt or unreadable")
+    assert {str(e).split(" (", 1)[0] for e in out.values()} == {named}
     assert fed.owners[1].ledger_path().read_text().endswith('"versi')
     assert not ledger(fed, 0).history(QUERIER)
 
