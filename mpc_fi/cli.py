@@ -3,9 +3,10 @@
 ``mpc-fi run`` runs a local federated inference (the embedded digits demo by default, or a
 federation file), ``mpc-fi party`` runs one party of a multi-host federation (``mpc-fi serve``:
 as a long-lived service, asked with ``mpc-fi ask``), ``mpc-fi keygen`` makes a party's key
-pair, ``mpc-fi protocols``
-lists the aggregation protocols, ``mpc-fi validate`` checks a federation file, ``mpc-fi study``
-runs the collaboration-value, contribution and leakage experiments. Protocol cost is measured by
+pair, ``mpc-fi protocols`` lists the aggregation protocols, ``mpc-fi validate`` checks a
+federation file, ``mpc-fi budget`` reads the owners' privacy ledgers on this host, ``mpc-fi
+study`` runs the collaboration-value, contribution and leakage experiments. Protocol cost is
+measured by
 the benchmark suites of the source checkout (``make bench``, ``benchmarks/report.py``).
 """
 
@@ -129,9 +130,15 @@ def cmd_run(args: argparse.Namespace) -> int:
             bar.close()
         _emit_labels(result.prediction.labels, args.output)
         _print_costs(result.costs)
+        _report_budget(result.budget)
         _report_run_dir(result)
         return 0
     return _run_demo(args, Federation)
+
+
+def _report_budget(report) -> None:  # noqa: ANN001 - a BudgetReport or None
+    if report is not None:
+        _step(f"privacy budget, as the owners record it: {report.describe()}")
 
 
 def _run_demo(args: argparse.Namespace, Federation) -> int:  # noqa: N803 - a class
@@ -205,6 +212,59 @@ def cmd_party(args: argparse.Namespace) -> int:
     out = results.get(fed.querier_rank)
     if out is not None and "labels" in out:
         _emit_labels(out["labels"], args.output)
+        if out.get("budget") is not None:
+            from .result import BudgetReport  # noqa: PLC0415
+
+            _report_budget(BudgetReport.from_dict(out["budget"]))
+    return 0
+
+
+def cmd_budget(args: argparse.Namespace) -> int:
+    from .budget import open_ledger, querier_identity  # noqa: PLC0415
+    from .config import FederationConfig  # noqa: PLC0415
+    from .privacy import PrivacyBudget  # noqa: PLC0415
+
+    fed = FederationConfig.load(args.federation)
+    if fed.privacy is None:
+        raise ConfigError(f"{args.federation} has no privacy section: no budget is kept",
+                          key="privacy")
+    owners = [o.name for o in fed.owners]
+    for name in args.party or []:
+        if name not in owners:
+            raise ConfigError(f"{name!r} is not an owner of this federation; the owners keep the "
+                              f"binding ledgers: {', '.join(owners)}", key="--party")
+    eps, delta = fed.privacy.epsilon, fed.privacy.delta
+    ours = querier_identity(fed)
+    print(f"privacy budget epsilon={eps:g}, delta={delta:g} per querier; this federation's "
+          f"querier is {ours}")
+
+    def show(budget: PrivacyBudget, queriers: list[str]) -> None:
+        if not queriers:
+            print("  nothing recorded for " + (args.querier or "any querier"))
+        for who in queriers:
+            history = budget.history(who)
+            spent = budget.spent(who)
+            mark = "  (this federation's querier)" if who == ours else ""
+            print(f"  {who}: spent epsilon={spent:.6g} of {eps:g}, remaining "
+                  f"{max(0.0, eps - spent):.6g}, in {len(history)} charge(s){mark}")
+
+    for index, owner in enumerate(fed.owners):
+        if args.party and owner.name not in args.party:
+            continue
+        path = owner.ledger_path()
+        if not path.exists():
+            print(f"{owner.name}: no ledger at {path} on this host (nothing recorded here)")
+            continue
+        budget = open_ledger(fed, index)
+        print(f"{owner.name}: ledger {path}")
+        show(budget, [args.querier] if args.querier else budget.queriers())
+    if not args.party and fed.privacy.budget_file:
+        path = Path(fed.privacy.budget_file)
+        print("querier's own ledger (a convenience of the Python API; the owners' ledgers "
+              "bind): " + (str(path) if path.exists() else f"none at {path}"))
+        if path.exists():
+            budget = PrivacyBudget(path, epsilon=eps, delta=delta)
+            show(budget, [args.querier] if args.querier else budget.queriers())
     return 0
 
 
@@ -427,6 +487,24 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--no-files", action="store_true",
                           help="check the file's settings only, not the files it names")
     validate.set_defaults(func=cmd_validate)
+
+    budget = sub.add_parser(
+        "budget", help="show the privacy budget the owners' ledgers on this host record",
+        description="Read the privacy ledgers of the owners of FILE that are on this host (each "
+                    "owner keeps its own, at owners[i].ledger or under $XDG_STATE_HOME/mpc-fi/"
+                    "ledgers/) and print, per querier identity, the epsilon spent and what is "
+                    "left of the federation's privacy budget. Each owner enforces its own "
+                    "ledger: the owner that has recorded the most decides. On a host that runs "
+                    "one owner, name it with --party. Reading never creates or changes a ledger.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    budget.add_argument("--federation", metavar="FILE", required=True)
+    budget.add_argument("--party", action="append", metavar="OWNER",
+                        help="read only this owner's ledger (repeatable; default: every owner's "
+                             "ledger found on this host, and the querier's own budget_file)")
+    budget.add_argument("--querier", metavar="ID",
+                        help="show only this querier identity (key:<fingerprint> or "
+                             "name:<querier name>; default: every querier a ledger records)")
+    budget.set_defaults(func=cmd_budget)
 
 
     # Commands that live beside the engine (``mpc-fi study``: the studies package) come through

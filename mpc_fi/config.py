@@ -112,14 +112,30 @@ class ModelSource:
                                    factory_dir=fix(factory_dir))
 
 
+def default_ledger_dir() -> Path:
+    """Where an owner keeps its privacy ledgers when the federation names none:
+    ``$XDG_STATE_HOME/mpc-fi/ledgers`` (``~/.local/state/mpc-fi/ledgers`` when unset or not
+    absolute, as the XDG base directory specification says). Read in the owner's own process."""
+    state = os.environ.get("XDG_STATE_HOME", "")
+    base = Path(state) if os.path.isabs(state) else Path.home() / ".local" / "state"
+    return base / "mpc-fi" / "ledgers"
+
+
 @dataclass(frozen=True)
 class OwnerConfig:
-    """A model owner: one CrypTen party that holds one private model."""
+    """A model owner: one CrypTen party that holds one private model.
+
+    ``ledger``: the file where this owner keeps its differential-privacy ledger, one entry per
+    authenticated querier (:mod:`mpc_fi.budget`; used only with a ``privacy`` section). A
+    federation file gives it relative to its own folder; None: ``<name>.json`` under
+    :func:`default_ledger_dir` on the owner's host. Only that owner's process reads or writes it.
+    """
 
     name: str
     model: ModelSource
     host: str | None = None
     weight: float = 1.0  # public voting weight (used by weighted protocols)
+    ledger: str | None = None
 
     def __post_init__(self) -> None:
         self.validate("owner")
@@ -137,10 +153,29 @@ class OwnerConfig:
                 or not math.isfinite(weight) or not weight > 0:
             raise ConfigError(f"must be a positive number, got {weight!r}", key=f"{key}.weight")
         object.__setattr__(self, "weight", float(weight))
+        if self.ledger is not None and (not isinstance(self.ledger, (str, os.PathLike))
+                                        or not os.fspath(self.ledger)):
+            raise ConfigError(f"must be the path of this owner's privacy ledger (a JSON file), "
+                              f"got {self.ledger!r}", key=f"{key}.ledger")
+        if self.ledger is not None:
+            object.__setattr__(self, "ledger", os.fspath(self.ledger))
+
+    def ledger_path(self) -> Path:
+        """This owner's ledger file: ``ledger`` when set, else ``<name>.json`` under
+        :func:`default_ledger_dir` (read from this process's environment now)."""
+        if self.ledger is not None:
+            return Path(os.path.expanduser(self.ledger)).absolute()
+        return default_ledger_dir() / f"{self.name}.json"
+
+    def resolved(self, base: Path) -> "OwnerConfig":
+        """Model and ledger paths relative to the federation file's folder."""
+        ledger = None if self.ledger is None else str(
+            (base / os.path.expanduser(self.ledger)).resolve())
+        return dataclasses.replace(self, model=self.model.resolved(base), ledger=ledger)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], key: str) -> "OwnerConfig":
-        _check_keys(data, ("name", "model", "host", "weight"), key)
+        _check_keys(data, ("name", "model", "host", "weight", "ledger"), key)
         if "name" not in data:
             raise ConfigError("missing", key=f"{key}.name")
         if "model" not in data:
@@ -148,7 +183,7 @@ class OwnerConfig:
         model = ModelSource.from_dict(data["model"], f"{key}.model")
         try:
             return cls(name=data["name"], model=model, host=data.get("host"),
-                       weight=data.get("weight", 1.0))
+                       weight=data.get("weight", 1.0), ledger=data.get("ledger"))
         except ConfigError as exc:
             raise ConfigError(exc.bare, key=key + (exc.key or "owner")[len("owner"):]) from None
 
@@ -322,24 +357,31 @@ def _number(value: Any, key: str, *, what: str) -> float:
 
 @dataclass(frozen=True)
 class PrivacyConfig:
-    """The querier's differential-privacy budget, enforced by :class:`~mpc_fi.Federation`.
+    """The querier's differential-privacy budget: ``(epsilon, delta)`` in total over every run.
 
-    ``budget_file`` is the JSON ledger (:class:`mpc_fi.privacy.PrivacyBudget`; created when
-    missing, relative paths from the federation file's folder); ``epsilon`` and ``delta`` are the
-    total ``(epsilon, delta)`` the querier may spend over every run that uses that ledger.
+    **Every owner enforces it** in its own ledger (``owners[i].ledger``; :mod:`mpc_fi.budget`):
+    before it contributes to a differentially private release it checks and charges the worst
+    case, and the release runs only if every owner agrees. ``epsilon`` and ``delta`` are part of
+    the federation's fingerprint, so every party holds the same budget.
+
+    ``budget_file`` (optional) is the querier's own ledger, a convenience of
+    :class:`~mpc_fi.Federation` only: it refuses a run before any party starts and records the
+    actual cost (answered queries) where the querier can read it. The querier can delete it;
+    the owners' ledgers are what binds. Relative paths are from the federation file's folder.
     """
 
-    budget_file: str
     epsilon: float
     delta: float
+    budget_file: str | None = None
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self, key: str = "privacy") -> None:
-        if not isinstance(self.budget_file, str) or not self.budget_file:
-            raise ConfigError(f"must be the path of the budget ledger (a JSON file), got "
-                              f"{self.budget_file!r}", key=f"{key}.budget_file")
+        if self.budget_file is not None and (not isinstance(self.budget_file, str)
+                                             or not self.budget_file):
+            raise ConfigError(f"must be the path of the querier's own ledger (a JSON file), or "
+                              f"left out; got {self.budget_file!r}", key=f"{key}.budget_file")
         epsilon = _number(self.epsilon, f"{key}.epsilon", what="a number > 0")
         if epsilon <= 0:
             raise ConfigError(f"must be a number > 0, got {self.epsilon!r}", key=f"{key}.epsilon")
@@ -353,13 +395,16 @@ class PrivacyConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], key: str) -> "PrivacyConfig":
         _check_keys(data, ("budget_file", "epsilon", "delta"), key)
-        for name in ("budget_file", "epsilon", "delta"):
+        for name in ("epsilon", "delta"):
             if name not in data:
                 raise ConfigError("missing", key=f"{key}.{name}")
-        return cls(budget_file=data["budget_file"], epsilon=data["epsilon"], delta=data["delta"])
+        return cls(budget_file=data.get("budget_file"), epsilon=data["epsilon"],
+                   delta=data["delta"])
 
     def resolved(self, base: Path) -> "PrivacyConfig":
-        """The ledger path relative to the federation file's folder."""
+        """The querier's ledger path relative to the federation file's folder."""
+        if self.budget_file is None:
+            return self
         return dataclasses.replace(
             self, budget_file=str((base / os.path.expanduser(self.budget_file)).resolve()))
 
@@ -382,7 +427,7 @@ class FederationConfig:
     #: queries per secure batch; None (default): as few batches as the parties' memory allows
     batch_size: int | None = None
     precision_bits: int = 16
-    privacy: PrivacyConfig | None = None  # the querier's DP budget (DP protocols only)
+    privacy: PrivacyConfig | None = None  # the querier's DP budget, kept by every owner
     #: each party's public key (``mpc-fi keygen``), by party name, the dealer included
     identities: Mapping[str, Identity] = field(default_factory=dict)
 
@@ -430,7 +475,7 @@ class FederationConfig:
                               f"bits), got {self.precision_bits!r}", key="precision_bits")
         if self.privacy is not None:
             if not isinstance(self.privacy, PrivacyConfig):
-                raise ConfigError("must be a PrivacyConfig (budget_file, epsilon, delta)",
+                raise ConfigError("must be a PrivacyConfig (epsilon, delta, budget_file)",
                                   key="privacy")
             self.privacy.validate("privacy")
         if not isinstance(self.protocol, ProtocolConfig):
@@ -562,6 +607,7 @@ class FederationConfig:
         for owner in public["owners"]:
             owner["model"] = {"kind": "onnx" if owner["model"]["onnx"] else "torch"}
             owner.pop("host", None)
+            owner.pop("ledger", None)  # local to that owner's host
         public["querier"].pop("data", None)
         public["querier"].pop("host", None)
         if public.get("privacy"):
@@ -586,7 +632,7 @@ class FederationConfig:
             if base is not None:
                 privacy = privacy.resolved(base)
         if base is not None:
-            owners = tuple(dataclasses.replace(o, model=o.model.resolved(base)) for o in owners)
+            owners = tuple(o.resolved(base) for o in owners)
             if querier.data:
                 querier = dataclasses.replace(
                     querier, data=str((base / os.path.expanduser(querier.data)).resolve()))

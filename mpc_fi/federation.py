@@ -2,17 +2,25 @@
 
 Differential privacy: when the federation has a ``privacy`` section, the protocol must be a
 differentially private one (``cls.differentially_private``; it prices a batch of queries with
-``cls.privacy_cost``). :meth:`Federation.run` then, in this order and under an exclusive lock on
-``<budget_file>.run.lock`` (so that two runs sharing a ledger cannot both pass the check):
+``cls.privacy_cost``). **The owners enforce the budget**: inside the party runtime every owner
+checks its own ledger for the worst case (every query answered) and charges it before it
+contributes, and the run goes ahead only if every owner agrees (:mod:`mpc_fi.budget`). The
+querier cannot undo that by deleting its own files. :attr:`RunResult.budget` carries what the
+owners' ledgers record afterwards; :meth:`Federation.budget` reads the ledgers on this host.
 
-1. prices the run for the worst case (every query answered) and checks the querier's budget:
+``privacy.budget_file``, when set, is the querier's own ledger, a convenience on top: under an
+exclusive lock on ``<budget_file>.run.lock`` (two runs sharing it cannot both pass the check),
+:meth:`Federation.run`
+
+1. prices the run for the worst case and checks that ledger:
    :class:`~mpc_fi.errors.BudgetExceededError` **before any party starts**, ledger untouched;
-2. runs the parties;
-3. charges the actual cost (Confident-GNMax: the answered count, read from the released labels,
-   which are ``-1`` where the query abstained) and only then returns the answers.
+2. runs the parties (where the owners check and charge their own ledgers);
+3. charges the actual cost to that ledger (Confident-GNMax: the answered count, read from the
+   released labels, which are ``-1`` where the query abstained) and only then returns the answers.
 
-A run that fails charges nothing (the caller receives no answer). The ledger itself is written
-atomically by :class:`mpc_fi.privacy.PrivacyBudget`, so it survives crashes.
+A run that fails charges nothing to that ledger (the caller receives no answer); the owners may
+have charged theirs already (they charge before contributing, so a failure never leaves an
+answer uncharged). Ledgers are written atomically by :class:`mpc_fi.privacy.PrivacyBudget`.
 """
 
 from __future__ import annotations
@@ -29,11 +37,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .budget import protocol_is_dp
 from .config import FederationConfig
 from .errors import BudgetExceededError, ConfigError, InputError, InsecureSettingWarning, \
     PartyFailedError, ProtocolError
-from .plugins import LAUNCHERS, PROTOCOLS, lookup, registry
-from .result import ABSTAIN, PartyCost, Prediction, RunResult
+from .plugins import LAUNCHERS, PROTOCOLS, lookup
+from .result import ABSTAIN, BudgetReport, PartyCost, Prediction, RunResult
 
 if TYPE_CHECKING:  # dp-accounting (and scipy) load only for federations with a budget
     from .serve import ServedFederation
@@ -81,9 +90,12 @@ class Federation:
     def run(self, X: Any | None = None) -> RunResult:
         """Answer every query in ``X`` (or in ``querier.data`` when ``X`` is None).
 
-        With a ``privacy`` section, raises :class:`~mpc_fi.errors.BudgetExceededError` before any
-        party starts if the worst case of this run would exceed the querier's budget, and charges
-        the actual cost after the run (see the module docstring).
+        With a ``privacy`` section, the owners refuse a run whose worst case would exceed the
+        querier's budget in any owner's ledger (:class:`~mpc_fi.errors.BudgetExceededError` on
+        every party, nothing computed or charged) and otherwise charge it before contributing;
+        ``result.budget`` says what their ledgers record afterwards. With ``budget_file``, the
+        querier's own ledger is checked before any party starts and charged after the run (see
+        the module docstring).
         """
         query = None if X is None else np.asarray(X)
         fed = self.config
@@ -106,13 +118,30 @@ class Federation:
             if plan:
                 self._charge(protocol_cls, plan, prediction)
         costs = tuple(PartyCost(**results[r]["cost"]) for r in sorted(results))
+        spent = out.get("budget")
         return RunResult(prediction=prediction, costs=costs, run_dir=str(Path(launcher.run_dir)),
-                         run_dir_kept=Path(launcher.run_dir).exists())
+                         run_dir_kept=Path(launcher.run_dir).exists(),
+                         budget=None if spent is None else BudgetReport.from_dict(spent))
+
+    def budget(self) -> BudgetReport:
+        """What the owners' ledgers on this host record for this federation's querier: epsilon
+        spent (the largest owner figure binds) and what is left, as the owners enforce it.
+
+        A ledger that is not on this host counts as nothing recorded, which is right for the
+        local launcher (every owner runs here). When the owners run on their own hosts, their
+        figures come back with every run (:attr:`RunResult.budget`), and each owner can read its
+        own with ``mpc-fi budget --federation F --party OWNER``. Raises
+        :class:`~mpc_fi.errors.ConfigError` without a ``privacy`` section.
+        """
+        from .budget import read_budget  # noqa: PLC0415
+
+        return read_budget(self.config)
 
     # -- differential privacy -------------------------------------------------------------
     def _privacy_plan(self, protocol_cls: Any, query: np.ndarray | None
                       ) -> tuple[PrivacyBudget, QueryCost, int] | None:
-        """``(budget, worst-case cost, number of queries)``, or None when nothing is accounted."""
+        """``(querier's ledger, worst-case cost, number of queries)``, or None when the querier
+        keeps no ledger of its own (the owners keep theirs either way)."""
         fed = self.config
         name = fed.protocol.name
         is_dp = bool(getattr(protocol_cls, "differentially_private", False))
@@ -120,17 +149,13 @@ class Federation:
             if is_dp:
                 warnings.warn(
                     f"protocol {name!r} adds differential-privacy noise but the federation has no "
-                    "privacy section: no budget is checked or charged. Add privacy: {budget_file, "
-                    "epsilon, delta} to account for what the querier learns.",
+                    "privacy section: no budget is checked or charged. Add privacy: {epsilon, "
+                    "delta} to have every owner account for what the querier learns.",
                     InsecureSettingWarning, stacklevel=3)
             return None
-        if not is_dp:
-            dp_names = sorted(n for n, c in registry(PROTOCOLS).items()
-                              if getattr(c, "differentially_private", False))
-            raise ConfigError(
-                f"protocol {name!r} is not differentially private, so its answers cannot be "
-                f"charged to a privacy budget; use one of {', '.join(dp_names)}, or remove the "
-                "privacy section", key="privacy")
+        protocol_is_dp(fed)  # ConfigError before any party starts (the owners check it too)
+        if fed.privacy.budget_file is None:
+            return None
         queries = self._count_queries(query)
         worst = protocol_cls.privacy_cost(params=dict(fed.protocol.params),
                                           num_owners=fed.num_owners, queries=queries)

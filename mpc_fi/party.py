@@ -10,7 +10,11 @@ Phases, identical on every computing party so that none is left waiting:
    ``full`` mode its :class:`~mpc_fi.models.Architecture` (no weights). Local failures are
    gathered and re-raised identically everywhere. In ``full`` mode the owners then secret-share
    their parameters.
-3. **inference**, batch by batch — contributions are secret-shared, combined on shares, and the
+3. **privacy budget** (federations with a ``privacy`` section) — every owner checks its own
+   ledger for the worst case of all the queries, the parties agree, every owner charges it
+   (:func:`mpc_fi.budget.authorize_release`); a refusal anywhere stops every party here, before
+   any contribution.
+4. **inference**, batch by batch — contributions are secret-shared, combined on shares, and the
    protocol's one release is opened to the querier alone.
 
 Errors a party raises locally are exchanged first (``_agree``), so every party raises the same
@@ -212,6 +216,23 @@ class _Party:
         """Rows per batch for this run's (or this request's) queries; see _plan_batches."""
         self.batch_rows = self._plan_batches()
 
+    def charge_budget(self) -> dict[str, Any] | None:
+        """Before the first contribution: every owner checks and charges its ledger for all the
+        queries of this run (one release: refused or charged whole, so an honest querier never
+        pays for batches it does not receive). ``BudgetReport.to_dict()``, or None without a
+        ``privacy`` section."""
+        fed = self.fed
+        if fed.privacy is None:
+            if getattr(self.protocol, "differentially_private", False) and self.role == "owner":
+                self.log.warning("protocol %s adds differential-privacy noise but the federation "
+                                 "has no privacy section: this owner keeps no budget for the "
+                                 "querier", fed.protocol.name)
+            return None
+        from .budget import authorize_release  # noqa: PLC0415 - dp-accounting only with a budget
+
+        report = authorize_release(self.session, federation=fed, queries=self.num_queries)
+        return None if report is None else report.to_dict()
+
     def _plan_batches(self) -> int:
         """Rows per batch that fit every party's memory; the same on every party (or refuse).
 
@@ -391,6 +412,7 @@ def _run_party(ctx: PartyContext) -> dict[str, Any]:
     party = _Party(ctx)
     party.handshake()
     party.setup()
+    budget = party.charge_budget()
     setup_s = time.perf_counter() - t0
     party.comm.reset_communication_stats()
     t1 = time.perf_counter()
@@ -404,7 +426,7 @@ def _run_party(ctx: PartyContext) -> dict[str, Any]:
                            "loaded_files": [p for _, p in LOAD_AUDIT],
                            "batch_rows": party.batch_rows}
     if role == "querier":
-        out.update(labels=labels, scores=scores)
+        out.update(labels=labels, scores=scores, budget=budget)
     # CrypTen's shutdown only after a success: it has party 0 send the dealer "terminate", so
     # after a failure the dealer would report success for a failed run. A failed party's process
     # ends right after (the launchers exit without teardown); the dealer sees the connection
@@ -479,7 +501,7 @@ def _serve_party(ctx: PartyContext) -> dict[str, Any]:
                     party.prepare()
                 party.num_queries, party.queries = step["n"], x
                 party.plan()
-                budget = getattr(party, "charge_budget", lambda: None)()  # MERGE-TODO
+                budget = party.charge_budget()
                 labels, scores = party.infer()
             except (InputError, BudgetExceededError, ProtocolError) as exc:
                 # Raised alike on every party (agreed): this request fails, the session goes on.

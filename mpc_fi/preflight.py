@@ -3,7 +3,8 @@
 :class:`~mpc_fi.config.FederationConfig` already refuses every bad setting when it is built
 (each section and the protocol's parameters, :mod:`mpc_fi.plugins`). What remains are the files:
 each owner's model (the factory imports and builds, the weights or ONNX file exists and loads
-into it), the querier's query file, and what the parties would check once they meet: the owners'
+into it) and, with a ``privacy`` section, its ledger (readable, made for this budget; never
+created here), the querier's query file, and what the parties would check once they meet: the owners'
 class counts against each other and, in full mode, the supported layers and the fixed-point
 range of every model for the declared input range. :func:`check_files` runs those checks with
 the same functions the parties run, so it raises the same error classes (prefixed with the
@@ -38,7 +39,8 @@ def check_files(federation: FederationConfig, *, parties: Sequence[str] | None =
     same file: ``UnsupportedModelError`` (missing, corrupt or pickled weights, an ONNX file that
     does not load, a factory that cannot be imported or built, full mode: an unsupported layer),
     ``InputError`` (a missing or unreadable query file, bad query values, owners disagreeing on
-    the class count, a model that could overflow the fixed-point range).
+    the class count, a model that could overflow the fixed-point range), ``ConfigError`` (an
+    owner's ledger whose folder is missing, made with another budget, or corrupt).
     """
     from .data import load_queries, validate_queries  # noqa: PLC0415
     from .models import extract_architecture, load_owner_model, output_classes  # noqa: PLC0415
@@ -77,6 +79,14 @@ def check_files(federation: FederationConfig, *, parties: Sequence[str] | None =
         except MpcFiError as exc:
             raise _named(owner.name, exc) from None
         lines.append(f"{owner.name}: model loads ({what})")
+        if federation.privacy is not None:
+            from .budget import check_ledger  # noqa: PLC0415
+
+            index = federation.owners.index(owner)
+            try:
+                lines.append(check_ledger(federation, index))
+            except MpcFiError as exc:
+                raise _named(owner.name, exc) from None
     if len(set(classes.values())) > 1:
         raise InputError("owners disagree on the number of classes: "
                          + ", ".join(f"{k}={v}" for k, v in classes.items()))

@@ -14,6 +14,23 @@ sys.path.append(str(Path(__file__).parent))
 from tests.harness import run_parties  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_state_home(tmp_path_factory):
+    """Owners keep their privacy ledgers under ``$XDG_STATE_HOME`` when a federation names no
+    ledger: never the tester's own. Set before any party process (or the local launcher's fork
+    server, which keeps the environment it started with) exists; tests that run owners with a
+    budget still name their ledgers, so that two tests never share one."""
+    import os
+
+    previous = os.environ.get("XDG_STATE_HOME")
+    os.environ["XDG_STATE_HOME"] = str(tmp_path_factory.mktemp("xdg-state"))
+    yield
+    if previous is None:
+        os.environ.pop("XDG_STATE_HOME", None)
+    else:
+        os.environ["XDG_STATE_HOME"] = previous
+
+
 @pytest.fixture
 def mpc():
     """``mpc(fn, world_size, *args, dealer="ttp")``: run ``fn(rank, *args)`` in N CrypTen parties."""

@@ -328,3 +328,79 @@ def test_parties_with_different_package_versions_are_refused_by_everyone(small_f
         assert "HandshakeError" in err and "install the same versions" in err
         assert "'crypten': '0.4.1+other'" in err
         assert not list((tmp_path / name).glob("result-*.npz"))
+
+
+class BudgetedHosts:
+    """``small_federation`` as GNMax with a privacy budget that holds one run of its 24 queries
+    but not two, each owner's ledger beside the federation file (``ledgers/<owner>.json``);
+    :meth:`run` starts every party with ``mpc-fi party``, one process each."""
+
+    def __init__(self, path: Path, folder: Path) -> None:
+        import math
+
+        import yaml
+
+        from mpc_fi.privacy import epsilon_for, gnmax_cost
+
+        self.folder = folder
+        self.cost = gnmax_cost(sigma=20.0 * math.sqrt(2 / 3), queries=24)  # 24 answers
+        self.one, two = (epsilon_for([self.cost] * k, delta=1e-5) for k in (1, 2))
+        self.epsilon = (self.one + two) / 2
+        data = yaml.safe_load(path.read_text())
+        data["protocol"] = {"name": "gnmax", "sigma": 20.0}
+        data["privacy"] = {"epsilon": self.epsilon, "delta": 1.0e-5}
+        for owner in data["owners"]:
+            owner["ledger"] = f"ledgers/{owner['name']}.json"  # relative to the federation file
+        (folder / "ledgers").mkdir()
+        self.template = folder / "template.yaml"
+        self.template.write_text(yaml.safe_dump(data, sort_keys=False))
+        self.names = list(FederationConfig.load(self.template).party_names)
+
+    def run(self, attempt: str) -> dict[str, tuple[int, str, str]]:
+        """``{party: (exit code, stdout, stderr)}``; the querier's labels in ``<attempt>.npy``."""
+        fed = with_network(self.template, self.folder / "fed.yaml", port=free_port(), timeout_s=60)
+        output = ["--output", str(self.folder / f"{attempt}.npy")]
+        procs = {n: start_party(fed, n, self.folder / attempt, *(output if n == "querier" else []))
+                 for n in self.names}
+        outs = {n: p.communicate(timeout=400) for n, p in procs.items()}
+        return {n: (procs[n].returncode, *outs[n]) for n in self.names}
+
+    def ledger(self, owner: str) -> Path:
+        return self.folder / "ledgers" / f"{owner}.json"
+
+    def history(self, owner: str) -> list:
+        from mpc_fi.privacy import PrivacyBudget
+
+        return PrivacyBudget(self.ledger(owner), epsilon=self.epsilon,
+                             delta=1e-5).history("name:querier")
+
+    def charge_and_answer(self) -> None:
+        first = self.run("first")
+        assert {n: first[n][0] for n in self.names} == dict.fromkeys(self.names, 0), \
+            {n: first[n][2][-2000:] for n in self.names}
+        assert np.load(self.folder / "first.npy").shape == (24,)
+        assert f"querier name:querier has spent epsilon={self.one:.4g}" in first["querier"][1]
+        assert self.history("owner0") == self.history("owner1") == [self.cost]
+
+
+def test_owners_charge_their_own_ledgers_in_one_party_per_host_runs(small_federation, tmp_path):
+    """``mpc-fi party`` used to answer a DP federation without any budget. Each owner now
+    checks and charges its own ledger (``owners[i].ledger``, beside the federation file on its
+    host): the run is charged the worst case at both owners, and the querier is told what is
+    left."""
+    BudgetedHosts(small_federation[0], tmp_path).charge_and_answer()
+
+
+@pytest.mark.slow  # the same refusal with local processes: tests/mpc_fi/test_owner_budget.py
+def test_owners_refuse_the_run_that_would_overspend_in_one_party_per_host_runs(small_federation,
+                                                                               tmp_path):
+    hosts = BudgetedHosts(small_federation[0], tmp_path)
+    hosts.charge_and_answer()
+    charged = [hosts.ledger(n).read_bytes() for n in ("owner0", "owner1")]
+    second = hosts.run("second")
+    for name in hosts.names[:-1]:  # every computing party stops with the budget's exit code
+        code, _, err = second[name]
+        assert code == 6, err[-2000:]
+        assert "owner(s) owner0, owner1 refuse this release: querier name:querier" in err
+    assert not (tmp_path / "second.npy").exists()
+    assert [hosts.ledger(n).read_bytes() for n in ("owner0", "owner1")] == charged

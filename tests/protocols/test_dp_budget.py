@@ -5,9 +5,11 @@
   Kolmogorov-Smirnov test compares them with ``N(0, sigma**2)``; the same for the threshold
   noise of Confident-GNMax (``joint_gaussian`` of shape ``(batch,)``). A wrong scale (the
   per-party ``sigma / sqrt(m)``, or ``2 sigma``) is rejected by the same test: it has power.
-* The budget: a query that would overspend is refused through :class:`mpc_fi.Federation`
-  before any party starts and leaves the ledger byte for byte intact; a successful run is
-  charged afterwards (Confident-GNMax: the answered count from the released labels).
+* The querier's own ledger (``privacy.budget_file``, a convenience of :class:`mpc_fi.Federation`):
+  a query that would overspend it is refused before any party starts and leaves it byte for
+  byte intact; a successful run is charged to it afterwards (Confident-GNMax: the answered count
+  from the released labels). The owners' ledgers, which bind, are tested in
+  ``tests/mpc_fi/test_owner_budget.py``.
 """
 
 from __future__ import annotations
@@ -102,10 +104,17 @@ def fake_launcher(labels: np.ndarray):
 
 def with_privacy(fed: FederationConfig, path, *, epsilon: float, protocol: str | None = None,
                  params: dict | None = None) -> FederationConfig:
+    """``fed`` with the querier's ledger at ``path`` and each owner's beside it."""
     protocol_cfg = fed.protocol if protocol is None else dataclasses.replace(
         fed.protocol, name=protocol, params=params or {})
-    return dataclasses.replace(fed, protocol=protocol_cfg, privacy=PrivacyConfig(
+    owners = tuple(dataclasses.replace(o, ledger=str(owner_ledger(path, o.name)))
+                   for o in fed.owners)
+    return dataclasses.replace(fed, owners=owners, protocol=protocol_cfg, privacy=PrivacyConfig(
         budget_file=str(path), epsilon=epsilon, delta=1e-5))
+
+
+def owner_ledger(path, owner: str):
+    return path.with_name(f"{owner}-ledger.json")
 
 
 GNMAX = {"sigma": 20.0}
@@ -205,7 +214,7 @@ privacy: {budget_file: ledgers/budget.json, epsilon: 2.0, delta: %s}
     for bad, key in (({"budget_file": "b.json", "epsilon": -1, "delta": 1e-5}, "privacy.epsilon"),
                      ({"budget_file": "b.json", "epsilon": 1, "delta": 1.0}, "privacy.delta"),
                      ({"budget_file": "", "epsilon": 1, "delta": 1e-5}, "privacy.budget_file"),
-                     ({"epsilon": 1, "delta": 1e-5}, "privacy.budget_file"),
+                     ({"budget_file": "b.json", "delta": 1e-5}, "privacy.epsilon"),
                      ({"budget": "b.json", "epsilon": 1, "delta": 1e-5}, "privacy.budget")):
         data = {"owners": [{"name": "a", "model": {"factory": "m.x:f"}},
                            {"name": "b", "model": {"factory": "m.x:f"}}], "privacy": bad}
@@ -226,13 +235,21 @@ def test_confident_gnmax_end_to_end_is_charged_for_its_answers(federation_factor
     ledger = tmp_path / "budget.json"
     fed = with_privacy(fed, ledger, epsilon=1000.0)  # small sigmas: ~314 for 24 queries
     x = np.random.default_rng(3).normal(size=(24, 6)).astype(np.float32)
-    labels = Federation(fed, timeout_s=300).run(x).prediction.labels
+    result = Federation(fed, timeout_s=300).run(x)
+    labels = result.prediction.labels
     assert labels.shape == (24,) and set(labels.tolist()) <= {ABSTAIN, 0, 1, 2}
     answered = int((labels != ABSTAIN).sum())
     eff = math.sqrt(2 / 3)
     want = confident_gnmax_cost(threshold_sigma=0.5 * eff, sigma=0.5 * eff, checked=24,
                                 answered=answered)
     assert PrivacyBudget(ledger, epsilon=1000.0, delta=1e-5).history("querier") == [want]
+    # The owners do not see which queries were answered: each charged the worst case.
+    worst = confident_gnmax_cost(threshold_sigma=0.5 * eff, sigma=0.5 * eff, checked=24,
+                                 answered=24)
+    for owner in fed.owners:
+        assert PrivacyBudget(owner_ledger(ledger, owner.name), epsilon=1000.0, delta=1e-5) \
+            .history("name:querier") == [worst]
+    assert result.budget.spent == pytest.approx(epsilon_for([worst], delta=1e-5))
 
 
 def test_entropy_weighting_end_to_end_shares_its_wider_contribution(federation_factory):
