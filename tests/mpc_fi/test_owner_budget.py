@@ -435,3 +435,22 @@ def test_the_charge_is_on_every_owners_disk_before_any_answer_exists(federation_
         launcher.terminate()
     assert charged == [[worst], [worst]]
     assert [ledger(fed, k).history(QUERIER) for k in range(2)] == [[worst], [worst]]
+
+
+def test_a_served_session_charges_every_request_and_refuses_past_the_budget(
+        federation_factory, tmp_path):
+    """Long-lived parties: the owners check and charge per request; the request that would
+    overspend is refused by all of them, and the session goes on (health answers)."""
+    fed, _ = federation_factory(num_owners=2, num_classes=3)
+    owners = tmp_path / "owners"
+    owners.mkdir()
+    one, epsilon = one_run_fits(2, queries=8)
+    fed = with_budget(fed, owners, epsilon=epsilon)
+    x = np.random.default_rng(6).normal(size=(8, 6)).astype(np.float32)
+    with Federation(fed, timeout_s=300, run_dir=tmp_path / "run").start() as served:
+        assert served.predict(x).shape == (8,)
+        assert ledger(fed, 0).spent(QUERIER) == pytest.approx(one)
+        with pytest.raises(BudgetExceededError, match="owner0, owner1 refuse this release"):
+            served.predict(x)
+        assert served.health()["requests"] == 1
+    assert ledger(fed, 1).spent(QUERIER) == pytest.approx(one)
