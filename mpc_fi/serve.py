@@ -84,12 +84,16 @@ class Endpoint:
         if self.path.exists():
             self.path.unlink()
         self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # Bound under a temporary name and renamed once listening: whoever sees the path can
+        # connect at once.
+        staging = self.path.with_name(f".{self.path.name}.{os.getpid()}")
         old = os.umask(0o177)  # the socket is this user's only: queries are secret
         try:
-            self.server.bind(str(self.path))
+            self.server.bind(str(staging))
         finally:
             os.umask(old)
         self.server.listen(4)
+        os.replace(staging, self.path)
         self.server.settimeout(0.5)
         self.client: socket.socket | None = None
         self.stopping = threading.Event()  # SIGTERM: finish the request in flight, then stop
