@@ -116,3 +116,41 @@ def test_mpc_fi_serve_per_host_with_identities_answers_and_stops(small_federatio
     assert "served 3 request(s)" in outs["querier"][1]
     assert "transport curve" in outs["owner0"][1]
     assert not (tmp_path / "q.sock").exists()
+
+
+def test_an_impostor_knocking_on_a_served_party_is_refused_and_the_session_stays_up(
+        small_federation, tmp_path):
+    """A process with its own key pair connects to owner0's channel (whose public key it knows)
+    during a served session: the handshake refuses it, owner0 logs the refusal, and the
+    session answers as before."""
+    import zmq
+
+    from fedkit import listening
+    from mpc_fi import keys
+
+    path, twin = small_federation
+    fed = with_identities(path, tmp_path / "fed.yaml", tmp_path / "keys")
+    x = np.load(Path(path).parent / "queries.npy")
+    with Federation(fed, run_dir=tmp_path / "run").start() as served:
+        np.testing.assert_array_equal(served.predict(x[:4]), twin[:4])
+        owner0 = served.launcher.procs[0].pid
+        ports = [port for _, port in listening(pids=[owner0])]
+        public, secret = keys.ephemeral_pair()
+        server_key = keys.read_public(str(tmp_path / "keys" / "owner0.key"))
+        ctx = zmq.Context()
+        try:
+            for port in ports:
+                sock = ctx.socket(zmq.DEALER)
+                sock.curve_publickey, sock.curve_secretkey = public.encode(), secret.encode()
+                sock.curve_serverkey = server_key.encode()
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.connect(f"tcp://127.0.0.1:{port}")
+                sock.send_multipart([b"MPF1" + b"\0" * 36, b"\0" * 64])
+                assert sock.poll(1000) == 0  # nothing comes back
+                sock.close()
+        finally:
+            ctx.term()
+        np.testing.assert_array_equal(served.predict(x), twin)
+        assert served.health()["requests"] == 2
+    log = (tmp_path / "run" / "party-0-owner0.log").read_text()
+    assert "refused a connection" in log
