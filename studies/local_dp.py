@@ -483,8 +483,10 @@ def run_seed(cfg: LocalDpConfig, seed: int, workdir: Path,
                 labels = _twin_labels("confident_gnmax", params, owners,
                                       study_noise(n + 1, seed, _stream("confident_gnmax", n, eps)))
                 answered = int((labels != -1).sum())
+                top = np.stack([(votes == c).sum(axis=0) for c in range(k)]).max(axis=0)
                 rows.append({**base, "mechanism": "confident_gnmax", "param": cal.confident_sigma,
                              **_metrics(labels, y, clean),
+                             "noise_free_pass": float((top >= cal.threshold).mean()),
                              "epsilon_charged": confident_gnmax_epsilon(
                                  sigma=cal.confident_sigma, ratio=cal.ratio,
                                  threshold=cal.threshold, num_owners=n, queries=q,
@@ -653,17 +655,23 @@ def markdown_report(rows: Sequence[Row], calibrations: Sequence[Calibration]) ->
     out.append(markdown_table(table, ["N", "ε", *mechs]))
 
     if "confident_gnmax" in mechs:
-        out.append("\n**Confident-GNMax**: answered rate, accuracy on answered queries, and the "
-                   "epsilon actually charged (answered queries only; calibrated for the worst "
-                   "case, every query answered). k-RR and GNMax answer every query.\n\n")
-        table = [[n, f"{eps:g}",
+        out.append("\n**Confident-GNMax**: threshold T (votes), the fraction of queries whose "
+                   "top vote count reaches T without noise, the answered rate, accuracy on "
+                   "answered queries, and the epsilon actually charged (answered queries only; "
+                   "calibrated for the worst case, every query answered). k-RR and GNMax answer "
+                   "every query.\n\n")
+        thresholds = {c.num_owners: c.threshold for c in calibrations}
+        table = [[n, f"{eps:g}", f"{thresholds[n]:g}",
+                  interval(rows, "plaintext", "confident_gnmax", n, eps,
+                           "noise_free_pass").short(),
                   interval(rows, "plaintext", "confident_gnmax", n, eps, "answered").short(),
                   interval(rows, "plaintext", "confident_gnmax", n, eps,
                            "accuracy_answered").short(),
                   fmt(interval(rows, "plaintext", "confident_gnmax", n, eps,
                                "epsilon_charged").mean, 2)]
                  for n in owners for eps in epsilons]
-        out.append(markdown_table(table, ["N", "ε", "answered", "accuracy on answered",
+        out.append(markdown_table(table, ["N", "ε", "T", "top count ≥ T (no noise)",
+                                          "answered", "accuracy on answered",
                                           "ε charged (mean)"]))
     out.append(_secure_table(rows))
     return "".join(out)
