@@ -566,11 +566,14 @@ def run_local_dp(cfg: LocalDpConfig = LocalDpConfig(), *, show_progress: bool = 
 # ---------------------------------------------------------------------------------------
 def _values(rows: Sequence[Row], kind: str, mechanism: str, n: int, eps: float | None,
             field: str) -> dict[int, list[float]]:
-    """seed -> values of ``field`` (several per seed only for repeated runs on shares)."""
+    """seed -> values of ``field`` (several per seed only for repeated runs on shares).
+
+    Reference rows (no privacy) have no epsilon: ``eps`` does not select among them.
+    """
     out: dict[int, list[float]] = {}
     for r in rows:
         if (r["kind"], r["mechanism"], r["owners"]) == (kind, mechanism, n) and \
-                (eps is None or r.get("epsilon") == eps) and field in r:
+                (eps is None or kind == "reference" or r.get("epsilon") == eps) and field in r:
             out.setdefault(r["seed"], []).append(r[field])
     return out
 
@@ -636,8 +639,8 @@ def markdown_report(rows: Sequence[Row], calibrations: Sequence[Calibration]) ->
                                       "non-private ensemble accuracy"]))
 
     out.append("\n**Accuracy** against the ground truth (abstentions count as wrong), mean ± "
-               "half-width over seeds; `GNMax − k-RR`: paired by seed, **bold** where its "
-               "interval excludes 0.\n\n")
+               "half-width over seeds; `GNMax − k-RR` and `GNMax − non-private`: paired by "
+               "seed, **bold** where the interval excludes 0.\n\n")
     table = []
     for n in owners:
         for eps in epsilons:
@@ -645,8 +648,11 @@ def markdown_report(rows: Sequence[Row], calibrations: Sequence[Calibration]) ->
             line += [interval(rows, "plaintext", m, n, eps).short() for m in mechs]
             d = paired(rows, "gnmax", "krr", n, eps)
             line.append(_bold(d, d.short()))
+            d = paired(rows, "gnmax", "non_private", n, eps, kind_b="reference")
+            line.append(_bold(d, d.short()))
             table.append(line)
-    out.append(markdown_table(table, ["N", "ε", "non-private", *mechs, "GNMax − k-RR"]))
+    out.append(markdown_table(table, ["N", "ε", "non-private", *mechs, "GNMax − k-RR",
+                                      "GNMax − non-private"]))
 
     out.append("\n**Agreement with the non-private ensemble** (fraction of queries with its "
                "label; abstentions disagree), mean ± half-width over seeds.\n\n")

@@ -193,3 +193,14 @@ def test_gnmax_on_shares_spends_the_calibrated_budget(tmp_path):
     assert 256.0 * (1 - 1e-6) <= secure[0]["epsilon_charged"] <= 256.0
     assert 0 <= secure[0]["accuracy"] <= 1
     assert "GNMax on shares" in ldp.markdown_report(rows, _)
+
+
+def test_paired_difference_against_the_reference_ignores_epsilon(tiny_run):
+    rows, _ = tiny_run
+    d = ldp.paired(rows, "gnmax", "non_private", 3, 8.0, kind_b="reference")
+    per_seed = [next(r["accuracy"] for r in rows if r["kind"] == "plaintext" and r["seed"] == s
+                     and r["owners"] == 3 and r["epsilon"] == 8.0 and r["mechanism"] == "gnmax")
+                - next(r["accuracy"] for r in rows if r["kind"] == "reference" and r["seed"] == s
+                       and r["owners"] == 3 and r["mechanism"] == "non_private")
+                for s in TINY.seeds]
+    assert d.n == 2 and d.mean == pytest.approx(float(np.mean(per_seed)))
