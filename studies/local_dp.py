@@ -137,8 +137,8 @@ class LocalDpConfig:
                                     ("--secure-epsilons", self.secure_epsilons, self.epsilons)):
                 missing = [v for v in got if v not in grid]
                 if missing:
-                    raise ConfigError(f"{missing} not in the plaintext grid {list(grid)}: a cell "
-                                      "on shares is compared with its twin", key=name)
+                    raise ConfigError(f"{missing} not in the plaintext grid {list(grid)}: "
+                                      "a cell on shares is compared with its twin", key=name)
             if self.secure_repeats < 1:
                 raise ConfigError(f"must be >= 1, got {self.secure_repeats}",
                                   key="--secure-repeats")
@@ -441,7 +441,7 @@ def _twin_labels(name: str, params: dict[str, Any], owners: Owners, noise: Any) 
 
 
 def run_seed(cfg: LocalDpConfig, seed: int, workdir: Path,
-             calibrations: dict[tuple[int, float], Calibration],
+             calibrations: dict[tuple[int, float, int], Calibration],
              progress: Callable[[str], None] | None = None) -> list[Row]:
     """Every cell of one seed: train the owners per ``N``, release with each mechanism at each
     epsilon (seeded twins), and the cells on shares."""
@@ -454,17 +454,17 @@ def run_seed(cfg: LocalDpConfig, seed: int, workdir: Path,
         train_s = time.perf_counter() - t0
         votes = owners.votes
         clean = plurality(votes, k)
-        key = {"seed": seed, "owners": n, "queries": q, "shard_size": float(np.mean(owners.shard_sizes)),
-               "delta": cfg.delta}
+        key = {"seed": seed, "owners": n, "queries": q, "delta": cfg.delta,
+               "shard_size": float(np.mean(owners.shard_sizes))}
         own_acc = [float((v == y).mean()) for v in votes]
         rows.append({**key, "mechanism": "mean_owner", "kind": "reference",
                      "accuracy": float(np.mean(own_acc)), "train_seconds": train_s})
         rows.append({**key, "mechanism": "non_private", "kind": "reference",
                      **_metrics(clean, y, clean)})
         for eps in cfg.epsilons:
-            cal = calibrations.get((n, eps))
+            cal = calibrations.get((n, eps, q))
             if cal is None:
-                cal = calibrations[(n, eps)] = calibrate(
+                cal = calibrations[(n, eps, q)] = calibrate(
                     epsilon=eps, delta=cfg.delta, num_owners=n, queries=q, num_classes=k,
                     ratio=cfg.ratio, threshold=cfg.threshold(n))
             base = {**key, "epsilon": eps, "kind": "plaintext"}
@@ -550,7 +550,7 @@ def run_local_dp(cfg: LocalDpConfig = LocalDpConfig(), *, show_progress: bool = 
     """Run the whole grid: rows (long format) and the calibration of every ``(N, epsilon)``."""
     torch.set_num_threads(1)  # small models; leave the other core to the parties
     bar = Progress(len(cfg.seeds), "local-dp", enabled=show_progress)
-    calibrations: dict[tuple[int, float], Calibration] = {}
+    calibrations: dict[tuple[int, float, int], Calibration] = {}
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="mpc-fi-local-dp-") as tmp:
         for seed in cfg.seeds:
@@ -664,8 +664,9 @@ def markdown_report(rows: Sequence[Row], calibrations: Sequence[Calibration]) ->
         out.append("\n**Confident-GNMax**: threshold T (votes), the fraction of queries whose "
                    "top vote count reaches T without noise, the answered rate, accuracy on "
                    "answered queries, and the epsilon actually charged (answered queries only; "
-                   "calibrated for the worst case, every query answered). k-RR and GNMax answer "
-                   "every query.\n\n")
+                   "calibrated for the worst case, every query answered), and its accuracy "
+                   "(abstentions wrong) minus GNMax's, paired by seed (**bold**: the interval "
+                   "excludes 0). k-RR and GNMax answer every query.\n\n")
         thresholds = {c.num_owners: c.threshold for c in calibrations}
         table = [[n, f"{eps:g}", f"{thresholds[n]:g}",
                   interval(rows, "plaintext", "confident_gnmax", n, eps,
@@ -674,11 +675,13 @@ def markdown_report(rows: Sequence[Row], calibrations: Sequence[Calibration]) ->
                   interval(rows, "plaintext", "confident_gnmax", n, eps,
                            "accuracy_answered").short(),
                   fmt(interval(rows, "plaintext", "confident_gnmax", n, eps,
-                               "epsilon_charged").mean, 2)]
+                               "epsilon_charged").mean, 2),
+                  _bold(d := paired(rows, "confident_gnmax", "gnmax", n, eps), d.short())]
                  for n in owners for eps in epsilons]
         out.append(markdown_table(table, ["N", "ε", "T", "top count ≥ T (no noise)",
                                           "answered", "accuracy on answered",
-                                          "ε charged (mean)"]))
+                                          "ε charged (mean)",
+                                          "accuracy − GNMax's (paired)"]))
     out.append(_secure_table(rows))
     return "".join(out)
 
