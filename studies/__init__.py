@@ -14,6 +14,8 @@ Modules, in dependency order:
                        on shares (only coalition accuracies are opened, to the querier), and
                        label-free rewards compared with them
 * :mod:`.leakage`      model extraction and membership inference per release policy
+* :mod:`.local_dp`     local DP (k-ary randomized response on each owner's vote) against GNMax on
+                       shares, calibrated to the same (epsilon, delta) over the query set
 * :mod:`.plots`        figures (matplotlib, imported lazily)
 * :mod:`.cli`          :func:`study_main`, wired as ``mpc-fi study`` (also ``python -m studies``)
 

@@ -22,6 +22,7 @@ examples:
   mpc-fi study shapley --owners 3 5 8      # Shapley values on shares, label-free rewards
   mpc-fi study leakage --seeds 0 1 2       # extraction and membership inference per policy
   mpc-fi study valuation-leakage           # what coalition accuracies leak; owners' defences
+  mpc-fi study local-dp --owners 5 25      # randomized response per owner vs GNMax on shares
   mpc-fi study all --out docs/study        # everything, with the default settings
 """
 
@@ -184,6 +185,38 @@ def _populate(parser: argparse.ArgumentParser) -> None:
                     help="per-querier epsilon cap of the dp+budget rows (default 2)")
     common(vl)
 
+    ld = sub.add_parser("local-dp",
+                        help="local DP (randomized response per owner) vs GNMax on shares",
+                        description="k-ary randomized response on each owner's vote (local DP) "
+                                    "against GNMax and Confident-GNMax on the vote histogram "
+                                    "(central DP on shares), calibrated to the same (epsilon, "
+                                    "delta) over the whole query set; accuracy, agreement with "
+                                    "the non-private ensemble and answered rate over epsilon and "
+                                    "the number of owners (seeded plaintext twins), and GNMax "
+                                    "on shares for a few cells.")
+    ld.add_argument("--owners", nargs="+", type=_owner_count, default=[5, 25, 100, 250])
+    ld.add_argument("--epsilons", nargs="+", type=_positive_float,
+                    default=[1.0, 4.0, 16.0, 64.0, 256.0],
+                    help="total epsilon per owner over all queries (default 1 4 16 64 256)")
+    ld.add_argument("--delta", type=_positive_float, default=1e-5)
+    ld.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4],
+                    help="seeds (default 0-4: tables give 95%% intervals over them)")
+    ld.add_argument("--queries", type=_positive_int,
+                    help="answer only the first Q held-out queries (default: all 540)")
+    ld.add_argument("--no-confident", action="store_true", help="leave out confident_gnmax")
+    ld.add_argument("--confident-threshold", type=float, default=0.5, metavar="FRACTION",
+                    help="confident_gnmax threshold: floor(FRACTION * N) + 1 votes (default 0.5: "
+                         "a strict majority)")
+    ld.add_argument("--confident-ratio", type=_positive_float, default=2.0,
+                    help="confident_gnmax sigma_threshold / sigma (default 2)")
+    ld.add_argument("--no-secure", action="store_true", help="plaintext twins only")
+    ld.add_argument("--secure-owners", nargs="+", type=_owner_count, default=[5])
+    ld.add_argument("--secure-epsilons", nargs="+", type=_positive_float, default=[64.0, 256.0])
+    ld.add_argument("--secure-repeats", type=_positive_int, default=1,
+                    help="runs on shares per secure cell and seed (default 1)")
+    ld.add_argument("--timeout", type=float, default=900.0)
+    common(ld)
+
     al = sub.add_parser("all", help="every study with its defaults")
     al.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4],
                     help="seeds of every study (default 0-4)")
@@ -280,6 +313,31 @@ def _valuation_leakage(args: argparse.Namespace, out: Path) -> None:
     _emit("valuation_leakage", markdown_report(rows), out)
 
 
+def _local_dp(args: argparse.Namespace, out: Path) -> None:
+    from .common import write_csv  # noqa: PLC0415
+    from .local_dp import LocalDpConfig, calibration_rows, markdown_report, \
+        run_local_dp  # noqa: PLC0415
+
+    cfg = LocalDpConfig(seeds=tuple(args.seeds))
+    if args.study == "local-dp":
+        cfg = LocalDpConfig(owners=tuple(args.owners), epsilons=tuple(args.epsilons),
+                            delta=args.delta, seeds=tuple(args.seeds), queries=args.queries,
+                            confident=not args.no_confident,
+                            threshold_fraction=args.confident_threshold,
+                            ratio=args.confident_ratio, secure=not args.no_secure,
+                            secure_owners=tuple(args.secure_owners),
+                            secure_epsilons=tuple(args.secure_epsilons),
+                            secure_repeats=args.secure_repeats, timeout_s=args.timeout)
+    rows, calibrations = run_local_dp(cfg, show_progress=not args.quiet)
+    write_csv(rows, out / "local_dp.csv")
+    write_csv(calibration_rows(calibrations), out / "local_dp_calibration.csv")
+    _emit("local_dp", markdown_report(rows, calibrations), out)
+    if not args.no_plots:
+        from .plots import local_dp_plot  # noqa: PLC0415
+
+        local_dp_plot(rows, out)
+
+
 def study_main(argv: list[str] | None = None) -> int:
     """Entry point of ``mpc-fi study``; returns the process exit code.
 
@@ -312,6 +370,8 @@ def run_study(args: argparse.Namespace) -> int:
         _leakage(args, out)
     if args.study in ("valuation-leakage", "all"):
         _valuation_leakage(args, out)
+    if args.study in ("local-dp", "all"):
+        _local_dp(args, out)
     print(f"results in {out}/", file=sys.stderr)
     return 0
 

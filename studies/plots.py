@@ -147,3 +147,60 @@ def leakage_plot(rows: Sequence[Row], out_dir: str | Path) -> Path:
     fig.savefig(path, dpi=DPI, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def local_dp_plot(rows: Sequence[Row], out_dir: str | Path) -> Path:
+    """One panel per N: accuracy vs total epsilon for k-RR (local DP), GNMax and Confident-GNMax
+    (central DP), the non-private ensemble, Confident-GNMax's answered rate, and the runs of
+    GNMax on shares; error bars are the 95 % intervals over seeds."""
+    from .local_dp import MECHANISMS, interval  # noqa: PLC0415
+
+    plt = _pyplot()
+    ns = sorted({r["owners"] for r in rows})
+    eps = sorted({r["epsilon"] for r in rows if r["kind"] == "plaintext"})
+    mechs = [m for m in MECHANISMS if any(r["mechanism"] == m for r in rows)]
+    colors = {"krr": "tab:red", "gnmax": "tab:blue", "confident_gnmax": "tab:green"}
+    labels = {"krr": "k-RR per owner (local DP)", "gnmax": "GNMax on shares (central DP)",
+              "confident_gnmax": "Confident-GNMax (accuracy)"}
+    fig, axes = plt.subplots(1, len(ns), figsize=(3.8 * len(ns), 3.6), sharey=True,
+                             squeeze=False)
+
+    def bars(cis: Sequence[Any]) -> tuple[list[float], list[float]]:
+        return [c.mean for c in cis], [0.0 if np.isnan(c.half) else c.half for c in cis]
+
+    for ax, n in zip(axes[0], ns):
+        ref = interval(rows, "reference", "non_private", n, None)
+        ax.axhline(ref.mean, color="k", ls="--", lw=1.5, label="non-private ensemble")
+        for m in mechs:
+            mean, half = bars([interval(rows, "plaintext", m, n, e) for e in eps])
+            ax.errorbar(eps, mean, yerr=half, marker="o", ms=3, capsize=2, color=colors[m],
+                        label=labels[m])
+        if "confident_gnmax" in mechs:
+            mean, half = bars([interval(rows, "plaintext", "confident_gnmax", n, e, "answered")
+                               for e in eps])
+            ax.errorbar(eps, mean, yerr=half, ls=":", marker=".", capsize=2,
+                        color=colors["confident_gnmax"], label="Confident-GNMax answered rate")
+        sec = sorted({r["epsilon"] for r in rows if r["kind"] == "secure" and r["owners"] == n
+                      and "accuracy" in r})
+        if sec:
+            mean, half = bars([interval(rows, "secure", "gnmax", n, e) for e in sec])
+            ax.errorbar(sec, mean, yerr=half, ls="none", marker="s", ms=7, mfc="none",
+                        capsize=3, color=colors["gnmax"], label="GNMax, runs on shares")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("ε per owner over all queries (log)")
+        ax.set_title(f"N={n} owners")
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("accuracy (abstentions wrong) / answered rate")
+    handles, names = axes[0][0].get_legend_handles_labels()
+    for ax in axes[0][1:]:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in names:
+                handles.append(h)
+                names.append(lab)
+    fig.legend(handles, names, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=3, fontsize=8)
+    fig.tight_layout()
+    path = Path(out_dir) / "local_dp.png"
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    plt.close(fig)
+    return path
