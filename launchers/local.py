@@ -26,6 +26,7 @@ import os
 import shutil
 import tempfile
 import socket
+import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -362,11 +363,20 @@ def _child(rank: int, world: int, port: int, dealer: str, precision_bits: int,
                 recorder.uninstall()
                 recorder.dump(str(Path(audit_dir) / f"audit-{rank}.npz"))
         log.info("done")
+        _flush_channel(10.0)  # this process leaves without teardown: the last shares go first
         # A record file, not a queue: nothing a party hands back is unpickled (mpc_fi.records).
         write_atomic(_outcome(out, rank), {"status": "ok", "value": value})
     except BaseException:  # noqa: BLE001 - every failure goes back to the parent, keyed by rank
         log.error("failed:\n%s", traceback.format_exc())
+        _flush_channel(2.0)
         write_atomic(_outcome(out, rank), {"status": "error", "value": traceback.format_exc()})
+
+
+def _flush_channel(linger_s: float) -> None:
+    """Deliver what this party still has queued for its peers (mpc_fi.channel), bounded."""
+    channel = sys.modules.get("mpc_fi.channel")
+    if channel is not None:
+        channel.close(linger_s)
 
 
 def _outcome(folder: str, rank: int) -> Path:

@@ -222,6 +222,12 @@ class Mesh:
             self.monitors[mon] = peer
             sock.connect(self.endpoints[peer])
             self.out[peer] = sock
+        # Nobody opens a channel before every party has read every address: a party that fails
+        # its first handshake (and, as rank 0, takes the rendezvous store down with it) must not
+        # leave the others without the addresses they need to find out for themselves.
+        store.set(f"mpc-fi/mesh-read/{rank}", "1")
+        for peer in self.out:
+            self._wait_key(store, f"mpc-fi/mesh-read/{peer}", peer, deadline, "read the addresses")
         self.poller = zmq.Poller()
         self.poller.register(self.router, zmq.POLLIN)
         self.poller.register(self.router_monitor, zmq.POLLIN)
@@ -241,22 +247,24 @@ class Mesh:
     def name(self, rank: int) -> str:
         return f"{self.config.names[rank]} (rank {rank})"
 
-    def _endpoint(self, store: Any, peer: int, deadline: float) -> str:
-        key = f"mpc-fi/mesh/{peer}"
+    def _wait_key(self, store: Any, key: str, peer: int, deadline: float, what: str) -> bytes:
         while True:
             try:
                 if store.check([key]):
-                    raw = bytes(store.get(key))
-                    break
+                    return bytes(store.get(key))
             except RuntimeError as exc:
-                raise PartyFailedError(f"lost the rendezvous while waiting for the address of "
-                                       f"{self.name(peer)}: {str(exc).splitlines()[0]}",
+                raise PartyFailedError(f"lost the rendezvous while waiting for {self.name(peer)} "
+                                       f"to {what}: {str(exc).splitlines()[0]}",
                                        party=self.config.names[peer], rank=peer) from None
             if time.monotonic() > deadline:
-                raise PartyFailedError(f"{self.name(peer)} never published its address within "
+                raise PartyFailedError(f"{self.name(peer)} did not {what} within "
                                        f"{self.timeout_s:g} s", party=self.config.names[peer],
                                        rank=peer)
             time.sleep(0.01)
+
+    def _endpoint(self, store: Any, peer: int, deadline: float) -> str:
+        raw = self._wait_key(store, f"mpc-fi/mesh/{peer}", peer, deadline,
+                             "publish its address")
         text = raw.decode("ascii", "replace")
         if len(raw) > 128 or not text.startswith("tcp://"):
             raise WireFormatError(f"the rendezvous holds no valid address for {self.name(peer)}: "

@@ -14,7 +14,6 @@ import os
 import socket
 import struct
 import threading
-import time
 import traceback
 from pathlib import Path
 
@@ -156,12 +155,7 @@ def _worker(rank: int, port: int, publics: tuple[str, ...], secret: str | None, 
             dist.barrier()
             if rank == 1:
                 os._exit(3)  # a party dies mid-protocol
-            start = time.monotonic()
-            try:
-                dist.all_reduce(torch.zeros(3))
-            except Exception as exc:  # noqa: BLE001 - the error under test
-                result["error"] = f"{type(exc).__name__}: {exc}"
-                result["after_s"] = time.monotonic() - start
+            dist.all_reduce(torch.zeros(3))  # raises: owner1 is gone
         dist.destroy_process_group()
         channel.close()
         result["ok"] = True
@@ -246,7 +240,8 @@ def test_a_party_that_dies_is_named_at_once(tmp_path: Path) -> None:
     for rank in (0, 2, 3):
         err = res[rank].get("error", "")
         assert "PartyFailedError" in err and "owner1 (rank 1)" in err, res[rank]
-        assert res[rank]["after_s"] < 15.0  # well before network.timeout_s (20 s): a hang guard
+        # Seen from its closed connection, not from network.timeout_s running out.
+        assert "closed its connection" in err, err
 
 
 def test_key_files(tmp_path: Path) -> None:
