@@ -228,12 +228,28 @@ class Mesh:
         store.set(f"mpc-fi/mesh-read/{rank}", "1")
         for peer in self.out:
             self._wait_key(store, f"mpc-fi/mesh-read/{peer}", peer, deadline, "read the addresses")
+        store.set(f"mpc-fi/mesh-done/{rank}", "1")  # this party needs the store no more
         self.poller = zmq.Poller()
         self.poller.register(self.router, zmq.POLLIN)
         self.poller.register(self.router_monitor, zmq.POLLIN)
         for mon in self.monitors:
             self.poller.register(mon, zmq.POLLIN)
-        self._hello(deadline)
+        try:
+            self._hello(deadline)
+        except PartyFailedError:
+            if rank == 0:  # rank 0 hosts the store: leave it up until the others are done with it
+                self._linger_for(store, time.monotonic() + min(10.0, timeout_s))
+            raise
+
+    def _linger_for(self, store: Any, until: float) -> None:
+        for peer in self.out:
+            try:
+                while not store.check([f"mpc-fi/mesh-done/{peer}"]):
+                    if time.monotonic() > until:
+                        return
+                    time.sleep(0.01)
+            except RuntimeError:
+                return
 
     def _tune(self, sock: Any) -> None:
         zmq = self.zmq
