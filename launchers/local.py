@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from mpc_fi import errors
+from mpc_fi.channel import BACKEND
 from mpc_fi.config import PLAINTEXT_DEFAULT, FederationConfig
 from mpc_fi.errors import ConfigError, MpcFiError, PartyFailedError, Terminated
 from mpc_fi.logs import setup_party_logging
@@ -326,7 +327,7 @@ def _child(rank: int, world: int, port: int, dealer: str, precision_bits: int,
 
         channel.configure(channel_config)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world),
-                      DISTRIBUTED_BACKEND="gloo" if channel_config is None else "mpcfi",
+                      DISTRIBUTED_BACKEND="gloo" if channel_config is None else BACKEND,
                       RENDEZVOUS=f"tcp://127.0.0.1:{port}")
     role = _role(rank, world)
     log = setup_party_logging(Path(log_dir) / f"party-{rank}.log" if log_dir else None,
@@ -391,7 +392,9 @@ def _function_channels(transport: str, world: int, total: int, timeout_s: float)
         raise ConfigError(f"must be zmq, curve or gloo, got {transport!r}", key="transport")
     from mpc_fi import channel, keys  # noqa: PLC0415
 
-    names = tuple(f"party{r}" for r in range(world)) + (("dealer",) if total > world else ())
+    # The names the party runtime gives these seats (SessionSpec.generic), for error messages.
+    names = tuple(f"owner{r}" for r in range(world - 1)) + ("querier",) \
+        + (("dealer",) if total > world else ())
     if transport == "zmq":
         return [channel.ChannelConfig(names=names, timeout_s=timeout_s)] * total
     pairs = [keys.ephemeral_pair() for _ in range(total)]
