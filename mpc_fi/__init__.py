@@ -6,7 +6,7 @@ long-lived session with ``Federation.start()``), :func:`connect` (a session serv
 ``mpc-fi serve``), the configuration classes, the result types and the errors.
 """
 
-from .config import FederationConfig, ModelSource, NetworkConfig, OwnerConfig, PrivacyConfig, \
+from .config import BackboneConfig, FederationConfig, ModelSource, NetworkConfig, OwnerConfig, PrivacyConfig, \
     ProtocolConfig, QuerierConfig
 from .errors import BudgetExceededError, ConfigError, InputError, InsecureSettingWarning, MpcFiError, \
     PartyFailedError, ProtocolError, Terminated, UnsupportedModelError
@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Federation", "ServedFederation", "connect", "FederationConfig", "OwnerConfig", "QuerierConfig", "ModelSource",
-    "ProtocolConfig", "NetworkConfig", "PrivacyConfig", "Prediction", "RunResult", "PartyCost", "ABSTAIN",
+    "ProtocolConfig", "NetworkConfig", "PrivacyConfig", "BackboneConfig", "Prediction", "RunResult", "PartyCost", "ABSTAIN",
     "MpcFiError", "ConfigError", "UnsupportedModelError", "InputError", "ProtocolError",
     "PartyFailedError", "BudgetExceededError", "InsecureSettingWarning", "Terminated",
 ]

@@ -188,6 +188,60 @@ class OwnerConfig:
             raise ConfigError(exc.bare, key=key + (exc.key or "owner")[len("owner"):]) from None
 
 
+def _value_range(value: Any, key: str) -> tuple[float, float]:
+    """``[low, high]`` of public values that are secret-shared: finite, ordered, within the
+    fixed-point range of a query."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2:
+        raise ConfigError(f"must be [low, high], got {value!r}", key=key)
+    low = _number(value[0], f"{key}[0]", what="a number")
+    high = _number(value[1], f"{key}[1]", what="a number")
+    if not low < high:
+        raise ConfigError(f"low must be below high, got [{low:g}, {high:g}]", key=key)
+    if max(abs(low), abs(high)) > MAX_QUERY_VALUE:
+        raise ConfigError(f"must lie within +-{MAX_QUERY_VALUE:g} (the fixed-point range of a "
+                          f"query), got [{low:g}, {high:g}]", key=key)
+    return low, high
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """A public feature extractor (the foundation-model setting, ``full`` mode only).
+
+    The querier runs ``model`` on its queries in plaintext, on its own host; the features are
+    what it secret-shares, and the owners' models are heads that take those features. Owners
+    never see the query or its features. ``output_range``: public bounds of every feature (the
+    querier refuses a query whose features leave it; owners check their heads' fixed-point
+    range for inputs inside it).
+    """
+
+    model: ModelSource
+    output_range: tuple[float, float]
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self, key: str = "public_backbone") -> None:
+        if not isinstance(self.model, ModelSource):
+            raise ConfigError("must be a ModelSource", key=f"{key}.model")
+        self.model.validate(f"{key}.model")
+        object.__setattr__(self, "output_range", _value_range(self.output_range,
+                                                              f"{key}.output_range"))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], key: str, base: Path | None = None
+                  ) -> "BackboneConfig":
+        if not isinstance(data, Mapping):
+            raise ConfigError("must be a mapping with model and output_range", key=key)
+        _check_keys(data, ("model", "output_range"), key)
+        for name in ("model", "output_range"):
+            if name not in data:
+                raise ConfigError("missing", key=f"{key}.{name}")
+        model = ModelSource.from_dict(data["model"], f"{key}.model")
+        if base is not None:
+            model = model.resolved(base)
+        return cls(model=model, output_range=data["output_range"])
+
+
 @dataclass(frozen=True)
 class QuerierConfig:
     """The querier: holds the queries, receives the aggregate and nothing else."""
@@ -214,18 +268,8 @@ class QuerierConfig:
                               key=f"{key}.host")
         if self.input_range is None:
             return
-        value = self.input_range
-        if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2:
-            raise ConfigError(f"must be [low, high], got {value!r}", key=f"{key}.input_range")
-        low = _number(value[0], f"{key}.input_range[0]", what="a number")
-        high = _number(value[1], f"{key}.input_range[1]", what="a number")
-        if not low < high:
-            raise ConfigError(f"low must be below high, got [{low:g}, {high:g}]",
-                              key=f"{key}.input_range")
-        if max(abs(low), abs(high)) > MAX_QUERY_VALUE:
-            raise ConfigError(f"must lie within +-{MAX_QUERY_VALUE:g} (the fixed-point range of a "
-                              f"query), got [{low:g}, {high:g}]", key=f"{key}.input_range")
-        object.__setattr__(self, "input_range", (low, high))
+        object.__setattr__(self, "input_range", _value_range(self.input_range,
+                                                             f"{key}.input_range"))
 
     @property
     def value_range(self) -> tuple[float, float]:
@@ -430,6 +474,8 @@ class FederationConfig:
     privacy: PrivacyConfig | None = None  # the querier's DP budget, kept by every owner
     #: each party's public key (``mpc-fi keygen``), by party name, the dealer included
     identities: Mapping[str, Identity] = field(default_factory=dict)
+    #: a public feature extractor the querier runs before sharing (full mode only)
+    public_backbone: BackboneConfig | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -490,6 +536,15 @@ class FederationConfig:
         check_protocol_params(self)
         self._validate_identities()
         self.transport()  # the transport these settings resolve to, or a ConfigError
+        if self.public_backbone is not None:
+            if not isinstance(self.public_backbone, BackboneConfig):
+                raise ConfigError("must be a BackboneConfig (model, output_range)",
+                                  key="public_backbone")
+            self.public_backbone.validate()
+            if self.mode != "full":
+                raise ConfigError("a public backbone needs mode: full (in output mode the owners "
+                                  "see the query anyway and run their whole models on it)",
+                                  key="public_backbone")
 
     def _validate_identities(self) -> None:
         if not isinstance(self.identities, Mapping):
@@ -555,6 +610,20 @@ class FederationConfig:
 
     # -- derived facts ------------------------------------------------------------------
     @property
+    def shared_input_key(self) -> str:
+        """Where :attr:`shared_input_range` is declared (for error messages)."""
+        return "public_backbone.output_range" if self.public_backbone is not None \
+            else "querier.input_range"
+
+    @property
+    def shared_input_range(self) -> tuple[float, float]:
+        """Public bounds of what the querier secret-shares in full mode: its queries, or the
+        public backbone's features."""
+        if self.public_backbone is not None:
+            return self.public_backbone.output_range
+        return self.querier.value_range
+
+    @property
     def num_owners(self) -> int:
         return len(self.owners)
 
@@ -610,6 +679,9 @@ class FederationConfig:
             owner.pop("ledger", None)  # local to that owner's host
         public["querier"].pop("data", None)
         public["querier"].pop("host", None)
+        if public.get("public_backbone"):
+            model = public["public_backbone"]["model"]
+            public["public_backbone"]["model"] = {"kind": "onnx" if model["onnx"] else "torch"}
         if public.get("privacy"):
             public["privacy"].pop("budget_file", None)  # local to the querier
         text = json.dumps(public, sort_keys=True, default=str)
@@ -619,7 +691,8 @@ class FederationConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, base: Path | None = None) -> "FederationConfig":
         _check_keys(data, ("owners", "querier", "mode", "protocol", "reveal", "dealer", "network",
-                           "batch_size", "precision_bits", "privacy", "identities"), "")
+                           "batch_size", "precision_bits", "privacy", "identities",
+                           "public_backbone"), "")
         if "owners" not in data:
             raise ConfigError("missing: list the model owners", key="owners")
         if not isinstance(data["owners"], list):
@@ -643,6 +716,8 @@ class FederationConfig:
             network=NetworkConfig.from_dict(data.get("network") or {}, "network"),
             batch_size=data.get("batch_size"), precision_bits=data.get("precision_bits", 16),
             privacy=privacy, identities=_identities(data.get("identities"), base),
+            public_backbone=None if data.get("public_backbone") is None else
+            BackboneConfig.from_dict(data["public_backbone"], "public_backbone", base),
         )
 
     @classmethod

@@ -177,8 +177,8 @@ class _Party:
                 self.arch, self.params = extract_architecture(self.model, self.input_shape)
                 # Before anything is shared: could this model overflow the fixed-point encoding
                 # for some query in the public input range? (Only this owner can tell.)
-                ranges = check_model_ranges(self.arch, self.params, fed.querier.value_range,
-                                            fed.precision_bits)
+                ranges = check_model_ranges(self.arch, self.params, fed.shared_input_range,
+                                            fed.precision_bits, range_key=fed.shared_input_key)
                 self.log.info("fixed-point range check passed: largest bound 2^%.1f",
                               math.log2(max([r.magnitude for r in ranges] + [1.0])))
                 return {"classes": self.arch.num_classes, "arch": self.arch}
@@ -275,8 +275,36 @@ class _Party:
         return rows
 
     def _querier_meta(self) -> tuple[int, tuple[int, ...]]:
-        self.queries = self._load_queries()
+        self.queries = self.shared_input(self._load_queries())
         return int(self.queries.shape[0]), tuple(self.queries.shape[1:])
+
+    def shared_input(self, x: np.ndarray) -> np.ndarray:
+        """What the querier secret-shares for validated queries ``x``: the queries, or the
+        features the federation's public backbone computes from them here, in plaintext."""
+        backbone = self.fed.public_backbone
+        if backbone is None:
+            return x
+        if getattr(self, "backbone", None) is None:
+            self.backbone = load_owner_model(backbone.model, mode="output")
+            self.log.info("loaded the public backbone (it runs here only; its features are "
+                          "secret-shared)")
+        try:
+            with torch.no_grad():
+                features = self.backbone(torch.from_numpy(np.ascontiguousarray(x)))
+        except Exception as exc:  # a user's model: reported by name
+            raise InputError(f"the public backbone failed on the queries: "
+                             f"{type(exc).__name__}: {exc}") from None
+        out = np.asarray(features.detach().numpy() if hasattr(features, "detach") else features,
+                         dtype=np.float32)
+        if out.ndim < 2 or out.shape[0] != x.shape[0]:
+            raise InputError(f"the public backbone gave features of shape {out.shape} for "
+                             f"{x.shape[0]} queries")
+        low, high = backbone.output_range
+        if not np.isfinite(out).all() or out.min() < low or out.max() > high:
+            raise InputError(f"the public backbone's features leave public_backbone.output_range "
+                             f"[{low:g}, {high:g}] (or are not finite) for some query: widen the "
+                             "declared range or clip the backbone's output")
+        return out
 
     def _share_parameters(self) -> None:
         cryptensor = self.crypten.cryptensor
@@ -476,7 +504,8 @@ def _serve_party(ctx: PartyContext) -> dict[str, Any]:
                     continue
                 if request["op"] == "predict":
                     try:
-                        x = validate_queries(request.get("x"), fed.querier)
+                        x = party.shared_input(validate_queries(request.get("x"),
+                                                                fed.querier))
                         shape = tuple(x.shape[1:])
                         if getattr(party, "input_shape", shape) != shape:
                             raise InputError(f"this session answers queries of shape "

@@ -17,6 +17,8 @@ read every owner's private files there. ``mpc-fi validate`` runs on each host fo
 
 from __future__ import annotations
 
+import numpy as np
+
 from collections.abc import Sequence
 
 from .config import FederationConfig
@@ -59,6 +61,25 @@ def check_files(federation: FederationConfig, *, parties: Sequence[str] | None =
             raise _named(q.name, exc) from None
         shape = tuple(x.shape[1:])
         lines.append(f"{q.name}: {x.shape[0]} queries of shape {shape} in {q.data}")
+        backbone = federation.public_backbone
+        if backbone is not None:  # the querier's own check: its features are what is shared
+            import torch  # noqa: PLC0415
+
+            try:
+                net = load_owner_model(backbone.model, mode="output")
+                with torch.no_grad():
+                    feats = np.asarray(net(torch.from_numpy(np.ascontiguousarray(x))),
+                                       dtype=np.float32)
+            except MpcFiError as exc:
+                raise _named(q.name, exc) from None
+            low, high = backbone.output_range
+            if not np.isfinite(feats).all() or feats.min() < low or feats.max() > high:
+                raise _named(q.name, InputError(
+                    f"the public backbone's features of these queries leave "
+                    f"public_backbone.output_range [{low:g}, {high:g}]"))
+            shape = tuple(feats.shape[1:])
+            lines.append(f"{q.name}: public backbone gives features of shape {shape} within "
+                         f"[{low:g}, {high:g}]")
     classes: dict[str, int] = {}
     for owner in federation.owners:
         if owner.name not in wanted:
@@ -74,7 +95,9 @@ def check_files(federation: FederationConfig, *, parties: Sequence[str] | None =
                     from .ranges import check_model_ranges  # noqa: PLC0415
 
                     arch, params = extract_architecture(model, shape)
-                    check_model_ranges(arch, params, q.value_range, federation.precision_bits)
+                    check_model_ranges(arch, params, federation.shared_input_range,
+                                       federation.precision_bits,
+                                       range_key=federation.shared_input_key)
                     what += ", supported on shares, fixed-point range ok"
         except MpcFiError as exc:
             raise _named(owner.name, exc) from None

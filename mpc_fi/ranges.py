@@ -104,7 +104,8 @@ def _pow2(x: float) -> str:
 
 
 def check_model_ranges(arch: Architecture, params: dict[str, torch.Tensor],
-                       input_range: tuple[float, float], precision_bits: int) -> list[LayerRange]:
+                       input_range: tuple[float, float], precision_bits: int, *,
+                       range_key: str = "querier.input_range") -> list[LayerRange]:
     """Raise :class:`InputError` naming every layer that could leave the exact fixed-point range.
 
     Returns the per-layer ranges when the model is safe.
@@ -132,9 +133,9 @@ def check_model_ranges(arch: Architecture, params: dict[str, torch.Tensor],
     if problems:
         low, high = input_range
         raise InputError(
-            f"on shares this model could leave the fixed-point range for queries in "
-            f"[{low:g}, {high:g}] (querier.input_range), giving wrong answers without any error:"
+            f"on shares this model could leave the fixed-point range for inputs in "
+            f"[{low:g}, {high:g}] ({range_key}), giving wrong answers without any error:"
             "\n  - " + "\n  - ".join(problems)
-            + "\nDeclare the real range of the queries in querier.input_range, scale the inputs "
+            + f"\nDeclare the real range of the inputs in {range_key}, scale the inputs "
             "or weights down, or lower precision_bits (each bit less doubles the product range).")
     return ranges
