@@ -2,8 +2,9 @@
 extractor in plaintext, the features are secret-shared, the owners' private heads run on shares.
 
 Checked against the plaintext twin and against full mode on the same owners (each owner's whole
-model -- the same backbone and its own head -- on shares): the same labels, fewer rounds and
-bytes; owners never load the backbone nor see the query; the settings are checked by name.
+model -- the same backbone and its own head -- on shares): the same labels wherever the twin's
+top-two margin exceeds 0.05 (soft voting on shares approximates the softmax, full mode also the
+sigmoid), fewer rounds and bytes; owners never load the backbone nor see the query; the settings are checked by name.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ def _setup(tmp_path, queries: int = 12):
     heads, whole = [], []
     for k in range(N):
         h = head(FEATURES, CLASSES)
+        with torch.no_grad():  # spread the logits so that most queries have a clear winner
+            h[0].weight.mul_(4.0)
+            h[0].bias.mul_(4.0)
         torch.save(h.state_dict(), tmp_path / f"head{k}.pt")
         full = torch.nn.Sequential(*base, *h)  # the same backbone, then this owner's head
         torch.save(full.state_dict(), tmp_path / f"whole{k}.pt")
@@ -63,8 +67,15 @@ def test_backbone_mode_equals_full_mode_and_the_twin_at_lower_cost(tmp_path):
     twin = build_protocol(split, num_classes=CLASSES).plaintext(logits).labels
     a = Federation(split, run_dir=tmp_path / "split").run(x)
     b = Federation(full, run_dir=tmp_path / "full").run(x)
-    np.testing.assert_array_equal(a.prediction.labels, twin)
-    np.testing.assert_array_equal(b.prediction.labels, twin)
+    # Soft voting on shares approximates the softmax (and full mode the backbone's sigmoid):
+    # both must agree with the twin wherever its averaged probabilities separate the top two
+    # classes by more than 0.05.
+    probs = torch.stack([torch.softmax(z, dim=1) for z in logits]).mean(0)
+    top2 = probs.topk(2, dim=1).values
+    clear = (top2[:, 0] - top2[:, 1] > 0.05).numpy()
+    assert clear.sum() >= 4  # the check is not empty
+    for labels in (a.prediction.labels, b.prediction.labels):
+        np.testing.assert_array_equal(labels[clear], np.asarray(twin)[clear])
     owner = {c.party: c for c in a.costs}["owner0"]
     owner_full = {c.party: c for c in b.costs}["owner0"]
     assert owner.rounds < owner_full.rounds and owner.bytes_sent < owner_full.bytes_sent
