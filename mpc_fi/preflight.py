@@ -17,12 +17,14 @@ read every owner's private files there. ``mpc-fi validate`` runs on each host fo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
+
 import numpy as np
 
-from collections.abc import Sequence
 
 from .config import FederationConfig
-from .errors import InputError, MpcFiError
+from .errors import ConfigError, InputError, MpcFiError
 
 
 def _named(party: str, exc: MpcFiError) -> MpcFiError:
@@ -110,7 +112,27 @@ def check_files(federation: FederationConfig, *, parties: Sequence[str] | None =
                 lines.append(check_ledger(federation, index))
             except MpcFiError as exc:
                 raise _named(owner.name, exc) from None
+    for name in sorted(wanted & set(federation.identities)):
+        lines.append(_identity_line(federation, name))
     if len(set(classes.values())) > 1:
         raise InputError("owners disagree on the number of classes: "
                          + ", ".join(f"{k}={v}" for k, v in classes.items()))
     return lines
+
+
+def _identity_line(federation: FederationConfig, name: str) -> str:
+    """This host's secret key for ``name``, when it lies beside the public key the federation
+    names (the convention of ``mpc-fi keygen``): readable by its owner only, of the right pair."""
+    from .keys import fingerprint, load_secret  # noqa: PLC0415
+
+    ident = federation.identities[name]
+    where = f"identities.{name}"
+    short = fingerprint(ident.public_key)[:16]
+    if ident.file is None or not Path(ident.file + "_secret").exists():
+        return (f"{name}: public key {short}...; no secret key beside it here (pass "
+                "--key NAME.key_secret to mpc-fi party / serve on that party's host)")
+    public, _ = load_secret(ident.file + "_secret", where=where)
+    if public != ident.public_key:
+        raise ConfigError(f"{ident.file}_secret holds another key pair than {ident.file}",
+                          key=where)
+    return f"{name}: key pair {short}... ok (secret key readable by its owner only)"

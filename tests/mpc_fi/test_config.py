@@ -262,3 +262,18 @@ def test_the_fingerprint_covers_the_keys_not_where_they_were_read(tmp_path):
     # The file form round-trips: identities as public-key text.
     again = FederationConfig.from_dict(first.to_dict())
     assert again.fingerprint() == first.fingerprint()
+
+
+def test_validate_checks_this_hosts_key_pair(tmp_path, capsys):
+    from mpc_fi import cli
+
+    import numpy as np
+
+    path = _with_keys(tmp_path)
+    np.save(tmp_path / "q.npy", np.zeros((3, 4), dtype=np.float32))
+    assert cli.main(["validate", str(path), "--party", "clinic"]) == 0
+    out = capsys.readouterr().out
+    assert "clinic: key pair" in out and "ok" in out
+    (tmp_path / "keys" / "clinic.key_secret").chmod(0o644)
+    assert cli.main(["validate", str(path), "--party", "clinic"]) == 2
+    assert "too open" in capsys.readouterr().err
