@@ -62,5 +62,11 @@ def baselines() -> dict:
 
 
 @pytest.fixture(scope="session")
+def bench_grid(request: pytest.FixtureRequest) -> str:
+    """The grid asked for (``smoke``: one small point per suite, for `make test-all`)."""
+    return request.config.getoption("--bench-grid")
+
+
+@pytest.fixture(scope="session")
 def bench_timeout(request: pytest.FixtureRequest) -> float:
     return request.config.getoption("--bench-timeout")

@@ -24,6 +24,7 @@ import pytest
 import mpcfi_bench as mb
 
 CALLS = 30
+SMOKE = "output-soft-N3"  # the one case of the smoke grid (3 calls per size)
 CASES = {
     "output-hard-N3": (mb.Case("hard_vote", "output", 3, 10, 1024), "zmq"),
     "output-soft-N3": (mb.Case("soft_vote", "output", 3, 10, 1024), "zmq"),
@@ -38,9 +39,12 @@ def _percentiles(times: list[float]) -> tuple[float, float]:
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_warm_calls(benchmark, name, bench_dir: Path, bench_timeout):
+def test_warm_calls(benchmark, name, bench_dir: Path, bench_timeout, bench_grid):
     from mpc_fi import Federation
 
+    if bench_grid == "smoke" and name != SMOKE:
+        pytest.skip(f"the smoke grid runs {SMOKE} only")
+    calls = 3 if bench_grid == "smoke" else CALLS
     case, transport = CASES[name]
     wl = mb.workload(case, bench_dir / f"serve-{name}")
     fed = dataclasses.replace(wl.federation, batch_size=None, network=dataclasses.replace(
@@ -61,7 +65,7 @@ def test_warm_calls(benchmark, name, bench_dir: Path, bench_timeout):
         sizes = {"1": x[:1], "32": x[:32]}
         for label, batch in sizes.items():
             times = []
-            for _ in range(CALLS):
+            for _ in range(calls):
                 t = time.perf_counter()
                 labels = served.predict(batch)
                 times.append(time.perf_counter() - t)

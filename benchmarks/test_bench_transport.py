@@ -33,7 +33,9 @@ WORKLOADS = {
 
 @pytest.mark.parametrize("transport", ["gloo", "zmq", "curve"])
 @pytest.mark.parametrize("name", sorted(WORKLOADS))
-def test_transport(benchmark, name, transport, bench_dir: Path, bench_timeout):
+def test_transport(benchmark, name, transport, bench_dir: Path, bench_timeout, bench_grid):
+    if bench_grid == "smoke" and name != "W1":
+        pytest.skip("the smoke grid runs W1 only")
     case = WORKLOADS[name]
     wl = mb.workload(case, bench_dir / f"transport-{name}")
     fed = dataclasses.replace(wl.federation, network=dataclasses.replace(
