@@ -357,7 +357,7 @@ class Mesh:
                 msg = recv_monitor_message(self.router_monitor, self.zmq.NOBLOCK)
             except self.zmq.Again:
                 return
-            log.warning("refused a connection (%s): the peer proved none of this federation's "
+            log.warning("refused a connection on %s: the peer proved none of this federation's "
                         "keys", msg["endpoint"].decode(errors="replace"))
 
     def _sender(self, frames: list[Any]) -> int:
@@ -376,9 +376,12 @@ class Mesh:
         return rank
 
     def _file(self, frames: list[Any]) -> None:
+        if len(frames) != 3:  # [routing id, header, payload]
+            raise WireFormatError(f"a peer sent a message of {len(frames)} frames, not the "
+                                  "channel's three")
         sender = self._sender(frames)
         who = self.config.names[sender]
-        if len(frames) != 3 or len(frames[1].bytes) != HEADER.size:
+        if len(frames[1].bytes) != HEADER.size:
             raise WireFormatError(f"{self.name(sender)} sent a message that is not of the "
                                   "channel's format", party=who, rank=sender)
         magic, kind, group, key, src, _dtype, nbytes = HEADER.unpack(frames[1].bytes)

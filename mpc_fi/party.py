@@ -211,6 +211,7 @@ class _Party:
         self.log.info("protocol %s, %d classes, mode %s", self.protocol.name, self.num_classes, fed.mode)
         if fed.mode == "full":
             self._share_parameters()
+        self.prepared = True
 
     def plan(self) -> None:
         """Rows per batch for this run's (or this request's) queries; see _plan_batches."""
@@ -525,8 +526,8 @@ def _serve_party(ctx: PartyContext) -> dict[str, Any]:
                 break
             t1 = time.perf_counter()
             try:
-                if not hasattr(party, "protocol"):
-                    party.input_shape = tuple(step["shape"])
+                if not getattr(party, "prepared", False):  # the first request (or a retry
+                    party.input_shape = tuple(step["shape"])  # after a refused set-up)
                     party.prepare()
                 party.num_queries, party.queries = step["n"], x
                 party.plan()
