@@ -4,7 +4,7 @@ A served session is started once (``Federation(cfg).start()`` locally, ``mpc-fi 
 host): every party joins, proves its key, loads its model, and in full mode the owners share
 their weights, once. Then the querier's party answers requests from the querier's application
 on a **Unix socket** (mode 0600, on the querier's host only: the queries never travel anywhere
-else in plaintext), one request at a time; for each, the parties run the same batches as a
+else in plaintext), from any number of connected clients, one request at a time; for each, the parties run the same batches as a
 one-shot run and the querier's application receives exactly what a one-shot run gives.
 
 Messages on the socket are length-prefixed :mod:`mpc_fi.records` (JSON and numpy arrays, never
@@ -20,6 +20,7 @@ session, and the error names it.
 from __future__ import annotations
 
 import os
+import select
 import socket
 import struct
 import threading
@@ -77,7 +78,8 @@ def raise_reply(reply: dict[str, Any]) -> dict[str, Any]:
 
 
 class Endpoint:
-    """The querier party's side of the socket: one client at a time, one request at a time."""
+    """The querier party's side of the socket: any number of connected clients (a pipeline's
+    processes, an estimator), one request at a time, answered in arrival order."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
@@ -92,40 +94,46 @@ class Endpoint:
             self.server.bind(str(staging))
         finally:
             os.umask(old)
-        self.server.listen(4)
+        self.server.listen(16)
         os.replace(staging, self.path)
-        self.server.settimeout(0.5)
-        self.client: socket.socket | None = None
+        self.clients: list[socket.socket] = []
+        self.client: socket.socket | None = None  # the one whose request is being answered
         self.stopping = threading.Event()  # SIGTERM: finish the request in flight, then stop
 
     def next(self) -> dict[str, Any]:
-        """The next request (``{"op": "stop"}`` when asked to stop)."""
+        """The next request from any client (``{"op": "stop"}`` when asked to stop)."""
         while not self.stopping.is_set():
-            if self.client is None:
-                try:
-                    self.client, _ = self.server.accept()
-                except socket.timeout:
-                    continue
-                self.client.settimeout(None)
             try:
-                request = recv_message(self.client)
-            except (ConnectionError, OSError):
-                self._drop()
+                ready, _, _ = select.select([self.server, *self.clients], [], [], 0.5)
+            except InterruptedError:
                 continue
-            except MpcFiError as exc:
-                self.reply(error_reply(exc))
-                self._drop()
-                continue
-            if not isinstance(request, dict) or request.get("op") not in (
-                    "predict", "health", "stop"):
-                self.reply(error_reply(InputError(
-                    "a request is {'op': 'predict', 'x': array}, {'op': 'health'} or "
-                    "{'op': 'stop'}")))
-                continue
-            return request
+            for sock in ready:
+                if sock is self.server:
+                    client, _ = self.server.accept()
+                    client.settimeout(None)
+                    self.clients.append(client)
+                    continue
+                self.client = sock
+                try:
+                    request = recv_message(sock)
+                except (ConnectionError, OSError):
+                    self._drop()
+                    continue
+                except MpcFiError as exc:
+                    self.reply(error_reply(exc))
+                    self._drop()
+                    continue
+                if not isinstance(request, dict) or request.get("op") not in (
+                        "predict", "health", "stop"):
+                    self.reply(error_reply(InputError(
+                        "a request is {'op': 'predict', 'x': array}, {'op': 'health'} or "
+                        "{'op': 'stop'}")))
+                    continue
+                return request
         return {"op": "stop"}
 
     def reply(self, obj: dict[str, Any]) -> None:
+        """Answer the client whose request was returned last."""
         if self.client is None:
             return
         try:
@@ -135,11 +143,15 @@ class Endpoint:
 
     def _drop(self) -> None:
         if self.client is not None:
+            if self.client in self.clients:
+                self.clients.remove(self.client)
             self.client.close()
             self.client = None
 
     def close(self) -> None:
-        self._drop()
+        for sock in self.clients:
+            sock.close()
+        self.clients, self.client = [], None
         self.server.close()
         try:
             self.path.unlink()

@@ -49,9 +49,10 @@ class FederatedClassifier(ClassifierMixin, BaseEstimator):
     measures the fixed ensemble.
 
     Every :meth:`predict`, :meth:`predict_proba` and :meth:`score` call is one complete, one-shot
-    federation run (:meth:`mpc_fi.Federation.run`: the parties start, answer ``X``, and stop);
-    long-lived parties that answer warm calls are future work. A query on which the protocol
-    abstains (confident release) is predicted as ``-1``.
+    federation run (:meth:`mpc_fi.Federation.run`: the parties start, answer ``X``, and stop),
+    or, with ``served``, one warm request to a served session (long-lived parties:
+    :meth:`mpc_fi.Federation.start` or ``mpc-fi serve``), which gives the same answers. A query
+    on which the protocol abstains (confident release) is predicted as ``-1``.
 
     Parameters
     ----------
@@ -59,6 +60,11 @@ class FederatedClassifier(ClassifierMixin, BaseEstimator):
         A :class:`~mpc_fi.FederationConfig` or the path of a federation file (YAML/TOML).
     launcher, timeout_s, run_dir, memory_limit_mb, keep_run_dir:
         Passed to :class:`~mpc_fi.Federation` for every run.
+    served:
+        The socket of a served session of this federation (``ServedFederation.path`` of
+        ``Federation(...).start()``, or ``mpc-fi serve --socket``): every call is a warm
+        request to it (:func:`mpc_fi.connect`) instead of a one-shot run. A path, so that the
+        estimator clones and pickles; the session's lifetime is the caller's.
 
     Attributes
     ----------
@@ -78,8 +84,10 @@ class FederatedClassifier(ClassifierMixin, BaseEstimator):
     def __init__(self, federation: FederationConfig | str | os.PathLike[str] | None = None, *,
                  launcher: str = "local", timeout_s: float = 600.0,
                  run_dir: str | os.PathLike[str] | None = None,
-                 memory_limit_mb: float | None = None, keep_run_dir: bool = False) -> None:
+                 memory_limit_mb: float | None = None, keep_run_dir: bool = False,
+                 served: str | os.PathLike[str] | None = None) -> None:
         self.federation = federation
+        self.served = served
         self.launcher = launcher
         self.timeout_s = timeout_s
         self.run_dir = run_dir
@@ -108,6 +116,11 @@ class FederatedClassifier(ClassifierMixin, BaseEstimator):
     def _run(self, X: Any) -> Any:
         check_is_fitted(self, ("classes_", "n_features_in_"))
         X = self._check_X(X, reset=False)
+        if self.served is not None:
+            from .serve import connect  # noqa: PLC0415
+
+            with connect(self.served, timeout_s=self.timeout_s) as session:
+                return session.run(X)
         return self._federation().run(X).prediction
 
     # -- scikit-learn API --------------------------------------------------------------

@@ -117,6 +117,21 @@ def test_predict_score_and_cross_val_score_of_the_fixed_ensemble(federation):
     assert scores.mean() == pytest.approx(expected)
 
 
+def test_over_a_served_session_it_answers_like_one_shot_runs(federation, tmp_path):
+    from mpc_fi import Federation
+
+    fed, models = federation
+    x, y = _data(40)
+    twin = _twin(fed, models, x)
+    with Federation(fed, run_dir=tmp_path / "run").start() as session:
+        clf = FederatedClassifier(fed, served=session.path).fit(x, y)
+        np.testing.assert_array_equal(clf.predict(x), twin.labels)
+        np.testing.assert_allclose(clf.predict_proba(x).sum(axis=1), 1.0, atol=1e-6)
+        scores = cross_val_score(clone(clf), x, y, cv=2)
+        assert scores.mean() == pytest.approx(float((np.asarray(twin.labels) == y).mean()))
+        assert session.health()["requests"] == 4  # every call was a warm request
+
+
 # -- scikit-learn's own estimator checks ---------------------------------------------------
 #: Checks that cannot hold for a fixed ensemble of pre-trained private models.
 _FIXED = "a fixed ensemble: the owners' models are pre-trained, so fit does not learn from X, y"
