@@ -25,8 +25,9 @@ every federation): a shadow-calibrated version of the noise-robustness label-onl
 same statistic without shadows, thresholded globally, is the ``global`` baseline. Several target
 federations (a new owner 0 on a new half of ``U`` each) are attacked per seed, so that a seed has
 at least ``nonmembers`` non-member scores and 0.1 % FPR is a real operating point.
-Owner 0 follows a **regime**: the demo's recipe, or one that overfits (less data, 400 epochs,
-no weight decay).
+Owner 0 follows a **regime** (:data:`REGIMES`): the demo's recipe (200 examples, 60 epochs,
+weight decay 1e-4), or one of two that overfit (100 examples and 400 epochs, or 50 and 1000,
+without weight decay).
 
 **Extraction off-distribution** (:func:`run_extraction`). The federation of
 :mod:`studies.leakage` (3 owners, Dirichlet(0.5)) answers queries from: its in-distribution pool;
@@ -39,8 +40,9 @@ the federation's label and its accuracy on the evaluation split.
 **Label-skew inference** (:func:`run_skew`). ``N`` owners on a Dirichlet(alpha) split; the
 attacker sends unlabelled in-distribution queries and estimates each owner's class distribution
 from the release (:func:`estimate_skew`): with ``all_outputs`` owner k's mean output, raw or
-divided by the owners' average (which removes the queries' own class mix); with an aggregate only, one estimate for the whole federation (the mean released distribution or the
-histogram of released labels), which it can only assign to every owner alike. Measured: Pearson
+divided by the owners' average (which removes the queries' own class mix); with an aggregate
+only, one estimate for the whole federation (the mean released distribution or the histogram of
+released labels), which it can only assign to every owner alike. Measured: Pearson
 correlation and total-variation distance between estimate and truth per owner (and against the
 owners' average class distribution, what an aggregate can reveal), whether the owner's largest
 class is found, next to a uniform guess.
@@ -76,7 +78,8 @@ class Regime:
     weight_decay: float
 
 
-REGIMES = (Regime("demo", 200, 60, 1e-4), Regime("overfit", 100, 400, 0.0))
+REGIMES = (Regime("demo", 200, 60, 1e-4), Regime("overfit", 100, 400, 0.0),
+           Regime("overfit_small", 50, 1000, 0.0))
 
 
 @dataclass(frozen=True)
@@ -688,16 +691,21 @@ def markdown_report(rows: Sequence[Row]) -> str:
     if mem:
         r0 = mem[0]
         kq = max(r["queries_per_candidate"] for r in mem)
+        first = {g: next(r for r in mem if r["regime"] == g)
+                 for g in dict.fromkeys(r["regime"] for r in mem)}
         gaps = {g: mean_ci(r["target_gap"] for r in mem if r["regime"] == g
-                           and r["policy"] == mem[0]["policy"] and r["attack"] == "lira")
-                for g in dict.fromkeys(r["regime"] for r in mem)}
+                           and r["policy"] == r0["policy"] and r["attack"] == "lira")
+                for g in first}
         out.append(
             f"\n**Membership inference on owner 0 with {r0['shadows']} shadow federations** "
-            f"({r0['owners']} owners; per seed {r0['targets']} target federations (regime "
-            f"{r0['regime']}) pooled: {r0['members']} member and {r0['nonmembers']} non-member "
-            "scores). Owner 0's train-minus-unseen accuracy gap: "
+            f"({r0['owners']} owners). Per seed, the target federations pooled (members and "
+            "non-member scores): "
+            + "; ".join(f"{g} {f['targets']} ({f['members']}, {f['nonmembers']})"
+                        for g, f in first.items())
+            + ". Owner 0's train-minus-unseen accuracy gap: "
             + "; ".join(f"{g} {v.text()}" for g, v in gaps.items())
-            + f". Label policies: {kq} queries per candidate.\n\n")
+            + f". Label policies: {kq} queries per candidate. A score that leaks nothing has "
+            "TPR = FPR (0.01 and 0.001).\n\n")
         keys = ("regime", "policy", "attack")
         auc = _ci(rows, "membership", keys, "auc")
         t1 = _ci(rows, "membership", keys, "tpr_at_1pct_fpr")
@@ -713,6 +721,22 @@ def markdown_report(rows: Sequence[Row]) -> str:
         out.append(markdown_table(table, ["owner 0", "policy", "attack", "AUC", "TPR @ 1 % FPR",
                                           "TPR @ 0.1 % FPR", "TPR @ 1 %: LiRA − global (paired)"],
                                   align="lllrrrr"))
+        lira = [r for r in rows if r["experiment"] == "membership" and r["attack"] == "lira"]
+        pairs = [(a, b) for a, b in zip(POLICIES, POLICIES[1:])
+                 if any(r["policy"] == a for r in lira) and any(r["policy"] == b for r in lira)]
+        if pairs:
+            table = []
+            for g in first:
+                cells = []
+                for metric in ("tpr_at_1pct_fpr", "auc"):
+                    for a, b in pairs:
+                        d = _paired([r for r in lira if r["regime"] == g], "membership",
+                                    ("regime",), metric, "policy", a, b)
+                        cells.append(d[(g,)].text())
+                table.append([g, *cells])
+            head = [f"{m}: {a} − {b}" for m in ("TPR @ 1 %", "AUC") for a, b in pairs]
+            out.append("\nLiRA, paired by seed: one policy minus the next.\n\n")
+            out.append(markdown_table(table, ["owner 0", *head]))
     ext = [r for r in rows if r["experiment"] == "extraction"]
     if ext:
         fed = mean_ci(r["federation_accuracy"] for r in ext
@@ -734,6 +758,20 @@ def markdown_report(rows: Sequence[Row]) -> str:
             out.append(f"\nStudent {title}:\n\n")
             out.append(markdown_table(table, ["queries", "policy"] + [f"n={b}" for b in budgets],
                                       align="ll" + "r" * len(budgets)))
+        table = []
+        for source in dict.fromkeys(r["source"] for r in ext):
+            cells = []
+            for a, b in (("all_outputs", "averaged"), ("averaged", "label")):
+                d = _paired([r for r in ext if r["source"] == source], "extraction",
+                            ("queries",), "agreement", "policy", a, b)
+                cells += [d[(q,)].text() if (q,) in d else "–" for q in budgets]
+            table.append([source, *cells])
+        if table:
+            out.append("\nStudent agreement, paired by seed: all_outputs − averaged, then "
+                       "averaged − label:\n\n")
+            out.append(markdown_table(
+                table, ["queries"] + [f"{h} n={q}" for h in ("all − avg", "avg − label")
+                                      for q in budgets]))
     sk = [r for r in rows if r["experiment"] == "skew"]
     if sk:
         out.append(f"\n**Label-skew inference** from {sk[0]['queries']} unlabelled "
@@ -749,10 +787,21 @@ def markdown_report(rows: Sequence[Row]) -> str:
         table = []
         for k in sorted(cis["r_owner"], key=lambda t: (t[0], t[1], order.get(t[2], 9), t[3])):
             table.append([k[0], f"{k[1]:g}", k[2], k[3]] + [cis[m][k].text() for m in cis])
+        norm = _paired([r for r in rows if r["experiment"] == "skew"
+                        and r["policy"] == "all_outputs"], "skew", ("owners", "alpha"),
+                       "r_owner", "estimator", "normalised", "mean")
+        agg = _paired([r for r in rows if r["experiment"] == "skew"
+                       and r["estimator"] in ("mean", "histogram")], "skew", ("owners", "alpha"),
+                      "r_owner", "policy", "all_outputs", "label")
+        notes = "".join(
+            f"\n* N={k[0]}, alpha={k[1]:g}: r, all_outputs normalised − mean "
+            f"{norm[k].text()}; all_outputs (mean) − label {agg[k].text()} (paired)"
+            for k in sorted(norm) if k in agg)
         out.append(markdown_table(table, ["N", "alpha", "policy", "estimator", "r (per owner)",
                                           "TV (per owner)", "largest class found",
                                           "TV, uniform guess", "r (owners' average)"],
                                   align="rrllrrrrr"))
+        out.append(notes + "\n")
     sec = [r for r in rows if r["experiment"] == "secure_check"]
     for r in sec:
         out.append(f"\n**On shares** (one cell: seed {r['seed']}, owner 0 {r['regime']}, the "

@@ -173,7 +173,7 @@ def test_tiny_run_writes_every_table(tmp_path):
     summary = json.loads((tmp_path / "attacks.json").read_text())
     assert summary["seeds"] == [0, 1]
     keys = {tuple(e["key"]) for e in summary["membership.tpr_at_0.1pct_fpr"]}
-    assert keys == {(g, p, a) for g in ("demo", "overfit") for p in at.POLICIES
+    assert keys == {(g, p, a) for g in ("demo", "overfit", "overfit_small") for p in at.POLICIES
                     for a in ("lira", "global")}
     assert {e["n"] for e in summary["extraction.agreement"]} == {2}
     text = (tmp_path / "attacks.md").read_text()
