@@ -221,7 +221,7 @@ def _populate(parser: argparse.ArgumentParser) -> None:
     at = sub.add_parser("attacks",
                         help="LiRA membership inference, extraction off-distribution, label skew",
                         description="Membership inference with shadow models (LiRA; TPR at 0.1 "
-                                    "%% and 1 %% FPR) against owners trained as the demo and "
+                                    "% and 1 % FPR) against owners trained as the demo and "
                                     "owners that overfit; distillation from synthetic and "
                                     "out-of-distribution queries; inference of each owner's "
                                     "class distribution; per release policy (plaintext twins).")
