@@ -16,6 +16,9 @@ Modules, in dependency order:
 * :mod:`.leakage`      model extraction and membership inference per release policy
 * :mod:`.local_dp`     local DP (k-ary randomized response on each owner's vote) against GNMax on
                        shares, calibrated to the same (epsilon, delta) over the query set
+* :mod:`.attacks`      stronger attacks per release policy: LiRA with shadow federations (TPR at
+                       low FPR, owners that overfit), extraction from synthetic and
+                       out-of-distribution queries, inference of each owner's label skew
 * :mod:`.plots`        figures (matplotlib, imported lazily)
 * :mod:`.cli`          :func:`study_main`, wired as ``mpc-fi study`` (also ``python -m studies``)
 

@@ -23,6 +23,7 @@ examples:
   mpc-fi study leakage --seeds 0 1 2       # extraction and membership inference per policy
   mpc-fi study valuation-leakage           # what coalition accuracies leak; owners' defences
   mpc-fi study local-dp --owners 5 25      # randomized response per owner vs GNMax on shares
+  mpc-fi study attacks                     # LiRA (TPR at low FPR), OOD extraction, label skew
   mpc-fi study all --out docs/study        # everything, with the default settings
 """
 
@@ -217,6 +218,42 @@ def _populate(parser: argparse.ArgumentParser) -> None:
     ld.add_argument("--timeout", type=float, default=900.0)
     common(ld)
 
+    at = sub.add_parser("attacks",
+                        help="LiRA membership inference, extraction off-distribution, label skew",
+                        description="Membership inference with shadow models (LiRA; TPR at 0.1 "
+                                    "% and 1 % FPR) against owners trained as the demo and "
+                                    "owners that overfit; distillation from synthetic and "
+                                    "out-of-distribution queries; inference of each owner's "
+                                    "class distribution; per release policy (plaintext twins).")
+    at.add_argument("--experiments", nargs="+", choices=["membership", "extraction", "skew"],
+                    default=["membership", "extraction", "skew"])
+    at.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4],
+                    help="seeds (default 0-4: tables give 95%% intervals over them)")
+    at.add_argument("--owners", type=_owner_count, default=3,
+                    help="owners of the membership and extraction federations (default 3)")
+    at.add_argument("--alpha", type=_positive_float, default=0.5)
+    at.add_argument("--shadows", type=_positive_int, default=16,
+                    help="shadow federations per seed and regime (default 16)")
+    at.add_argument("--nonmembers", type=_positive_int, default=1600,
+                    help="non-member scores per seed (sets the number of target federations)")
+    at.add_argument("--label-queries", type=_positive_int, default=16,
+                    help="queries per candidate of the label-only attacks (default 16)")
+    at.add_argument("--sigma", type=_positive_float, default=1.0,
+                    help="GNMax noise std per vote count (default 1)")
+    at.add_argument("--budgets", nargs="+", type=_positive_int, default=[100, 300, 600, 2000],
+                    help="extraction query budgets")
+    at.add_argument("--sources", nargs="+", metavar="SOURCE",
+                    choices=["in_distribution", "uniform", "gaussian", "mixup", "ood_patches",
+                             "ood_permuted"],
+                    default=["in_distribution", "uniform", "gaussian", "mixup", "ood_patches",
+                             "ood_permuted"])
+    at.add_argument("--skew-owners", nargs="+", type=_owner_count, default=[3, 5])
+    at.add_argument("--skew-alphas", nargs="+", type=_positive_float, default=[0.1, 1.0])
+    at.add_argument("--no-secure", action="store_true",
+                    help="skip the membership spot-check on shares (one federation, a few s)")
+    at.add_argument("--timeout", type=float, default=900.0)
+    common(at)
+
     al = sub.add_parser("all", help="every study with its defaults")
     al.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4],
                     help="seeds of every study (default 0-4)")
@@ -338,6 +375,31 @@ def _local_dp(args: argparse.Namespace, out: Path) -> None:
         local_dp_plot(rows, out)
 
 
+def _attacks(args: argparse.Namespace, out: Path) -> None:
+    import json  # noqa: PLC0415
+
+    from .attacks import AttacksConfig, markdown_report, run_attacks, summary  # noqa: PLC0415
+    from .common import write_csv  # noqa: PLC0415
+
+    cfg = AttacksConfig(seeds=tuple(args.seeds))
+    if args.study == "attacks":
+        cfg = AttacksConfig(seeds=tuple(args.seeds), experiments=tuple(args.experiments),
+                            num_owners=args.owners, alpha=args.alpha, shadows=args.shadows,
+                            nonmembers=args.nonmembers, label_queries=args.label_queries,
+                            sigma=args.sigma, budgets=tuple(args.budgets),
+                            sources=tuple(args.sources), skew_owners=tuple(args.skew_owners),
+                            skew_alphas=tuple(args.skew_alphas),
+                            secure_check=not args.no_secure, timeout_s=args.timeout)
+    rows = run_attacks(cfg, show_progress=not args.quiet)
+    write_csv(rows, out / "attacks.csv")
+    (out / "attacks.json").write_text(json.dumps(summary(rows), indent=1) + "\n")
+    _emit("attacks", markdown_report(rows), out)
+    if not args.no_plots:
+        from .plots import attacks_plot  # noqa: PLC0415
+
+        attacks_plot(rows, out)
+
+
 def study_main(argv: list[str] | None = None) -> int:
     """Entry point of ``mpc-fi study``; returns the process exit code.
 
@@ -372,6 +434,8 @@ def run_study(args: argparse.Namespace) -> int:
         _valuation_leakage(args, out)
     if args.study in ("local-dp", "all"):
         _local_dp(args, out)
+    if args.study in ("attacks", "all"):
+        _attacks(args, out)
     print(f"results in {out}/", file=sys.stderr)
     return 0
 

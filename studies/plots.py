@@ -204,3 +204,48 @@ def local_dp_plot(rows: Sequence[Row], out_dir: str | Path) -> Path:
     fig.savefig(path, dpi=DPI, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def attacks_plot(rows: Sequence[Row], out_dir: str | Path) -> Path | None:
+    """Left: LiRA TPR at 1 % FPR per policy and regime; right: label-release student agreement
+    against the query budget, one line per query source (means, bars: 95 % half-widths)."""
+    from .attacks import POLICIES  # noqa: PLC0415
+    from .common import mean_ci  # noqa: PLC0415
+
+    mem = [r for r in rows if r["experiment"] == "membership"]
+    ext = [r for r in rows if r["experiment"] == "extraction"]
+    if not mem and not ext:
+        return None
+    plt = _pyplot()
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    regimes = list(dict.fromkeys(r["regime"] for r in mem))
+    policies = [p for p in POLICIES if any(r["policy"] == p for r in mem)]
+    width = 0.8 / max(2 * len(regimes), 1)
+    for j, (regime, attack) in enumerate((g, a) for g in regimes for a in ("lira", "global")):
+        ci = [mean_ci(r["tpr_at_1pct_fpr"] for r in mem if r["regime"] == regime
+                      and r["policy"] == p and r["attack"] == attack) for p in policies]
+        xs = np.arange(len(policies)) + (j - len(regimes) + 0.5) * width
+        a1.bar(xs, [c.mean for c in ci], width, yerr=[0 if c.n < 2 else c.half for c in ci],
+               capsize=2, label=f"{regime}, {attack}", hatch="" if attack == "lira" else "//")
+    a1.set_xticks(np.arange(len(policies)), policies, fontsize=8)
+    a1.set_ylabel("TPR at 1 % FPR")
+    a1.set_title("membership inference on owner 0", fontsize=9)
+    a1.grid(alpha=0.3, axis="y")
+    a1.legend(fontsize=7)
+    for source in dict.fromkeys(r["source"] for r in ext):
+        pts = sorted({r["queries"] for r in ext if r["source"] == source})
+        ci = [mean_ci(r["agreement"] for r in ext if r["source"] == source
+                      and r["policy"] == "label" and r["queries"] == q) for q in pts]
+        a2.errorbar(pts, [c.mean for c in ci], yerr=[0 if c.n < 2 else c.half for c in ci],
+                    marker="o", ms=3, capsize=2, label=source)
+    a2.set_xscale("log")
+    a2.set_xlabel("queries")
+    a2.set_ylabel("student agreement (label release)")
+    a2.set_title("extraction by query source", fontsize=9)
+    a2.grid(alpha=0.3)
+    a2.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(out_dir) / "attacks.png"
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    plt.close(fig)
+    return path
