@@ -212,6 +212,7 @@ def test_collectives_give_what_gloo_gives(tmp_path: Path, curve: bool) -> None:
     assert res[1]["p2p"] == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.slow  # the same refusal with host processes: tests/launchers/test_host.py
 def test_impostor_is_refused_by_name_and_learns_nothing(tmp_path: Path) -> None:
     res = _run(tmp_path, "collectives", impostor=2)  # the querier's seat, someone else's key
     for rank in (0, 1, 3):
@@ -235,6 +236,7 @@ def test_captured_traffic_holds_no_value_in_the_clear(tmp_path: Path, curve: boo
     assert (pattern in wire) is (not curve)
 
 
+@pytest.mark.slow  # a killed served owner named by the session: tests/launchers/test_serve.py
 def test_a_party_that_dies_is_named_at_once(tmp_path: Path) -> None:
     res = _run(tmp_path, "death")
     for rank in (0, 2, 3):
