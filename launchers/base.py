@@ -77,6 +77,18 @@ class Launcher(ABC):
         with sigterm_raises(self):
             try:
                 self.start(query=query)
+            except BaseException as exc:
+                self.terminate()
+                if isinstance(exc, MpcFiError):
+                    raise name_run_dir(exc, self.run_dir) from None
+                raise
+        return self.finish(timeout_s)
+
+    def finish(self, timeout_s: float | None = None) -> dict[int, dict[str, Any]]:
+        """Wait for the started parties (a run, or a served session after its stop), stop them
+        whatever happens, and remove the run folder after a success."""
+        with sigterm_raises(self):
+            try:
                 results = self.wait(timeout_s)
             except MpcFiError as exc:
                 raise name_run_dir(exc, self.run_dir)

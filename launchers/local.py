@@ -196,17 +196,6 @@ class LocalLauncher(Launcher):
             except MpcFiError as exc:
                 raise name_run_dir(exc, self.run_dir)
 
-    def finish(self, timeout_s: float) -> dict[int, dict[str, Any]]:
-        """After the querier said stop: every party's result; stops them whatever happens."""
-        try:
-            results = self.wait(timeout_s)
-        except MpcFiError as exc:
-            raise name_run_dir(exc, self.run_dir)
-        finally:
-            self.terminate()
-        self.remove_run_dir()
-        return results
-
     def _wait(self, timeout_s: float | None) -> dict[int, dict[str, Any]]:
         fed = self.federation
         limit = timeout_s or self.timeout_s
