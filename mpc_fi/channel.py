@@ -98,6 +98,7 @@ class ChannelConfig:
 
 _CONFIG: ChannelConfig | None = None
 _MESH: "Mesh | None" = None
+_UNBOUNDED: set[int] = set()  # peers waited for without a deadline (see unbounded)
 _LOCK = threading.Lock()
 
 
@@ -135,15 +136,13 @@ def unbounded(src: int) -> Iterator[None]:
     """Wait for ``src`` without a deadline inside this block (a served party idle between
     requests). A peer that stops is still noticed: its connection closes, or its heartbeats
     stop (10 s)."""
-    m = _MESH
-    if m is None:
-        yield
-        return
-    m.unbounded.add(src)
+    # Module-wide, so that it also holds for a mesh made inside the block (the dealer's is made
+    # when CrypTen's TTPServer starts).
+    _UNBOUNDED.add(src)
     try:
         yield
     finally:
-        m.unbounded.discard(src)
+        _UNBOUNDED.discard(src)
 
 
 def _group_tag(group_id: str) -> bytes:
@@ -167,7 +166,6 @@ class Mesh:
         self.state: dict[int, str] = {}  # peer -> "connected" | "closed" | failure text
         self.closed_at: dict[int, float] = {}
         self.heard: set[int] = set()
-        self.unbounded: set[int] = set()  # peers waited for without a deadline (see unbounded)
         self.sent_bytes = 0
         self.router = self.ctx.socket(zmq.ROUTER)
         self._tune(self.router)
@@ -417,7 +415,7 @@ class Mesh:
                 raise PartyFailedError(f"{self.name(src)} closed its connection while this party "
                                        "waited for its message: that party stopped",
                                        party=self.config.names[src], rank=src)
-            if src in self.unbounded:
+            if src in _UNBOUNDED:
                 deadline = now + timeout_s
             if now > deadline:
                 raise PartyFailedError(f"no message from {self.name(src)} within "
@@ -567,24 +565,30 @@ class MeshGroup(dist.ProcessGroup):
     def _others(self) -> list[int]:
         return [g for g in self.ranks if g != self.me]
 
+    def _to_others(self, key: int, t: torch.Tensor) -> None:
+        for peer in self._others():
+            self.mesh.send(peer, self.tag, _COLLECTIVE, key, t)
+
+    def _combine_all(self, t: torch.Tensor, key: int, op: Any) -> None:
+        """``t`` := every party's part combined, in rank order (the same bits everywhere)."""
+        parts = [t if g == self.me else self._received(t, key, g) for g in self.ranks]
+        t.copy_(_combine(op, parts))
+
     # -- collectives -----------------------------------------------------------------------
     def allreduce(self, tensors: list[torch.Tensor], opts: Any) -> dist.Work:
         key = self._next()
         op = getattr(opts, "reduceOp", dist.ReduceOp.SUM)
         for t in tensors:
-            for peer in self._others():
-                self.mesh.send(peer, self.tag, _COLLECTIVE, key, t)
+            self._to_others(key, t)
         for t in tensors:
-            parts = [t if g == self.me else self._received(t, key, g) for g in self.ranks]
-            t.copy_(_combine(op, parts))
+            self._combine_all(t, key, op)
         return _Done(tensors)
 
     def allgather(self, outputs: list[list[torch.Tensor]], inputs: list[torch.Tensor],
                   opts: Any) -> dist.Work:
         key = self._next()
         for t in inputs:
-            for peer in self._others():
-                self.mesh.send(peer, self.tag, _COLLECTIVE, key, t)
+            self._to_others(key, t)
         for outs, t in zip(outputs, inputs):
             for i, g in enumerate(self.ranks):
                 if g == self.me:
@@ -598,8 +602,7 @@ class MeshGroup(dist.ProcessGroup):
         root = self.ranks[opts.rootRank]
         for t in tensors:
             if root == self.me:
-                for peer in self._others():
-                    self.mesh.send(peer, self.tag, _COLLECTIVE, key, t)
+                self._to_others(key, t)
             else:
                 self._recv_into(t, _COLLECTIVE, key, root)
         return _Done(tensors)
@@ -612,8 +615,7 @@ class MeshGroup(dist.ProcessGroup):
             if root != self.me:
                 self.mesh.send(root, self.tag, _COLLECTIVE, key, t)
             else:
-                parts = [t if g == self.me else self._received(t, key, g) for g in self.ranks]
-                t.copy_(_combine(op, parts))
+                self._combine_all(t, key, op)
         return _Done(tensors)
 
     def gather(self, outputs: list[list[torch.Tensor]], inputs: list[torch.Tensor],
@@ -647,8 +649,7 @@ class MeshGroup(dist.ProcessGroup):
     def barrier(self, opts: Any = None) -> dist.Work:
         key = self._next()
         token = torch.zeros(1, dtype=torch.uint8)
-        for peer in self._others():
-            self.mesh.send(peer, self.tag, _COLLECTIVE, key, token)
+        self._to_others(key, token)
         for g in self._others():
             self._received(token, key, g)
         return _Done()

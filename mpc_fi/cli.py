@@ -344,6 +344,24 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+def _host_party_arguments(cmd: argparse.ArgumentParser) -> None:
+    """What ``mpc-fi party`` and ``mpc-fi serve`` both take: which party, its key, its files."""
+    cmd.add_argument("--federation", metavar="FILE", required=True)
+    cmd.add_argument("--party", metavar="NAME", help="this host's party (default: from RANK)")
+    cmd.add_argument("--key", metavar="NAME.key_secret",
+                     help="this party's secret key (mpc-fi keygen), when the federation names "
+                          "identities (default: NAME.key_secret beside the NAME.key file the "
+                          "federation names for this party)")
+    cmd.add_argument("--run-dir", help="folder for this party's log and result (default: a "
+                                       "temporary folder, removed after a successful run)")
+    cmd.add_argument("--keep-run-dir", action="store_true",
+                     help="keep the temporary run folder after a successful run too")
+    cmd.add_argument("--memory-limit-mb", type=float, metavar="MIB",
+                     help="working memory of this party for one batch; larger batches are "
+                          "split, a query that cannot fit is refused on every party (default: "
+                          "half of this host's available memory)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mpc-fi", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
@@ -400,22 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "with its own --party. Rendezvous at network.address:network.port of the "
                     "federation file, or at MASTER_ADDR/MASTER_PORT with RANK/WORLD_SIZE when "
                     "started by torchrun or a scheduler.")
-    party.add_argument("--federation", metavar="FILE", required=True)
-    party.add_argument("--party", metavar="NAME", help="this host's party (default: from RANK)")
+    _host_party_arguments(party)
     party.add_argument("--output", metavar="FILE.npy", help="querier only: save the labels here")
     party.add_argument("--timeout", type=float, default=900.0, help="bound on the run in seconds (default 900)")
-    party.add_argument("--run-dir", help="folder for this party's log and result (default: a "
-                                         "temporary folder, removed after a successful run)")
-    party.add_argument("--keep-run-dir", action="store_true",
-                       help="keep the temporary run folder after a successful run too")
-    party.add_argument("--memory-limit-mb", type=float, metavar="MIB",
-                       help="working memory of this party for one batch; larger batches are "
-                            "split, a query that cannot fit is refused on every party (default: "
-                            "half of this host's available memory)")
-    party.add_argument("--key", metavar="NAME.key_secret",
-                       help="this party's secret key (mpc-fi keygen), when the federation names "
-                            "identities (default: NAME.key_secret beside the NAME.key file the "
-                            "federation names for this party)")
     party.set_defaults(func=cmd_party)
 
     serve = sub.add_parser(
@@ -427,18 +432,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "SIGTERM (the request in flight is finished first). The querier's party "
                     "takes requests on a Unix socket (--socket, mode 0600) from mpc_fi.connect() "
                     "or `mpc-fi ask`. A party that stops ends the session; the error names it.")
-    serve.add_argument("--federation", metavar="FILE", required=True)
-    serve.add_argument("--party", metavar="NAME", help="this host's party (default: from RANK)")
-    serve.add_argument("--key", metavar="NAME.key_secret",
-                       help="this party's secret key (see `mpc-fi party --help`)")
+    _host_party_arguments(serve)
     serve.add_argument("--socket", default="mpc-fi-querier.sock", metavar="PATH",
                        help="querier only: where its requests arrive (default: "
                             "./mpc-fi-querier.sock)")
-    serve.add_argument("--run-dir", help="folder for this party's log and result")
-    serve.add_argument("--keep-run-dir", action="store_true",
-                       help="keep the temporary run folder after the session")
-    serve.add_argument("--memory-limit-mb", type=float, metavar="MIB",
-                       help="working memory of this party for one batch")
     serve.set_defaults(func=cmd_serve)
 
     ask = sub.add_parser(

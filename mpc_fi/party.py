@@ -23,6 +23,7 @@ exception at the same point and the communication pattern never diverges.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import math
 import resource
@@ -86,10 +87,16 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def run_dealer(fed: FederationConfig) -> dict[str, Any]:
-    """The trusted dealer: generates correlated randomness, sees no input and no output."""
+def run_dealer(fed: FederationConfig, *, served: bool = False) -> dict[str, Any]:
+    """The trusted dealer: generates correlated randomness, sees no input and no output.
+
+    ``served``: in a served session party 0's next request may come after any idle time, so the
+    dealer waits for it without a deadline (it still sees party 0 leave)."""
+    from . import channel  # noqa: PLC0415
+
     session = Session(SessionSpec.of_federation(fed), fed.compute_world_size).start()
-    wall = session.serve_dealer()
+    with channel.unbounded(0) if served else contextlib.nullcontext():
+        wall = session.serve_dealer()  # its channels open here, inside the block
     return {"cost": asdict(PartyCost(party="dealer", role="dealer", wall_s=wall, rounds=0,
                                      bytes_sent=0, peak_rss_mb=_peak_rss_mb()))}
 
@@ -292,9 +299,11 @@ class _Party:
         try:
             with torch.no_grad():
                 features = self.backbone(torch.from_numpy(np.ascontiguousarray(x)))
-        except Exception as exc:  # a user's model: reported by name
-            raise InputError(f"the public backbone failed on the queries: "
-                             f"{type(exc).__name__}: {exc}") from None
+        except Exception as exc:  # a user's model: its message may quote query values, so it
+            # stays in this party's log; the error every party agrees on names the type only
+            self.log.exception("the public backbone failed on the queries")
+            raise InputError(f"the public backbone failed on the queries ({type(exc).__name__}; "
+                             "the querier's log has the details)") from None
         out = np.asarray(features.detach().numpy() if hasattr(features, "detach") else features,
                          dtype=np.float32)
         if out.ndim < 2 or out.shape[0] != x.shape[0]:
@@ -477,11 +486,7 @@ def _serve_party(ctx: PartyContext) -> dict[str, Any]:
                           "zmq or curve): gloo bounds every idle wait by network.timeout_s",
                           key="network.transport")
     if fed.role_of(ctx.rank) == "dealer":
-        session = Session(SessionSpec.of_federation(fed), ctx.rank).start()
-        with channel.unbounded(0):  # party 0's next request may come after any idle time
-            wall = session.serve_dealer()
-        return {"cost": asdict(PartyCost(party="dealer", role="dealer", wall_s=wall, rounds=0,
-                                         bytes_sent=0, peak_rss_mb=_peak_rss_mb()))}
+        return run_dealer(fed, served=True)
     t0 = time.perf_counter()
     party = _Party(ctx)
     party.handshake()

@@ -53,6 +53,18 @@ def test_a_local_session_answers_many_requests_like_one_shot_runs(small_federati
     assert not list(tmp_path.glob("run/error-*"))
 
 
+def test_a_session_idle_longer_than_network_timeout_still_answers(small_federation, tmp_path):
+    """Between requests every party (the dealer too) waits without a deadline; inside a
+    request network.timeout_s still bounds each wait."""
+    path, twin = small_federation
+    fed = with_network(path, tmp_path / "fed.yaml", timeout_s=2)
+    x = np.load(Path(path).parent / "queries.npy")
+    with Federation(fed, run_dir=tmp_path / "run").start() as served:
+        np.testing.assert_array_equal(served.predict(x[:3]), twin[:3])
+        time.sleep(5)  # idle for more than twice network.timeout_s
+        np.testing.assert_array_equal(served.predict(x), twin)
+
+
 def test_full_mode_shares_the_weights_once(full_federation, tmp_path):
     path, twin = full_federation
     x = np.load(Path(path).parent / "queries.npy")

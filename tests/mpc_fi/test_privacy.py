@@ -293,7 +293,7 @@ def test_sigkill_while_charging_leaves_old_or_new_state(tmp_path):
     for delay in (0.05, 0.23):  # two kills at different points of the loop
         proc = subprocess.Popen([sys.executable, "-c", _CHARGE_FOREVER, str(path)], env=env)
         try:
-            deadline = time.monotonic() + 30
+            deadline = time.monotonic() + 300  # a hang guard: a busy machine starts slowly
             while len(_ledger_json(path)["queriers"].get("alice", [])) < seen + 5:
                 assert proc.poll() is None, "charging subprocess died on its own"
                 assert time.monotonic() < deadline, "charging subprocess made no progress"
