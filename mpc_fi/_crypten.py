@@ -75,8 +75,9 @@ class Patches:
     One handle per process (:func:`patches`). :func:`load_crypten` installs what every process
     that touches CrypTen needs (the import alias, exact decoding, CSPRNG randomness); a computing
     party or dealer then calls :func:`configure`, which adds the rest (the cheaper comparison
-    circuit, CrypTen's object messages as checked JSON) and sets CrypTen's configuration. :meth:`installed` reads the live state, so a test
-    can check inside each party that nothing was left out or undone.
+    circuit, CrypTen's object messages as checked JSON, the dealer's prefetched packages) and
+    sets CrypTen's configuration. :meth:`installed` reads the live state, so a test can check
+    inside each party that nothing was left out or undone.
     """
 
     def __init__(self) -> None:
@@ -93,7 +94,7 @@ class Patches:
         crypten = sys.modules.get("crypten")
         if crypten is None:
             return {}
-        from . import compare, crypten_rng, wire  # noqa: PLC0415
+        from . import compare, crypten_rng, prefetch, wire  # noqa: PLC0415
 
         rng = crypten.common.rng
         ttp = crypten.mpc.provider.ttp_provider
@@ -107,6 +108,7 @@ class Patches:
                        is crypten_rng._server_setup_generators),
             "fast-comparisons": crypten.mpc.MPCTensor.__dict__.get("_ltz") is compare._ltz,
             "object-channel": wire.object_channel_installed(crypten),
+            "dealer-prefetch": prefetch.installed(crypten),
         }
 
 
@@ -148,6 +150,7 @@ def configure(*, dealer: str, precision_bits: int, count_communication: bool = T
     ``dealer`` is ``"ttp"`` (a separate trusted dealer) or ``"insecure-party-dealer"`` (CrypTen's
     TFP: party 0 generates all correlated randomness). Every party of a run must call it alike.
     """
+    from . import prefetch  # noqa: PLC0415
     from .compare import install_fast_comparisons  # noqa: PLC0415 - compare imports this module
     from .wire import install_object_channel  # noqa: PLC0415
 
@@ -162,4 +165,7 @@ def configure(*, dealer: str, precision_bits: int, count_communication: bool = T
     # CrypTen's object messages (dealer requests, sizes) as checked JSON, never pickle.
     install_object_channel(crypten)
     _PATCHES.add("object-channel")
+    # Served sessions: the dealer prepares party 0's next call while it is idle (mpc_fi.prefetch;
+    # without a served session the patched provider asks online, as CrypTen does).
+    _PATCHES.add("dealer-prefetch", prefetch.install(crypten))
     return crypten

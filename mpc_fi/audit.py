@@ -33,7 +33,7 @@ import contextlib
 import functools
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -88,6 +88,9 @@ class AuditLog:
     sites: list[Site] = field(default_factory=list)
     #: the dealer only: the stream key it gave each party (test builds regenerate masks from it)
     dealer_keys: list[bytes] | None = None
+    #: (told, real): the request whose position was read at ``told`` (in a prefetched package's
+    #: region) drew from ``real`` onwards instead (it left the package: :mod:`mpc_fi.prefetch`)
+    relocations: list[tuple[int, int]] = field(default_factory=list)
 
 
 #: The audit of this process while one is installed (None otherwise: sites cost nothing).
@@ -119,6 +122,24 @@ def dealer_offset() -> int | None:
         return crypten.mpc.provider.ttp_provider.TTPClient.get().generator.offset
     except RuntimeError:
         return None
+
+
+def relocated(told: int, real: int) -> None:
+    """Record that material announced at stream position ``told`` comes from ``real`` (no-op
+    without an audit)."""
+    if ACTIVE is not None:
+        ACTIVE.log.relocations.append((int(told), int(real)))
+
+
+def _real_offset(offset: int, relocations: list[tuple[int, int]]) -> int:
+    """Where the material announced at ``offset`` was drawn: a position in a prefetch region at
+    or after a relocation's ``told`` (nothing else is drawn there afterwards) moves with it."""
+    from .prefetch import REGION_BITS  # noqa: PLC0415 - prefetch imports this module
+
+    for told, real in relocations:
+        if offset >= told and offset >> REGION_BITS == told >> REGION_BITS:
+            return real + (offset - told)
+    return offset
 
 
 def part(secret: torch.Tensor, offset: int | None, *, kind: str = "ring", combine: str,
@@ -331,7 +352,8 @@ def load(path: str) -> AuditLog:
         decryptions=[tuple(d) for d in raw["decryptions"]],
         sites=[Site(s["kind"], s["name"], s["seq"], [MaskedPart(**p) for p in s["parts"]],
                     s["info"]) for s in raw["sites"]],
-        dealer_keys=raw["dealer_keys"])
+        dealer_keys=raw["dealer_keys"],
+        relocations=[tuple(r) for r in raw.get("relocations", [])])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -403,7 +425,8 @@ def verify(logs: dict[int, AuditLog], *, querier: int, mode: str | None = None,
                 problems.append(f"rank {rank}: {s.name} #{s.seq} masks with material outside "
                                 "the dealer's streams")
                 continue
-            for p in s.parts:
+            parts = [replace(p, offset=_real_offset(p.offset, log.relocations)) for p in s.parts]
+            for p in parts:
                 used.append((p.offset, p.offset + 8 * p.numel, f"{s.name} #{s.seq}"))
                 if p.kind == "bit" and not np.isin(p.secret, (0, 1)).all():
                     problems.append(f"rank {rank}: {s.name} #{s.seq} masks one bit per value but "
@@ -411,7 +434,7 @@ def verify(logs: dict[int, AuditLog], *, querier: int, mode: str | None = None,
             if keys is None or rank >= len(keys):
                 continue
             want = np.concatenate([expected_message(p, _regenerate(keys[rank], p))
-                                   for p in s.parts]) if s.parts else np.empty(0, np.int64)
+                                   for p in parts]) if parts else np.empty(0, np.int64)
             if actual.shape != want.shape or not np.array_equal(actual, want.view(actual.dtype)
                                                                  if actual.size else want):
                 problems.append(f"rank {rank}: {s.name} #{s.seq} sent something other than its "

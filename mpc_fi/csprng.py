@@ -161,6 +161,13 @@ class CSPRNG:
             self._enc.update(bytes(skip))
             self._offset += skip
 
+    def seek(self, offset: int) -> None:
+        """Move this stream to byte ``offset`` (prefetched dealer material lives in regions far
+        from the start: :mod:`mpc_fi.prefetch`)."""
+        if offset < 0:
+            raise ValueError("negative offset")
+        self._seek(offset)
+
     def at(self, offset: int) -> "CSPRNG":
         """A copy of this stream positioned at byte ``offset`` (regenerates any past slice)."""
         copy = object.__new__(CSPRNG)

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import audit, secure, wire
+from . import audit, prefetch, secure, wire
 from .bounds import AGGREGATE_RANGE_WIRE, aggregate_range
 from .config import MAX_QUERY_VALUE, FederationConfig
 from .data import validate_queries
@@ -496,6 +496,8 @@ def _serve_party(ctx: PartyContext) -> dict[str, Any]:
 
         # SIGTERM: finish the request in flight, then tell every party to stop.
         signal.signal(signal.SIGTERM, lambda *_: endpoint.stopping.set())
+    # The dealer prepares each call's material during the previous one's idle time.
+    prefetcher = prefetch.start(party.session)
     party.log.info("serving: ready after %.2f s", time.perf_counter() - t0)
     served, wall = 0, 0.0
     try:
@@ -537,14 +539,20 @@ def _serve_party(ctx: PartyContext) -> dict[str, Any]:
                 party.num_queries, party.queries = step["n"], x
                 party.plan()
                 budget = party.charge_budget()
+                if prefetcher is not None:
+                    prefetcher.begin_call()
                 labels, scores = party.infer()
             except (InputError, BudgetExceededError, ProtocolError) as exc:
                 # Raised alike on every party (agreed): this request fails, the session goes on.
+                if prefetcher is not None:
+                    prefetcher.end_call(ok=False)
                 party.log.warning("request %d refused: %s: %s", served + 1, type(exc).__name__,
                                   exc)
                 if endpoint is not None:
                     endpoint.reply(error_reply(exc))
                 continue
+            if prefetcher is not None:
+                prefetcher.end_call(ok=True)
             served += 1
             wall += time.perf_counter() - t1
             if endpoint is not None:
@@ -561,5 +569,6 @@ def _serve_party(ctx: PartyContext) -> dict[str, Any]:
     cost = PartyCost(party=party.name, role=party.role, wall_s=wall, rounds=int(stats["rounds"]),
                      bytes_sent=int(stats["bytes"]), peak_rss_mb=_peak_rss_mb())
     party.log.info("served %d request(s); stopping", served)
+    prefetch.stop()
     party.session.close()
     return {"cost": asdict(cost), "served": served}

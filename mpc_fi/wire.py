@@ -45,8 +45,11 @@ from .errors import PEER_ERRORS, MpcFiError, PartyFailedError, WireFormatError
 
 #: Largest handshake / agreement message (bytes of JSON): hello, failures, shapes, architectures.
 AGREEMENT_LIMIT = 1 << 20
-#: Largest CrypTen object message: TTP requests, sizes. Real ones are well under 1 KiB.
-OBJECT_LIMIT = 16 << 10
+#: Largest CrypTen object message: TTP requests and sizes (well under 1 KiB), and the recipe of
+#: a prefetched package (its distinct requests, then up to MAX_PREFETCH_REQUESTS indices).
+OBJECT_LIMIT = 256 << 10
+#: Most requests in one prefetched package (:mod:`mpc_fi.prefetch`).
+MAX_PREFETCH_REQUESTS = 1 << 14
 #: Deepest nesting of arrays and objects in any message.
 MAX_DEPTH = 16
 #: Longest error message kept from a peer (characters); longer ones are cut.
@@ -538,6 +541,9 @@ SERVED_STEP = Record({"op": Enum("batch", "stop"), "n": Int(0, 1 << 40),
 # CrypTen's object channel, and the trusted dealer's requests
 # ---------------------------------------------------------------------------------------
 TTP_FUNCTIONS = ("additive", "square", "binary", "wraps", "B2A")
+#: What party 0 may ask the dealer: CrypTen's five functions, or a package of them for a later
+#: call (:mod:`mpc_fi.prefetch`).
+DEALER_FUNCTIONS = (*TTP_FUNCTIONS, "prefetch")
 BEAVER_OPS = ("mul", "matmul", "conv1d", "conv2d", "conv_transpose1d", "conv_transpose2d")
 _SIZE = Shape(size=True)
 _SMALL = Int(0, 1 << 16)
@@ -626,7 +632,7 @@ def _conv_shape(x: Sequence[int], w: Sequence[int], dims: int, transpose: bool,
     return (x[0], channels, *spatial)
 
 
-def _result_size(function: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, ...]:
+def result_size(function: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, ...]:
     """The size of the dealer's answer, by shape arithmetic (nothing allocated, and no torch
     meta tensors: their first use costs a second in a fresh process)."""
     if function == "additive":
@@ -642,7 +648,8 @@ def _result_size(function: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -
     return tuple(args[0])
 
 
-def _ttp_request(message: dict[str, Any]) -> dict[str, Any]:
+def _one_request(message: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """A checked request of one of CrypTen's five functions, and its answer's element count."""
     function = message["function"]
     args = _TTP_ARGS[function].check(message["args"], "$.args")
     if function == "additive":
@@ -650,20 +657,42 @@ def _ttp_request(message: dict[str, Any]) -> dict[str, Any]:
     else:
         kwargs = Record({}).check(message["kwargs"], "$.kwargs")
     try:
-        size = _result_size(function, args, kwargs)
+        size = result_size(function, args, kwargs)
     except (RuntimeError, ValueError, TypeError, IndexError) as exc:
         raise ValueError(f"the request does not describe a valid {function} "
                          f"({clean_text(str(exc), 200)})") from None
     if math.prod(size) > MAX_ELEMENTS:
         raise ValueError(f"the answer would have {math.prod(size)} elements "
                          f"(at most {MAX_ELEMENTS})")
-    return {"function": function, "device": message["device"], "args": args, "kwargs": kwargs}
+    return {"function": function, "args": args, "kwargs": kwargs}, math.prod(size)
+
+
+_PREFETCH_KIND = Convert(Record({"function": Enum(*TTP_FUNCTIONS), "args": Any_,
+                                 "kwargs": Any_}), lambda m: _one_request(m)[0])
+_PREFETCH_ARGS = Tuple(Int(1, 1 << 40), Array(_PREFETCH_KIND, MAX_PREFETCH_REQUESTS, min_len=1),
+                       Array(Int(0, MAX_PREFETCH_REQUESTS - 1), MAX_PREFETCH_REQUESTS, min_len=1))
+
+
+def _ttp_request(message: dict[str, Any]) -> dict[str, Any]:
+    if message["function"] != "prefetch":
+        checked, _ = _one_request(message)
+        return {**checked, "device": message["device"]}
+    number, kinds, order = _PREFETCH_ARGS.check(message["args"], "$.args")
+    Record({}).check(message["kwargs"], "$.kwargs")
+    if max(order) >= len(kinds):
+        raise ValueError(f"the recipe names request {max(order)} of {len(kinds)}")
+    total = sum(math.prod(result_size(kinds[i]["function"], kinds[i]["args"], kinds[i]["kwargs"]))
+                for i in order)
+    if total > MAX_ELEMENTS:
+        raise ValueError(f"the package would have {total} elements (at most {MAX_ELEMENTS})")
+    return {"function": "prefetch", "device": message["device"], "args": (number, kinds, order),
+            "kwargs": {}}
 
 
 class _TTPMessage(Schema):
     """The string "terminate", or a request checked by :func:`_ttp_request`."""
 
-    request = Convert(Record({"function": Enum(*TTP_FUNCTIONS),
+    request = Convert(Record({"function": Enum(*DEALER_FUNCTIONS),
                               "device": Optional(Str(16, pattern=r"cpu|cuda(:\d{1,2})?")),
                               "args": Any_, "kwargs": Any_}), _ttp_request)
 
@@ -673,7 +702,7 @@ class _TTPMessage(Schema):
         return self.request.check(value, path)
 
 
-#: What party 0 may send the dealer: one of CrypTen's five requests, or "terminate".
+#: What party 0 may send the dealer: one of CrypTen's five requests, a prefetch, or "terminate".
 TTP_REQUEST = _TTPMessage()
 #: What the dealer answers party 0: the size of the tensor it broadcasts next.
 TTP_REPLY = _SIZE

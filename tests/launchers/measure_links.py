@@ -2,6 +2,7 @@
 
     sudo .venv/bin/python tests/launchers/measure_links.py [--owners 3] [--queries 100]
         [--mode output] [--profiles native,lan,...] [--transports curve,zmq,gloo]
+        [--served 30]
 
 For each link profile it builds the hosts (``netns.Topology``), runs the federation with every
 party in its own namespace, checks the querier's labels against the plaintext twin, and prints
@@ -9,6 +10,11 @@ one row per profile: the inference wall time (slowest party, from each party's r
 "cost"), the set-up time (handshake, model loading, sharing), rounds and bytes sent per party
 (CrypTen's counters: a round is one collective call; bytes are elements x 8) and the whole
 process wall time seen from outside (Python and CrypTen start-up included).
+
+``--served K``: instead of one-shot runs, every party runs ``mpc-fi serve`` in its namespace and
+a client (a pipeline, from the root namespace, through the querier's Unix socket) answers one
+warm-up request of 32 queries, then K timed requests of 1 query and K of 32; the row gives
+p50/p95 per size (labels checked on every call).
 
 Shaping: ``tc qdisc ... netem`` on each host's link when the kernel has ``sch_netem``, otherwise
 the userspace emulator ``linkemu.py`` (same model: delay RTT/2 and rate R on every host's egress).
@@ -75,6 +81,66 @@ def measure(profile_key: str, federation: Path, twin: list[int], workdir: Path, 
             "bytes": {n: costs[n]["bytes_sent"] for n in compute}}
 
 
+def measure_served(profile_key: str, federation: Path, twin: list[int], x, workdir: Path, *,
+                   calls: int, transport: str = "auto", shaper: str | None = None) -> dict:
+    """Warm calls of a served session under ``profile_key``: p50/p95 for 1 and 32 queries."""
+    import subprocess  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    import numpy as np  # noqa: PLC0415
+
+    from mpc_fi import connect  # noqa: PLC0415
+    from multihost import MPC_FI  # noqa: PLC0415
+
+    profile = PROFILES[profile_key]
+    names = party_names(federation)
+    shaper = shaper or ("netem" if netem_available() else "emulated")
+    kind, used = ("bridge", "netem") if shaper == "netem" else ("emulated", "linkemu")
+    if profile_key == "native":
+        kind, used = "bridge", "none"
+    sock = Path(tempfile.mkdtemp(prefix="mpc-fi-served-")) / "q.sock"
+    with Topology(len(names), kind=kind, profile=None if used == "none" else profile) as topo:
+        fed = federation_for(topo, federation, workdir / f"served-{profile_key}-{transport}.yaml",
+                             timeout_s=120, transport=transport)
+        procs = [topo.popen(k, [MPC_FI, "serve", "--federation", str(fed), "--party", name,
+                                "--run-dir", str(workdir / f"served-{profile_key}" / name),
+                                "--socket", str(sock)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for k, name in enumerate(names)]
+        figures: dict[str, float] = {}
+        try:
+            with connect(sock, wait_s=300, timeout_s=600) as client:
+                if list(client.predict(x[:32])) != list(twin[:32]):
+                    raise RuntimeError(f"{profile_key}: labels differ from the plaintext twin")
+                for size in (1, 32):
+                    times = []
+                    for _ in range(calls):
+                        t = time.perf_counter()
+                        labels = client.predict(x[:size])
+                        times.append(time.perf_counter() - t)
+                        if list(labels) != list(twin[:size]):
+                            raise RuntimeError(f"{profile_key}: labels differ from the twin")
+                    figures[f"p50_{size}"] = float(np.percentile(times, 50))
+                    figures[f"p95_{size}"] = float(np.percentile(times, 95))
+                client.stop()
+            for proc in procs:
+                proc.wait(timeout=120)
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+    return {"profile": f"{profile.name}, {transport}", "shaper": used, **figures}
+
+
+def served_table(rows: list[dict]) -> str:
+    lines = ["| profile | shaper | 1 query p50 / p95 | 32 queries p50 / p95 |", "|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['profile']} | {r['shaper']} | {r['p50_1'] * 1e3:.0f} / "
+                     f"{r['p95_1'] * 1e3:.0f} ms | {r['p50_32'] * 1e3:.0f} / "
+                     f"{r['p95_32'] * 1e3:.0f} ms |")
+    return "\n".join(lines)
+
+
 def median_row(runs: list[dict]) -> dict:
     """The run with the median inference time, with the spread of all runs."""
     ordered = sorted(runs, key=lambda r: r["infer_s"])
@@ -116,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--transports", default="auto",
                         help="comma-separated, from auto, curve, zmq, gloo (default auto: zmq "
                              "on these acknowledged test links)")
+    parser.add_argument("--served", type=int, default=0, metavar="K",
+                        help="measure warm calls of a served session instead (K timed calls "
+                             "per size; --queries must be at least 32)")
     args = parser.parse_args(argv)
     reason = unavailable_reason()
     if reason:
@@ -128,6 +197,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.owners} owners + querier + dealer, {args.queries} queries, batch "
           f"{args.batch_size}, mode {args.mode}, soft_vote; one namespace per party; "
           f"netem available: {netem_available()}", flush=True)
+    if args.served:
+        import numpy as np  # noqa: PLC0415
+
+        x = np.load(federation.parent / "queries.npy")
+        served_rows = [measure_served(key.strip(), federation, list(twin), x, workdir,
+                                      calls=args.served, transport=transport.strip(),
+                                      shaper=args.shaper)
+                       for transport in args.transports.split(",")
+                       for key in args.profiles.split(",")]
+        print(served_table(served_rows))
+        return 0
     rows = []
     for transport in args.transports.split(","):
         for key in args.profiles.split(","):
