@@ -87,6 +87,7 @@ class Launcher(ABC):
     def finish(self, timeout_s: float | None = None) -> dict[int, dict[str, Any]]:
         """Wait for the started parties (a run, or a served session after its stop), stop them
         whatever happens, and remove the run folder after a success."""
+        self._closing = True  # a served session ends: no party rejoins any more
         with sigterm_raises(self):
             try:
                 results = self.wait(timeout_s)
@@ -107,6 +108,8 @@ class Launcher(ABC):
         if self.created_run_dir and not self.keep_run_dir:
             shutil.rmtree(self.run_dir, ignore_errors=True)
 
+    #: Set once the parties are being stopped (a served session's parties then stop rejoining).
+    _closing = False
     #: True while :meth:`terminate` runs: a SIGTERM then waits for it (see :func:`sigterm_raises`).
     _stopping = False
     _sigterm_pending = False

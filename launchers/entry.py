@@ -27,7 +27,7 @@ import numpy as np
 
 from mpc_fi import channel, keys
 from mpc_fi.config import FederationConfig
-from mpc_fi.errors import ConfigError, MpcFiError, PartyFailedError
+from mpc_fi.errors import ConfigError, MpcFiError, PartyFailedError, SessionLost
 from mpc_fi.logs import LOGGER_NAME, setup_party_logging
 from mpc_fi.party import PartyContext, run_party
 
@@ -245,13 +245,19 @@ def party_main(federation: FederationConfig, rank: int, run_dir: str, env: dict[
                  env.get("RENDEZVOUS"), federation.transport(),
                  ": every party proves its key, every message is encrypted"
                  if federation.transport() == "curve" else "")
-        rendezvous.install(federation, rank, federation.network.timeout_s)
+        # A served party waits for its peers without a deadline, and rejoins a new session
+        # when one is lost (mpc_fi.errors.SessionLost).
+        rendezvous.install(federation, rank, federation.network.timeout_s,
+                           patient=serve_socket is not None)
         if channel_config is not None:
             channel.configure(channel_config)
         payload = run_party(PartyContext(
             federation=federation, rank=rank, query=query, memory_limit_mb=memory_limit_mb,
             audit_path=str(run_path / f"audit-{rank}.npz") if audit else None,
             serve_socket=serve_socket))
+        if watch is not None and watch.broken and serve_socket is not None:
+            raise SessionLost(f"the dealer lost its connection to the parties ({watch.broken}): "
+                              "the session is over; rejoining a new one", party=name, rank=rank)
         if watch is not None and watch.broken:
             raise PartyFailedError(
                 f"the dealer lost its connection to the parties before party "
@@ -276,6 +282,8 @@ def party_main(federation: FederationConfig, rank: int, run_dir: str, env: dict[
         else:
             log.error("crashed:\n%s", traceback.format_exc())
             code, payload = 1, {"type": type(exc).__name__, "message": str(exc)}
+    if code == SessionLost.exit_code:  # whoever rejoins early must not join the old session
+        rendezvous.leave_session()
     # What is still queued for the peers (the last shares, an error every party must agree on)
     # reaches them before this process goes; bounded, since a failed peer may never take it.
     channel.close(linger_s=10.0 if code == 0 else 2.0)

@@ -27,6 +27,7 @@ import shutil
 import tempfile
 import socket
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -38,7 +39,7 @@ import numpy as np
 from mpc_fi import errors
 from mpc_fi.channel import BACKEND
 from mpc_fi.config import PLAINTEXT_DEFAULT, FederationConfig
-from mpc_fi.errors import ConfigError, MpcFiError, PartyFailedError, Terminated
+from mpc_fi.errors import ConfigError, MpcFiError, PartyFailedError, SessionLost, Terminated
 from mpc_fi.logs import setup_party_logging
 from mpc_fi.memory import auto_limit_mb
 
@@ -113,29 +114,62 @@ class LocalLauncher(Launcher):
         self._terminated: set[int] = set()  # ranks this launcher stopped itself
         #: a served session (mpc_fi.serve): the querier's socket; None: one run
         self.serve_socket = serve_socket
+        self._respawn_lock = threading.Lock()
+        #: a served session: how often each rank left a session to rejoin a new one
+        self.rejoins: dict[int, int] = {}
 
     def start(self, *, query: np.ndarray | None = None) -> None:
         fed = self.federation
-        rendezvous = f"tcp://127.0.0.1:{free_port()}"
-        ctx = _forkserver()
+        self._rendezvous = f"tcp://127.0.0.1:{free_port()}"
         # Every party shares this host's memory: each gets an equal part unless a limit is set.
-        memory = self.memory_limit_mb or auto_limit_mb(len(fed.party_names))
+        self._memory = self.memory_limit_mb or auto_limit_mb(len(fed.party_names))
         for rank, name in enumerate(fed.party_names):  # the run folder may be reused
             clear_previous_run(self.run_dir, rank, name)
-        launcher = lifeline.this_process()  # every party leaves when this process is gone
-        channels = channel_configs(fed, range(len(fed.party_names))) or {}
-        for rank in range(len(fed.party_names)):
-            args = (fed, rank, str(self.run_dir), party_env(fed, rank, rendezvous),
-                    query if rank == fed.querier_rank else None, True, 1)  # log file; 1 thread
-            proc = ctx.Process(target=child_main, args=args,
-                               kwargs={"audit": self.audit, "memory_limit_mb": memory,
-                                       "launcher": launcher,
-                                       "channel_config": channels.get(rank),
-                                       "serve_socket": self.serve_socket},
-                               daemon=True,
-                               name=f"mpc-fi-{fed.party_names[rank]}")
-            proc.start()
-            self.procs.append(proc)
+        self._lifeline = lifeline.this_process()  # every party leaves when this process is gone
+        self._channels = channel_configs(fed, range(len(fed.party_names))) or {}
+        self._query = query
+        self.procs = [self._spawn(rank) for rank in range(len(fed.party_names))]
+        if self.serve_socket is not None:
+            threading.Thread(target=self._supervise, name="mpc-fi-supervisor",
+                             daemon=True).start()
+
+    def _spawn(self, rank: int) -> mp.Process:
+        fed = self.federation
+        args = (fed, rank, str(self.run_dir), party_env(fed, rank, self._rendezvous),
+                self._query if rank == fed.querier_rank else None, True, 1)  # log file; 1 thread
+        proc = _forkserver().Process(target=child_main, args=args,
+                                     kwargs={"audit": self.audit, "memory_limit_mb": self._memory,
+                                             "launcher": self._lifeline,
+                                             "channel_config": self._channels.get(rank),
+                                             "serve_socket": self.serve_socket},
+                                     daemon=True, name=f"mpc-fi-{fed.party_names[rank]}")
+        proc.start()
+        return proc
+
+    # -- a served session: parties that lost a peer rejoin ------------------------------------
+    def _supervise(self) -> None:
+        """Start again every party that left its served session to rejoin (exit code of
+        :class:`~mpc_fi.errors.SessionLost`), until the session is stopped."""
+        while not self._closing:
+            with self._respawn_lock:
+                for rank, proc in enumerate(self.procs):
+                    if proc.exitcode == SessionLost.exit_code and not self._closing:
+                        self._exited_at.pop(rank, None)
+                        self.procs[rank] = self._spawn(rank)
+                        self.rejoins[rank] = self.rejoins.get(rank, 0) + 1
+            time.sleep(0.1)
+
+    def restart(self, party: str | int) -> None:
+        """Start a served party again that stopped (killed, or failed on its own): it rejoins
+        the others, which wait for it since they lost it."""
+        fed = self.federation
+        rank = party if isinstance(party, int) else fed.party_names.index(party)
+        with self._respawn_lock:
+            if self.procs[rank].exitcode is None:
+                raise MpcFiError(f"{fed.party_names[rank]} is running: nothing to restart")
+            self._exited_at.pop(rank, None)
+            self._terminated.discard(rank)
+            self.procs[rank] = self._spawn(rank)
 
     @staticmethod
     def run_functions(fn: Callable[..., Any], payloads: Sequence[Any], *, dealer: str = "ttp",
@@ -188,8 +222,26 @@ class LocalLauncher(Launcher):
 
     # -- a served session (Federation.start) -------------------------------------------------
     def raise_first_failure(self) -> None:
-        """Raise the error of a party that has stopped with one (nothing if all are running)."""
+        """Raise the error of a party that has stopped with one (nothing if all are running).
+
+        A served session: a party that left to rejoin is not a failure, and a party that
+        stopped is named without stopping the others (they wait for it: :meth:`restart`)."""
         self._note_exits()
+        if self.serve_socket is not None:
+            with self._respawn_lock:
+                gone = [r for r, p in enumerate(self.procs)
+                        if p.exitcode not in (None, 0, SessionLost.exit_code)]
+            if gone:
+                rank = min(gone, key=lambda r: self._exited_at.get(r, float("inf")))
+                code = self.procs[rank].exitcode
+                how = (f"was killed by signal {-code}" if code < 0 else f"exited with code {code}")
+                fed = self.federation
+                raise name_run_dir(PartyFailedError(
+                    f"party {fed.party_names[rank]} (rank {rank}, {fed.role_of(rank)}) {how}; the "
+                    "other parties wait for it to rejoin (restart it, or close the session)",
+                    party=fed.party_names[rank], rank=rank, log_tail=self.log_tail(rank)),
+                    self.run_dir)
+            return
         if any(p.exitcode not in (None, 0) for p in self.procs):
             try:
                 self._fail()
@@ -281,6 +333,7 @@ class LocalLauncher(Launcher):
             party=fed.party_names[rank], rank=rank, log_tail=self.log_tail(rank))
 
     def terminate(self) -> None:
+        self._closing = True
         with self.terminating():
             alive = [p for p in self.procs if p.is_alive()]
             self._terminated |= {self.procs.index(p) for p in alive}

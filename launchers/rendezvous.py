@@ -164,13 +164,86 @@ def listen_socket(host: str, port: int) -> int:
 
 
 def roll_call(federation: FederationConfig, *, host: str, port: int, rank: int, world_size: int,
-              timeout_s: float, agent_store: bool = False, prefix: str = "") -> Any:
+              timeout_s: float, agent_store: bool = False, prefix: str = "",
+              patient: bool = False) -> Any:
     """Meet every party at ``host:port``; return the store, or raise naming who never came.
 
     Rank 0 hosts the store unless ``agent_store`` (``torchrun`` hosts it then). Every party
     registers ``{name, address, pid, host}`` and waits at most ``timeout_s`` for all
     ``world_size`` of them.
+
+    ``patient`` (served sessions): no deadline; the waiting is reported to
+    :func:`mpc_fi.runtime.waiting` (a served querier answers its clients meanwhile), and a store
+    that goes away (its host left to rejoin) or belongs to a session that is over
+    (:func:`leave_session`) is left for the next one.
     """
+    if not patient:
+        return _roll_call(federation, host=host, port=port, rank=rank, world_size=world_size,
+                          timeout_s=timeout_s, agent_store=agent_store, prefix=prefix)
+    from mpc_fi import runtime  # noqa: PLC0415
+    from mpc_fi.logs import party_logger  # noqa: PLC0415
+
+    log, reported = party_logger(), 0.0
+    while True:
+        try:
+            return _roll_call(federation, host=host, port=port, rank=rank,
+                              world_size=world_size, timeout_s=timeout_s,
+                              agent_store=agent_store, prefix=prefix, patient=True)
+        except _StaleStore:
+            runtime.waiting([_describe(federation, 0) + " (to host a new session)"])
+            time.sleep(0.2)
+        except PartyFailedError as exc:  # the store's host left, or it is not up yet
+            if time.monotonic() - reported > 30:
+                log.info("waiting for the session to form: %s", exc)
+                reported = time.monotonic()
+            runtime.waiting([_describe(federation, 0)])
+            time.sleep(0.2)
+
+
+def _wait_patiently(store: Any, stop_key: str, missing: list[str]) -> None:
+    """One step of a served party's wait: report it (a served querier answers its clients and
+    may be told to stop: then every party at this rendezvous stops too)."""
+    from mpc_fi import runtime  # noqa: PLC0415
+    from mpc_fi.serve import ServingStopped  # noqa: PLC0415
+
+    try:
+        if store.check([stop_key]):
+            raise ServingStopped()
+    except RuntimeError:
+        return  # the store went away: the roll call's next check says so
+    try:
+        runtime.waiting(missing)
+    except ServingStopped:
+        try:
+            store.set(stop_key, "1")
+        except (RuntimeError, OSError):
+            pass
+        raise
+
+
+class _StaleStore(Exception):
+    """The rendezvous store belongs to a session that is over."""
+
+
+#: The store of this party's current session and its epoch (for :func:`leave_session`).
+_SESSION: dict[str, Any] = {}
+
+
+def leave_session() -> None:
+    """Mark this party's session over in its store, so that parties rejoining before the store's
+    host has left wait for a new one instead of joining the old one (best effort)."""
+    store, key = _SESSION.get("store"), _SESSION.get("key")
+    if store is None:
+        return
+    try:
+        store.set(key, "1")
+    except (RuntimeError, OSError):
+        pass
+
+
+def _roll_call(federation: FederationConfig, *, host: str, port: int, rank: int,
+               world_size: int, timeout_s: float, agent_store: bool, prefix: str,
+               patient: bool = False) -> Any:
     import torch.distributed as dist  # noqa: PLC0415 - only in party processes
 
     if world_size != len(federation.party_names):
@@ -183,8 +256,8 @@ def roll_call(federation: FederationConfig, *, host: str, port: int, rank: int, 
     host_party = "torchrun's agent on MASTER_ADDR" if agent_store else _describe(federation, 0)
     is_master = rank == 0 and not agent_store
     if not is_master:
-        try:
-            _wait_until_listening(host, port, deadline)
+        try:  # patient: short tries, so that the waiting is reported (runtime.waiting) often
+            _wait_until_listening(host, port, time.monotonic() + 1.0 if patient else deadline)
         except TimeoutError as exc:
             raise PartyFailedError(
                 f"{me} waited {timeout_s:g} s for the rendezvous at {host}:{port} (hosted by "
@@ -208,6 +281,19 @@ def roll_call(federation: FederationConfig, *, host: str, port: int, rank: int, 
                                f"{host_party}): {first}", party=federation.party_names[rank],
                                rank=rank) from None
     base = f"{prefix}{ROLL_CALL}"
+    if patient:  # a served session: one epoch per store, marked over when the session ends
+        try:
+            if is_master:
+                store.set(f"{prefix}mpc-fi/epoch", os.urandom(8).hex())
+            epoch = bytes(store.get(f"{prefix}mpc-fi/epoch")).decode("ascii", "replace")
+            if store.check([f"{prefix}mpc-fi/session/{epoch}/over"]):
+                raise _StaleStore()
+        except RuntimeError as exc:
+            raise PartyFailedError(f"{me} lost the rendezvous at {host}:{port}: "
+                                   f"{str(exc).splitlines()[0]}",
+                                   party=federation.party_names[rank], rank=rank) from None
+        _SESSION.update(store=store, key=f"{prefix}mpc-fi/session/{epoch}/over")
+        base = f"{prefix}mpc-fi/session/{epoch}/roll-call"
     try:
         local = local_address_towards(host, port) if not is_loopback(host) else "127.0.0.1"
     except OSError:
@@ -229,7 +315,10 @@ def roll_call(federation: FederationConfig, *, host: str, port: int, rank: int, 
                 rank=rank) from None
         if not missing:
             break
-        if time.monotonic() > deadline:
+        if patient:
+            _wait_patiently(store, f"{base.rsplit('/', 1)[0]}/stop",
+                            [_describe(federation, r) for r in missing])
+        elif time.monotonic() > deadline:
             who = ", ".join(_describe(federation, r) for r in missing)
             raise PartyFailedError(
                 f"{me} waited {timeout_s:g} s at the rendezvous {host}:{port} for {who}, who never "
@@ -245,6 +334,8 @@ def roll_call(federation: FederationConfig, *, host: str, port: int, rank: int, 
             PEERS[r] = wire.decode(bytes(store.get(key)), ROLL_CALL_WIRE, limit=ROLL_CALL_LIMIT)
         except (RuntimeError, MpcFiError):
             PEERS[r] = {"name": federation.party_names[r]}
+    if patient:  # what follows (the channels' mesh) lives under this session's epoch
+        store = dist.PrefixStore(base.rsplit("/", 1)[0] + "/", store)
     return store
 
 
@@ -252,18 +343,20 @@ def roll_call(federation: FederationConfig, *, host: str, port: int, rank: int, 
 _CURRENT: dict[str, Any] = {}
 
 
-def install(federation: FederationConfig, rank: int, timeout_s: float) -> None:
+def install(federation: FederationConfig, rank: int, timeout_s: float, *,
+            patient: bool = False) -> None:
     """Bound and name every wait of this party's process group (see the module docstring).
 
-    Idempotent; a later call (another run in the same process) replaces the federation and the
-    timeout the wrappers use.
+    ``patient`` (a served session): the roll call waits for the peers without a deadline
+    (:func:`roll_call`). Idempotent; a later call (another run in the same process) replaces the
+    federation and the timeout the wrappers use.
     """
     import torch.distributed as dist  # noqa: PLC0415
 
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     _CURRENT.update(
         federation=federation, timeout=timedelta(seconds=timeout_s), timeout_s=timeout_s,
-        agent_store=agent_store,
+        agent_store=agent_store, patient=patient,
         prefix=f"mpc-fi/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/" if agent_store
         else "")
     if getattr(dist.init_process_group, "_mpc_fi_bounded", False):
@@ -278,7 +371,8 @@ def install(federation: FederationConfig, rank: int, timeout_s: float) -> None:
             host, port = parse_tcp(init_method)
             store = dist.PrefixStore(f"{cur['prefix']}mpc-fi/pg", roll_call(
                 cur["federation"], host=host, port=port, rank=rank, world_size=world_size,
-                timeout_s=cur["timeout_s"], agent_store=cur["agent_store"], prefix=cur["prefix"]))
+                timeout_s=cur["timeout_s"], agent_store=cur["agent_store"], prefix=cur["prefix"],
+                patient=cur["patient"]))
             init_method = None
         return real_init(backend=backend, init_method=init_method,
                          timeout=timeout or cur["timeout"], world_size=world_size, rank=rank,

@@ -302,6 +302,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .config import FederationConfig  # noqa: PLC0415
     from .plugins import LAUNCHERS, lookup  # noqa: PLC0415
 
+    environ = dict(os.environ)  # the party's run sets its rank's variables: rejoin without them
     fed = FederationConfig.load(args.federation)
     socket_path = str(Path(args.socket).resolve())
     launcher = lookup(LAUNCHERS, "host", key="launcher")(
@@ -311,7 +312,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if launcher.rank == fed.querier_rank:
         print(f"mpc-fi: the querier's requests: unix socket {socket_path} (mode 0600; "
               "mpc_fi.connect() or `mpc-fi ask`)", file=sys.stderr, flush=True)
-    results = launcher.run()
+    from .errors import SessionLost  # noqa: PLC0415
+
+    try:
+        results = launcher.run()
+    except SessionLost as exc:
+        # A peer was lost: rejoin a new session as a fresh process (same command, same PID), so
+        # nothing of the old session's state (CrypTen, the channels, the shares) carries over.
+        print(f"mpc-fi: {launcher.party}: {exc}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environ)
     served = next(iter(results.values())).get("served", 0)
     _step(f"served {served} request(s)")
     return 0

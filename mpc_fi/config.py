@@ -334,6 +334,10 @@ class NetworkConfig:
     encryption; the default on loopback without identities), ``gloo`` (torch's own plaintext
     backend), or ``auto`` for those defaults. A plaintext transport on a non-loopback address
     needs ``acknowledge_plaintext_network: true``.
+
+    ``prefetch`` (served sessions with the TTP dealer, :mod:`mpc_fi.prefetch`): the dealer
+    prepares party 0's material for the next call between calls (party 0 holds up to 128 MiB of
+    it); ``false``: every call asks the dealer as it goes, as a one-shot run does.
     """
 
     address: str = "127.0.0.1"
@@ -341,6 +345,7 @@ class NetworkConfig:
     acknowledge_plaintext_network: bool = False
     timeout_s: float = 120.0  # bound on start-up rendezvous and on any single wait
     transport: str = "auto"
+    prefetch: bool = True
 
     def __post_init__(self) -> None:
         self.validate()
@@ -355,6 +360,8 @@ class NetworkConfig:
             raise ConfigError(f"must be an integer in 1..65535, got {port!r}", key=f"{key}.port")
         if not isinstance(self.acknowledge_plaintext_network, bool):
             raise ConfigError("must be true or false", key=f"{key}.acknowledge_plaintext_network")
+        if not isinstance(self.prefetch, bool):
+            raise ConfigError("must be true or false", key=f"{key}.prefetch")
         timeout = self.timeout_s
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) \
                 or not math.isfinite(timeout) or timeout <= 0:
@@ -368,13 +375,14 @@ class NetworkConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], key: str) -> "NetworkConfig":
         _check_keys(data, ("address", "port", "acknowledge_plaintext_network", "timeout_s",
-                           "transport"), key)
+                           "transport", "prefetch"), key)
         address = data.get("address", "127.0.0.1")
         return cls(address=address if not isinstance(address, (int, float)) else str(address),
                    port=data.get("port"),
                    acknowledge_plaintext_network=data.get("acknowledge_plaintext_network", False),
                    timeout_s=data.get("timeout_s", 120.0),
-                   transport=data.get("transport", "auto"))
+                   transport=data.get("transport", "auto"),
+                   prefetch=data.get("prefetch", True))
 
     def is_loopback(self) -> bool:
         if self.address == "localhost":

@@ -64,6 +64,14 @@ class PartyFailedError(MpcFiError):
         super().__init__(text)
 
 
+class SessionLost(PartyFailedError):
+    """A served session lost a peer: this party leaves it to rejoin a new session with the same
+    parties (``mpc-fi serve`` re-executes itself; a local session's launcher starts it again).
+    The message names the peer that was lost."""
+
+    exit_code = 75
+
+
 class HandshakeError(MpcFiError):
     """Parties disagree at start-up: federation fingerprint, package versions, or I/O shapes."""
 
@@ -117,6 +125,7 @@ EXIT_CODES: dict[int, str] = {
     HandshakeError.exit_code: "parties disagree at start-up (fingerprint, versions, shapes)",
     WireFormatError.exit_code: "a peer sent a message outside the wire schema (a rogue or "
                                "incompatible party); every party was stopped",
+    SessionLost.exit_code: "a served session lost a peer; this party rejoins a new session",
     130: "interrupted (Ctrl-C); every party was stopped",
     Terminated.exit_code: "terminated (SIGTERM); every party was stopped",
 }

@@ -36,12 +36,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import audit, prefetch, secure, wire
+from . import audit, prefetch, runtime, secure, wire
 from .bounds import AGGREGATE_RANGE_WIRE, aggregate_range
 from .config import MAX_QUERY_VALUE, FederationConfig
 from .data import validate_queries
 from .errors import BudgetExceededError, ConfigError, HandshakeError, InputError, MpcFiError, \
-    ProtocolError
+    PartyFailedError, ProtocolError, SessionLost
 from .logs import party_logger
 from .memory import auto_limit_mb, plan_rows, refuse_message, row_bytes
 from .models import ARCHITECTURE_WIRE, LOAD_AUDIT, Architecture, extract_architecture, \
@@ -478,29 +478,55 @@ def _serve_party(ctx: PartyContext) -> dict[str, Any]:
     until it says stop. Every party runs the same steps per request; a failure every party
     agrees on (bad input, a refused budget, a bad model output) ends that request only."""
     from . import channel  # noqa: PLC0415
-    from .serve import Endpoint, error_reply  # noqa: PLC0415
+    from .serve import Endpoint, ServingStopped, error_reply  # noqa: PLC0415
 
     fed = ctx.federation
     if fed.transport() == "gloo":
         raise ConfigError("a served session needs mpc-fi's channels (network.transport: auto, "
                           "zmq or curve): gloo bounds every idle wait by network.timeout_s",
                           key="network.transport")
+    def stopped(role: str, served: int, wall: float) -> dict[str, Any]:
+        party_logger().info("stopped while waiting for the parties; served %d request(s)", served)
+        return {"cost": asdict(PartyCost(party=fed.party_names[ctx.rank], role=role, wall_s=wall,
+                                         rounds=0, bytes_sent=0, peak_rss_mb=_peak_rss_mb())),
+                "served": served}
+
+    def rejoin(exc: PartyFailedError) -> PartyFailedError:
+        """A peer is gone: leave this session, to rejoin a new one with the same parties."""
+        if isinstance(exc, SessionLost) or exc.rank is None or exc.rank == ctx.rank:
+            return exc
+        return SessionLost(f"{exc} (this party leaves the session and rejoins a new one)",
+                           party=exc.party, rank=exc.rank)
+
     if fed.role_of(ctx.rank) == "dealer":
-        return run_dealer(fed, served=True)
+        try:
+            return run_dealer(fed, served=True)
+        except ServingStopped:
+            return stopped("dealer", 0, 0.0)
+        except PartyFailedError as exc:
+            lost = rejoin(exc)
+            if lost is exc:
+                raise
+            raise lost from exc
     t0 = time.perf_counter()
-    party = _Party(ctx)
-    party.handshake()
-    endpoint = Endpoint(ctx.serve_socket) if party.role == "querier" else None
-    if endpoint is not None:
+    endpoint = None
+    if fed.role_of(ctx.rank) == "querier":
         import signal  # noqa: PLC0415
 
+        # The querier's clients are answered from the start, also while the parties gather
+        # (runtime.waiting: "waiting for <who>").
+        endpoint = Endpoint(ctx.serve_socket)
+        runtime.while_waiting(endpoint.waiting)
         # SIGTERM: finish the request in flight, then tell every party to stop.
         signal.signal(signal.SIGTERM, lambda *_: endpoint.stopping.set())
-    # The dealer prepares each call's material during the previous one's idle time.
-    prefetcher = prefetch.start(party.session)
-    party.log.info("serving: ready after %.2f s", time.perf_counter() - t0)
     served, wall = 0, 0.0
     try:
+        party = _Party(ctx)
+        party.handshake()
+        runtime.while_waiting(None)
+        # The dealer prepares each call's material during the previous one's idle time.
+        prefetcher = prefetch.start(party.session) if fed.network.prefetch else None
+        party.log.info("serving: ready after %.2f s", time.perf_counter() - t0)
         while True:
             x = None
             if endpoint is not None:
@@ -558,11 +584,21 @@ def _serve_party(ctx: PartyContext) -> dict[str, Any]:
             if endpoint is not None:
                 endpoint.reply({"ok": True, "labels": labels, "scores": scores,
                                 "budget": budget})
+    except ServingStopped:  # stopped while no session ran: nothing to close
+        return stopped(fed.role_of(ctx.rank), served, wall)
+    except PartyFailedError as exc:
+        if endpoint is not None:
+            endpoint.reply(error_reply(exc))
+        lost = rejoin(exc)
+        if lost is exc:
+            raise
+        raise lost from exc
     except BaseException as exc:
         if endpoint is not None:
             endpoint.reply(error_reply(exc))
         raise
     finally:
+        runtime.while_waiting(None)
         if endpoint is not None:
             endpoint.close()
     stats = party.comm.get_communication_stats()

@@ -32,6 +32,23 @@ DEALERS = ("ttp", "insecure-party-dealer")
 #: The session this process runs (a party process takes part in one computation at a time).
 _CURRENT: "Session | None" = None
 
+#: Called by the launchers' rendezvous, over and over, while this party waits for peers to join
+#: (their names): a served querier answers its clients meanwhile (:func:`while_waiting`).
+_WAITING: "Callable[[list[str]], None] | None" = None
+
+
+def while_waiting(callback: "Callable[[list[str]], None] | None") -> None:
+    """Set (or clear, with None) what runs while this party waits for peers to join a session.
+    ``callback(missing)`` gets the missing parties' descriptions; it may raise to give up."""
+    global _WAITING
+    _WAITING = callback
+
+
+def waiting(missing: Sequence[str]) -> None:
+    """The rendezvous is waiting for ``missing`` (launchers call it in their waiting loops)."""
+    if _WAITING is not None:
+        _WAITING(list(missing))
+
 
 def current() -> "Session":
     """The session of this party process (for functions run inside one by a launcher)."""

@@ -77,6 +77,10 @@ def raise_reply(reply: dict[str, Any]) -> dict[str, Any]:
     raise PartyFailedError(message)
 
 
+class ServingStopped(Exception):
+    """The querier's application (or SIGTERM) stopped a served querier while no session ran."""
+
+
 class Endpoint:
     """The querier party's side of the socket: any number of connected clients (a pipeline's
     processes, an estimator), one request at a time, answered in arrival order."""
@@ -103,34 +107,63 @@ class Endpoint:
     def next(self) -> dict[str, Any]:
         """The next request from any client (``{"op": "stop"}`` when asked to stop)."""
         while not self.stopping.is_set():
-            try:
-                ready, _, _ = select.select([self.server, *self.clients], [], [], 0.5)
-            except InterruptedError:
-                continue
-            for sock in ready:
-                if sock is self.server:
-                    client, _ = self.server.accept()
-                    client.settimeout(None)
-                    self.clients.append(client)
-                    continue
-                self.client = sock
-                try:
-                    request = recv_message(sock)
-                except (ConnectionError, OSError):
-                    self._drop()
-                    continue
-                except MpcFiError as exc:
-                    self.reply(error_reply(exc))
-                    self._drop()
-                    continue
-                if not isinstance(request, dict) or request.get("op") not in (
-                        "predict", "health", "stop"):
-                    self.reply(error_reply(InputError(
-                        "a request is {'op': 'predict', 'x': array}, {'op': 'health'} or "
-                        "{'op': 'stop'}")))
-                    continue
+            request = self._poll(0.5)
+            if request is not None:
                 return request
         return {"op": "stop"}
+
+    def _poll(self, timeout_s: float) -> dict[str, Any] | None:
+        """One request that is ready within ``timeout_s`` (new clients are taken meanwhile)."""
+        try:
+            ready, _, _ = select.select([self.server, *self.clients], [], [], timeout_s)
+        except InterruptedError:
+            return None
+        for sock in ready:
+            if sock is self.server:
+                client, _ = self.server.accept()
+                client.settimeout(None)
+                self.clients.append(client)
+                continue
+            self.client = sock
+            try:
+                request = recv_message(sock)
+            except (ConnectionError, OSError):
+                self._drop()
+                continue
+            except MpcFiError as exc:
+                self.reply(error_reply(exc))
+                self._drop()
+                continue
+            if not isinstance(request, dict) or request.get("op") not in (
+                    "predict", "health", "stop"):
+                self.reply(error_reply(InputError(
+                    "a request is {'op': 'predict', 'x': array}, {'op': 'health'} or "
+                    "{'op': 'stop'}")))
+                continue
+            return request
+        return None
+
+    def waiting(self, missing: list[str]) -> None:
+        """While the parties (re)form a session: answer what is asked now, without a session
+        (``health``: waiting, and for whom; ``predict``: refused, naming whom the federation
+        waits for; ``stop``, or SIGTERM: :class:`ServingStopped`)."""
+        while True:
+            if self.stopping.is_set():
+                raise ServingStopped()
+            request = self._poll(0.0)
+            if request is None:
+                return
+            who = ", ".join(missing)
+            if request["op"] == "health":
+                self.reply({"ok": True, "status": "waiting", "missing": missing})
+            elif request["op"] == "predict":
+                self.reply(error_reply(PartyFailedError(
+                    f"the federation is waiting for {who} to join: no session is running (a "
+                    "party was lost, or has not started), so no query was answered; retry once "
+                    "it is back")))
+            else:
+                self.reply({"ok": True, "stopped": True})
+                raise ServingStopped()
 
     def reply(self, obj: dict[str, Any]) -> None:
         """Answer the client whose request was returned last."""
@@ -174,19 +207,50 @@ class ServedFederation:
         self.launcher = launcher
         self.timeout_s = timeout_s
         self.reveal = reveal
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout_s)
+        self.sock = self._connect()
+        self._closed = False
+
+    def _connect(self) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout_s)
         try:
-            self.sock.connect(str(self.path))
+            sock.connect(str(self.path))
         except OSError as exc:
+            sock.close()
             raise PartyFailedError(f"no served federation at {self.path}: {exc.strerror or exc} "
                                    "(is `mpc-fi serve` running for the querier?)") from None
-        self._closed = False
+        return sock
+
+    def _querier_left(self) -> bool:
+        """The querier closed this connection (it left a lost session to rejoin a new one)."""
+        try:
+            ready, _, _ = select.select([self.sock], [], [], 0)
+            return bool(ready) and self.sock.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):  # ValueError: closed here after a failed reconnection
+            return True
+
+    def _reconnect(self, wait_s: float = 60.0) -> None:
+        """Reach the querier of the session that replaced a lost one (the same socket path)."""
+        self.sock.close()
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                self.sock = self._connect()
+                return
+            except PartyFailedError as exc:
+                if self.launcher is not None:  # a local party that stopped for good: named
+                    self.launcher.raise_first_failure()
+                if time.monotonic() > deadline:
+                    raise PartyFailedError(f"the served querier left its session and was not "
+                                           f"back within {wait_s:g} s: {exc}") from None
+                time.sleep(0.1)
 
     # -- requests --------------------------------------------------------------------------
     def _ask(self, request: dict[str, Any]) -> dict[str, Any]:
         if self._closed:
             raise PartyFailedError("this served federation is closed")
+        if self._querier_left():  # nothing was asked of it: safe to ask its successor
+            self._reconnect()
         try:
             send_message(self.sock, request)
             reply = recv_message(self.sock)
@@ -194,8 +258,7 @@ class ServedFederation:
             raise PartyFailedError(f"the served querier did not answer within {self.timeout_s:g} s"
                                    ) from None
         except (ConnectionError, OSError) as exc:
-            self._closed = True
-            raise self._gone(exc) from None
+            raise self._gone(exc) from None  # the next call reconnects (_querier_left)
         return raise_reply(reply)
 
     def _gone(self, exc: BaseException) -> MpcFiError:
@@ -204,8 +267,9 @@ class ServedFederation:
                 self.launcher.raise_first_failure()
             except MpcFiError as failure:
                 return failure
-        return PartyFailedError(f"the served querier closed the connection ({exc}): the session "
-                                "ended (see the parties' logs)")
+        return PartyFailedError(f"the served querier closed the connection ({exc}): its session "
+                                "ended (see the parties' logs); the next call reaches the session "
+                                "that replaces it, once every party is back")
 
     def health(self) -> dict[str, Any]:
         """``{"status": "ready", "parties": [...], "requests": n, ...}`` from the querier."""

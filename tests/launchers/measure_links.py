@@ -14,7 +14,8 @@ process wall time seen from outside (Python and CrypTen start-up included).
 ``--served K``: instead of one-shot runs, every party runs ``mpc-fi serve`` in its namespace and
 a client (a pipeline, from the root namespace, through the querier's Unix socket) answers one
 warm-up request of 32 queries, then K timed requests of 1 query and K of 32; the row gives
-p50/p95 per size (labels checked on every call).
+p50/p95 per size (labels checked on every call). ``--prefetch on,off`` adds rows with
+``network.prefetch: false`` (every call asks the dealer as it goes).
 
 Shaping: ``tc qdisc ... netem`` on each host's link when the kernel has ``sch_netem``, otherwise
 the userspace emulator ``linkemu.py`` (same model: delay RTT/2 and rate R on every host's egress).
@@ -82,7 +83,8 @@ def measure(profile_key: str, federation: Path, twin: list[int], workdir: Path, 
 
 
 def measure_served(profile_key: str, federation: Path, twin: list[int], x, workdir: Path, *,
-                   calls: int, transport: str = "auto", shaper: str | None = None) -> dict:
+                   calls: int, transport: str = "auto", shaper: str | None = None,
+                   prefetch: bool = True) -> dict:
     """Warm calls of a served session under ``profile_key``: p50/p95 for 1 and 32 queries."""
     import subprocess  # noqa: PLC0415
     import time  # noqa: PLC0415
@@ -101,7 +103,7 @@ def measure_served(profile_key: str, federation: Path, twin: list[int], x, workd
     sock = Path(tempfile.mkdtemp(prefix="mpc-fi-served-")) / "q.sock"
     with Topology(len(names), kind=kind, profile=None if used == "none" else profile) as topo:
         fed = federation_for(topo, federation, workdir / f"served-{profile_key}-{transport}.yaml",
-                             timeout_s=120, transport=transport)
+                             timeout_s=120, transport=transport, prefetch=prefetch)
         procs = [topo.popen(k, [MPC_FI, "serve", "--federation", str(fed), "--party", name,
                                 "--run-dir", str(workdir / f"served-{profile_key}" / name),
                                 "--socket", str(sock)],
@@ -129,7 +131,8 @@ def measure_served(profile_key: str, federation: Path, twin: list[int], x, workd
             for proc in procs:
                 if proc.poll() is None:
                     proc.kill()
-    return {"profile": f"{profile.name}, {transport}", "shaper": used, **figures}
+    return {"profile": f"{profile.name}, {transport}"
+            + ("" if prefetch else ", no prefetch"), "shaper": used, **figures}
 
 
 def served_table(rows: list[dict]) -> str:
@@ -185,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--served", type=int, default=0, metavar="K",
                         help="measure warm calls of a served session instead (K timed calls "
                              "per size; --queries must be at least 32)")
+    parser.add_argument("--prefetch", default="on",
+                        help="with --served: on, off or on,off (network.prefetch; default on)")
     args = parser.parse_args(argv)
     reason = unavailable_reason()
     if reason:
@@ -203,9 +208,10 @@ def main(argv: list[str] | None = None) -> int:
         x = np.load(federation.parent / "queries.npy")
         served_rows = [measure_served(key.strip(), federation, list(twin), x, workdir,
                                       calls=args.served, transport=transport.strip(),
-                                      shaper=args.shaper)
+                                      shaper=args.shaper, prefetch=prefetch == "on")
                        for transport in args.transports.split(",")
-                       for key in args.profiles.split(",")]
+                       for key in args.profiles.split(",")
+                       for prefetch in args.prefetch.split(",")]
         print(served_table(served_rows))
         return 0
     rows = []

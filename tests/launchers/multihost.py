@@ -62,13 +62,15 @@ class HostRun:
 
 
 def federation_for(topology: Topology, source: Path, target: Path, *,
-                   timeout_s: float = 60.0, transport: str = "auto") -> Path:
+                   timeout_s: float = 60.0, transport: str = "auto",
+                   prefetch: bool = True) -> Path:
     """Copy of ``source`` whose parties meet at rank 0's namespace address.
 
     ``transport`` ``curve``: every party gets a key pair (``keys/`` beside ``target``) named
     under ``identities``; otherwise the plaintext network is acknowledged (test namespaces)."""
     data = yaml.safe_load(Path(source).read_text())
-    data["network"] = {"address": topology.address(0), "port": PORT, "timeout_s": timeout_s}
+    data["network"] = {"address": topology.address(0), "port": PORT, "timeout_s": timeout_s,
+                       "prefetch": prefetch}
     if transport == "curve":
         from mpc_fi import keys  # noqa: PLC0415
         from mpc_fi.config import FederationConfig  # noqa: PLC0415

@@ -3,7 +3,8 @@
 Locally through ``Federation(cfg).start()``; one process per party through ``mpc-fi serve`` and
 ``mpc-fi ask``. Checked: every answer equals the plaintext twin and the one-shot run; set-up
 happens once (models loaded, full-mode weights shared once); a request every party refuses ends
-that request only; a party that stops ends the session with an error naming it; SIGTERM to the
+that request only; a party that stops ends the session with an error naming it, the others wait
+for it (requests are refused, naming it) and a restarted party rejoins them; SIGTERM to the
 querier finishes and stops every party cleanly.
 """
 
@@ -35,6 +36,10 @@ def test_a_local_session_answers_many_requests_like_one_shot_runs(small_federati
         assert health["status"] == "ready" and health["parties"][-1] == "dealer"
         for _ in range(3):
             np.testing.assert_array_equal(fed.predict(x), twin)
+        # 100 calls of every size, some repeated (prefetched dealer material) and some not.
+        for k in range(100):
+            rows = slice(k % 17, k % 17 + 1 + (k // 2) % 8)
+            np.testing.assert_array_equal(fed.predict(x[rows]), twin[rows])
         np.testing.assert_array_equal(fed.predict(x[:5]), one_shot)
         np.testing.assert_array_equal(fed.predict(x[7:8]), twin[7:8])
         # Refused by everyone alike: this request fails, the session goes on.
@@ -45,11 +50,11 @@ def test_a_local_session_answers_many_requests_like_one_shot_runs(small_federati
         with pytest.raises(ProtocolError, match="reveal: scores"):
             fed.predict_proba(x[:2])
         np.testing.assert_array_equal(fed.predict(x[:4]), twin[:4])
-        assert fed.health()["requests"] == 6
+        assert fed.health()["requests"] == 106
     # Each owner loaded its model once for the whole session.
     log = (tmp_path / "run" / "party-0-owner0.log").read_text()
     assert log.count("loaded own model") == 1
-    assert "served 6 request(s)" in log
+    assert "served 106 request(s)" in log
     assert not list(tmp_path.glob("run/error-*"))
 
 
@@ -91,6 +96,44 @@ def test_an_owner_that_stops_ends_the_session_with_its_name(small_federation, tm
     assert not any(p.is_alive() for p in fed.launcher.procs)
 
 
+def _ready(fed, wait_s: float = 300.0) -> None:
+    """Wait until the served federation has re-formed (every party joined)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            if fed.health()["status"] == "ready":
+                return
+        except PartyFailedError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError("the session did not re-form")
+        time.sleep(0.2)
+
+
+def test_a_killed_owner_is_named_until_it_is_restarted_and_rejoins(small_federation, tmp_path):
+    path, twin = small_federation
+    x = np.load(Path(path).parent / "queries.npy")
+    with Federation(path, run_dir=tmp_path / "run").start() as fed:
+        np.testing.assert_array_equal(fed.predict(x[:2]), twin[:2])
+        victim = fed.launcher.procs[1]  # owner1, mid-session
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.join(30)
+        with pytest.raises(PartyFailedError, match="owner1"):
+            fed.predict(x[:2])  # the request in flight fails, naming the lost party
+        # The others left that session and wait for owner1: every request names it.
+        for _ in range(2):
+            with pytest.raises(PartyFailedError, match="owner1"):
+                fed.predict(x[:2])
+        fed.launcher.restart("owner1")
+        _ready(fed)
+        np.testing.assert_array_equal(fed.predict(x), twin)
+        np.testing.assert_array_equal(fed.predict(x[3:9]), twin[3:9])
+        assert fed.launcher.rejoins == {0: 1, 2: 1, 3: 1}  # owner0, querier, dealer
+    assert not any(p.is_alive() for p in fed.launcher.procs)
+    log = (tmp_path / "run" / "party-0-owner0.log").read_text()
+    assert "SessionLost" in log and "owner1 (rank 1)" in log
+
+
 def _serve(fed: Path, name: str, tmp_path: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen([MPC_FI, "serve", "--federation", str(fed), "--party", name,
                              "--run-dir", str(tmp_path / name), "--socket",
@@ -128,6 +171,61 @@ def test_mpc_fi_serve_per_host_with_identities_answers_and_stops(small_federatio
     assert "served 3 request(s)" in outs["querier"][1]
     assert "transport curve" in outs["owner0"][1]
     assert not (tmp_path / "q.sock").exists()
+
+
+@pytest.mark.slow
+def test_mpc_fi_serve_parties_rejoin_a_restarted_owner(small_federation, tmp_path):
+    """One process per party: owner1 is killed; the querier's next answer names it, the others
+    re-execute themselves into a new session and wait; owner1 started again (same command)
+    rejoins, and the session answers again."""
+    path, twin = small_federation
+    fed = with_network(path, tmp_path / "fed.yaml", port=free_port(), timeout_s=60)
+    names = ["owner0", "owner1", "querier", "dealer"]
+    procs = {n: _serve(fed, n, tmp_path) for n in names}
+    outs: dict[str, tuple[str, str]] = {}
+    try:
+        x = np.load(Path(path).parent / "queries.npy")
+        with connect(tmp_path / "q.sock", wait_s=120, timeout_s=120) as client:
+            _ready(client)
+            np.testing.assert_array_equal(client.predict(x[:4]), twin[:4])
+            pid = procs["owner1"].pid
+            procs["owner1"].kill()
+            outs["owner1 (killed)"] = procs["owner1"].communicate(timeout=60)
+            with pytest.raises(PartyFailedError, match="owner1"):
+                client.predict(x[:4])
+            _wait_until(lambda: "waiting" == _health_or_none(client))
+            with pytest.raises(PartyFailedError, match="waiting for owner1"):
+                client.predict(x[:4])
+            # The survivors are the same processes (re-executed), not new ones.
+            assert all(p.poll() is None for n, p in procs.items() if n != "owner1")
+            procs["owner1"] = _serve(fed, "owner1", tmp_path)
+            assert procs["owner1"].pid != pid
+            _ready(client)
+            np.testing.assert_array_equal(client.predict(x), twin)
+            client.stop()
+        outs.update({n: p.communicate(timeout=120) for n, p in procs.items()})
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+    assert {n: p.returncode for n, p in procs.items()} == dict.fromkeys(names, 0), \
+        {n: o[1][-1500:] for n, o in outs.items()}
+    assert "owner1 (rank 1) closed its connection" in outs["owner0"][1]
+
+
+def _health_or_none(client) -> str | None:
+    try:
+        return client.health()["status"]
+    except PartyFailedError:
+        return None
+
+
+def _wait_until(condition, wait_s: float = 120.0) -> None:
+    deadline = time.monotonic() + wait_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met")
+        time.sleep(0.2)
 
 
 def test_an_impostor_knocking_on_a_served_party_is_refused_and_the_session_stays_up(
