@@ -31,7 +31,7 @@ from pathlib import Path
 
 from .errors import InputError
 from .layers import LAYERS
-from .models import Architecture
+from .models import Architecture, input_indices
 
 #: Bytes of peak working memory per element of the largest operation's input. Measured end to
 #: end (full mode, CNN owners, ReLU the largest step): up to ~670 per element; 128 int64 here.
@@ -47,14 +47,28 @@ AUTO_FRACTION = 0.5
 def layer_elements(arch: Architecture) -> list[int]:
     """Per query, the input elements of each operation of ``arch`` on shares (shapes only).
 
-    Max pooling compares every window element: ``kernel_h * kernel_w`` times its output.
+    Max pooling compares every window element: ``kernel_h * kernel_w`` times its output. In a
+    graph, the activations kept for a later reader (a residual branch waiting for its addition,
+    the parts of a concatenation) are added to every step they wait across: counted at the
+    largest step's rate, which is loose for them but keeps the bound sound.
     """
-    shape = (1, *arch.input_shape)
-    sizes = [math.prod(shape)]
-    for layer in arch.layers:
-        shape, extra = LAYERS[layer.op].shape(shape, layer.args, layer.params)
-        sizes.extend(extra)
-        sizes.append(math.prod(shape))
+    layers = arch.layers
+    edges = input_indices(layers)
+    last_use: dict[int, int] = {}
+    for i, ins in enumerate(edges):
+        for j in ins:
+            last_use[j] = i
+    shapes: dict[int, tuple[int, ...]] = {-1: (1, *arch.input_shape)}
+    sizes = [math.prod(shapes[-1])]
+    for i, (layer, ins) in enumerate(zip(layers, edges)):
+        kind = LAYERS[layer.op]
+        arg = shapes[ins[0]] if kind.arity == 1 else [shapes[j] for j in ins]
+        shapes[i], extra = kind.shape(arg, layer.args, layer.params)
+        held = sum(math.prod(shapes[j]) for j in shapes if j != i and last_use.get(j, -2) > i)
+        sizes.extend(e + held for e in extra)
+        sizes.append(math.prod(shapes[i]) + held)
+        for j in [j for j in shapes if last_use.get(j, len(layers)) <= i]:
+            del shapes[j]
     return sizes
 
 

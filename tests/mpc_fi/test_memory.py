@@ -25,6 +25,15 @@ def test_layer_elements_follow_the_shapes_and_count_pooling_windows():
     assert layer_elements(arch) == [64, 512, 512, 512, 128, 128, 10]
 
 
+def test_layer_elements_of_a_graph_count_the_branch_held_for_a_later_reader():
+    from tests.mpc_fi.test_models import graph_models
+
+    arch, _ = extract_architecture(graph_models()["residual_concat"].eval(), (2, 4, 4))
+    # conv+bn 64, relu 64 (read again by add and cat), conv2 64 + held relu 64, add 64 + relu,
+    # bn2 64 + relu, concat 128, pool 8, flatten 8, linear 3
+    assert layer_elements(arch) == [32, 64, 64, 128, 128, 128, 128, 8, 8, 3]
+
+
 def test_row_bytes_take_the_largest_step():
     arch, _ = extract_architecture(cnn(num_classes=10, channels=8).eval(), (1, 8, 8))
     assert row_bytes(input_shape=(1, 8, 8), num_owners=3, protocol_elements=30) == \
