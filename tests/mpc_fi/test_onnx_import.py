@@ -14,6 +14,7 @@ from torch import nn
 
 from mpc_fi.config import ModelSource
 from mpc_fi.errors import UnsupportedModelError
+from mpc_fi.graph import Graph
 from mpc_fi.models import SUPPORTED_LAYERS, extract_architecture, load_owner_model
 from mpc_fi import onnx_import
 from mpc_fi.onnx_import import load_onnx_model
@@ -353,3 +354,94 @@ def test_reshape_with_wrong_feature_count(tmp_path):
              helper.make_node("Reshape", ["x", "shape"], ["y"], name="reshape")]
     message = error_of(save_graph(tmp_path / "r.onnx", nodes, {}, ["N", 2, 4], ["N", 4]))
     assert "reshape (Reshape): reshape to (-1, 4) is not a flattening" in message
+
+
+# ---------------------------------------------------------------------------------------
+# Graphs: residual additions, concatenations, global pooling, Gemm in any layout
+# ---------------------------------------------------------------------------------------
+def residual_graph(tmp_path, *, reduce_mean: bool, trans_b: int, alpha: float, beta: float):
+    rng = np.random.default_rng(3)
+    pool = (helper.make_node("ReduceMean", ["cat"], ["f"], name="mean", axes=[2, 3], keepdims=0)
+            if reduce_mean else helper.make_node("GlobalAveragePool", ["cat"], ["g"], name="gap"))
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c2", "s", "bb", "m", "v"], ["n2"], name="bn2"),
+             helper.make_node("Sum", ["r1", "n2"], ["res"], name="residual"),
+             helper.make_node("Concat", ["res", "r1"], ["cat"], name="cat", axis=-3), pool]
+    if not reduce_mean:
+        nodes.append(helper.make_node("Flatten", ["g"], ["f"], name="flat"))
+    nodes.append(helper.make_node("Gemm", ["f", "wf", "cf"], ["y"], name="head", transB=trans_b,
+                                  alpha=alpha, beta=beta))
+    wf = rng.normal(size=(3, 8))
+    inits = {"w1": rng.normal(size=(4, 2, 3, 3)) * 0.3, "b1": rng.normal(size=4),
+             "w2": rng.normal(size=(4, 4, 3, 3)) * 0.3, "s": rng.uniform(0.5, 2, 4),
+             "bb": rng.normal(size=4), "m": rng.normal(size=4), "v": rng.uniform(0.5, 2, 4),
+             "wf": wf if trans_b else wf.T, "cf": rng.normal(size=(1, 3))}
+    return save_graph(tmp_path / "res.onnx", nodes, inits, ["N", 2, 4, 4], ["N", 3])
+
+
+@pytest.mark.parametrize("reduce_mean, trans_b, alpha, beta", [
+    (False, 1, 1.0, 1.0), (True, 0, 0.5, 2.0), (False, 0, -1.5, 0.0)])
+def test_residual_concat_pooling_and_gemm_layouts(tmp_path, reduce_mean, trans_b, alpha, beta):
+    path = residual_graph(tmp_path, reduce_mean=reduce_mean, trans_b=trans_b, alpha=alpha,
+                          beta=beta)
+    loaded = check_against_reference(path, np.random.default_rng(4).normal(
+        size=(5, 2, 4, 4)).astype(np.float32))
+    assert isinstance(loaded, Graph) and not loaded.training
+    arch, params = extract_architecture(loaded, (2, 4, 4))
+    assert [(layer.op, layer.inputs) for layer in arch.layers] == [
+        ("conv2d", ()), ("relu", ()), ("conv2d", ()), ("add", (1, 2)), ("concat", (3, 1)),
+        ("adaptive_avg_pool2d", ()), ("flatten", ()), ("linear", ())]
+    assert arch.layers[2].path == "conv2+bn2"  # the batch norm folded into its convolution
+    assert arch.layers[4].args == {"dim": 1}
+
+
+def test_graph_nodes_that_cannot_run_on_shares_are_named(tmp_path):
+    rng = np.random.default_rng(5)
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "r"], ["mm"], name="square"),
+             helper.make_node("ReduceSum", ["r"], ["rs"], name="rowsum", keepdims=1),
+             helper.make_node("Add", ["mm", "rs"], ["bc"], name="broadcast"),
+             helper.make_node("Add", ["bc", "k"], ["a"], name="plus_const"),
+             helper.make_node("Concat", ["a", "r"], ["c"], name="batch_cat", axis=0),
+             helper.make_node("Gemm", ["w", "c"], ["y"], name="gemm_b", transB=1)]
+    message = error_of(save_graph(tmp_path / "bad.onnx", nodes,
+                                  {"k": rng.normal(size=(1, 4)), "w": rng.normal(size=(4, 4))},
+                                  ["N", 4], ["N", 4]))
+    for part in ("square (MatMul): input B ('r') must be an initializer or a constant",
+                 "rowsum (ReduceSum): op ReduceSum is not supported on shares",
+                 "broadcast (Add): inputs of shapes", "broadcasting is not supported",
+                 "plus_const (Add): addition of a constant (k) is not supported on shares",
+                 "batch_cat (Concat): concatenation along the batch axis (0)",
+                 "gemm_b (Gemm): A is a constant and B the computed input"):
+        assert part in message, part
+
+
+def test_a_module_with_its_own_forward_is_traced_and_checked(tmp_path):
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 6), nn.Linear(4, 6)
+            self.head = nn.Linear(12, 3)
+
+        def forward(self, x):
+            return self.head(torch.relu(torch.cat([self.a(x), self.b(x)], dim=1)))
+
+    torch.manual_seed(0)
+    model = Branchy().eval()
+    arch, params = extract_architecture(model, (4,))
+    assert [(layer.op, layer.inputs) for layer in arch.layers] == [
+        ("linear", ()), ("linear", (-1,)), ("concat", (0, 1)), ("relu", ()), ("linear", ())]
+
+    class ValueBranch(nn.Module):  # a trace follows one branch: refused, not silently wrong
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(x) if x.max() > 1 else self.fc(torch.relu(x))
+
+    with pytest.raises(UnsupportedModelError, match=r"<model> \(ValueBranch\): its traced graph "
+                                                    r"differs from forward\(\).*branches on the values"):
+        extract_architecture(ValueBranch().eval(), (4,))
