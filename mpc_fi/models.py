@@ -145,6 +145,11 @@ def _architecture(value: dict[str, Any]) -> Architecture:
         if any(not -1 <= j < i for j in layer.inputs):
             raise ValueError(f"layer {layer.path!r} (#{i}) takes inputs {list(layer.inputs)}; "
                              "only earlier layers (or -1, the model input) may feed a layer")
+    if any(LAYERS[layer.op].arity != 1 for layer in layers):  # the tensors a graph combines must fit together (every party checks the same)
+        try:
+            layer_shapes(layers, value["input_shape"])
+        except (ValueError, IndexError, KeyError) as exc:
+            raise ValueError(f"the graph's shapes do not fit: {exc}") from None
     return Architecture(layers, value["input_shape"], value["num_classes"])
 
 

@@ -123,6 +123,7 @@ def test_a_graph_keeps_its_edges_and_folds_only_a_batch_norm_that_alone_reads_a_
 @pytest.mark.parametrize("inputs, words", [
     ([5, 1], "only earlier layers"), ([-2, 1], r"-2 is outside \[-1, 4096\]"),
     ([0], "takes two or more inputs, got 1"),
+    ([0, -1], r"the graph's shapes do not fit: inputs of shapes \[\[1, 4, 4, 4\], \[1, 2, 4, 4\]\]"),
 ])
 def test_a_peer_architecture_with_bad_edges_is_refused(inputs, words):
     from mpc_fi.errors import WireFormatError
