@@ -5,7 +5,9 @@ single step: CrypTen's comparisons (ReLU, max pooling, argmax) hold dozens of in
 per element of their input. Measured as the growth of each party's peak RSS per query
 (``pytest tests/mpc_fi/test_memory.py -k measured -s`` prints it): full mode, two CNN owners,
 299-335 KB against a bound of 516 KB (the largest step, a ReLU over 512 activations, costs up
-to ~670 bytes per element; the bound takes 1024); output mode, 3 owners and 10 classes, soft
+to ~670 bytes per element; the bound takes 1024); full mode, two ResNet-8 owners (width 4,
+3x16x16: a ReLU over 1,024 activations while the residual branch's 1,024 wait), 458-559 KB
+against 2,052 KB; output mode, 3 owners and 10 classes, soft
 voting 3.0-3.3 KB against 34 KB, top-k ranking 15.6-16.4 KB against 79 KB.
 
 :func:`row_bytes` bounds a query's share of a batch from public facts only (input shape, the
