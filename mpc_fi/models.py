@@ -145,7 +145,8 @@ def _architecture(value: dict[str, Any]) -> Architecture:
         if any(not -1 <= j < i for j in layer.inputs):
             raise ValueError(f"layer {layer.path!r} (#{i}) takes inputs {list(layer.inputs)}; "
                              "only earlier layers (or -1, the model input) may feed a layer")
-    if any(LAYERS[layer.op].arity != 1 for layer in layers):  # the tensors a graph combines must fit together (every party checks the same)
+    # the tensors a graph adds or concatenates must fit together (every party checks the same)
+    if any(LAYERS[layer.op].arity != 1 for layer in layers):
         try:
             layer_shapes(layers, value["input_shape"])
         except (ValueError, IndexError, KeyError) as exc:

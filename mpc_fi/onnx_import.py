@@ -1,4 +1,4 @@
-"""Import an ONNX model (or trace a torch module) as a graph of layers that can run on secret shares.
+"""Import an ONNX model (or trace a torch module) as a graph of layers that run on secret shares.
 
 This is ``full`` mode's importer. In ``output`` mode an owner runs its ONNX file as it is with
 onnxruntime (:mod:`mpc_fi.onnx_runtime`), so none of the restrictions below apply there.

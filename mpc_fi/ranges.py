@@ -14,16 +14,17 @@ CrypTen encodes a value ``v`` as the 64-bit integer ``round(v * 2**p)`` (``p`` =
   ``exp(-|x|)`` with ``n = 9``, ``tanh(x)`` is ``2 sigmoid(2x) - 1``. (Softmax and log-softmax
   clamp their exponent at :data:`mpc_fi.secure.EXP_FLOOR` and are safe for any input.)
 
-In a graph (residual additions, concatenations) every layer's bounds come from its inputs'
-bounds: an addition's are the sums of its inputs', a concatenation's the union (each part keeps
-its own), global average pooling keeps its input's, and a batch normalisation folded into the
-convolution before it is bounded through the folded weights. Nobody may look at the shared values, so the check is static: the owner, who alone knows its
+Nobody may look at the shared values, so the check is static: the owner, who alone knows its
 weights, propagates the public input range (``querier.input_range``; the querier checks its
 queries against it) through its own model in plain interval arithmetic and refuses to share a
-model that could leave the safe range, naming the layer. Interval bounds are sound (every
-reachable value lies inside them) but can be loose: a model refused here may never have
-overflowed in practice; a tighter ``querier.input_range`` or fewer ``precision_bits`` widen
-the margin.
+model that could leave the safe range, naming the layer. In a graph (residual additions,
+concatenations) every layer's bounds come from its inputs' bounds: an addition's are the sums
+of its inputs', a concatenation's the union (each part keeps its own), global average pooling
+keeps its input's, and a batch normalisation folded into the convolution before it is bounded
+through the folded weights. Interval bounds are sound (every reachable value lies inside them)
+but can be loose, and in deep models very loose (they compound with depth: see the README on
+ResNets): a model refused here may never have overflowed in practice; a tighter
+``querier.input_range`` or fewer ``precision_bits`` widen the margin.
 """
 
 from __future__ import annotations
