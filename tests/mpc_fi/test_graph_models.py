@@ -21,11 +21,13 @@ import pytest
 import torch
 from torch import nn
 
-from mpc_fi import Federation, FederationConfig, ModelSource, OwnerConfig, ProtocolConfig
+from mpc_fi import Federation, FederationConfig, InputError, ModelSource, OwnerConfig, \
+    ProtocolConfig
 from mpc_fi.config import QuerierConfig
 from mpc_fi.demo import resnet
 from mpc_fi.models import LOAD_AUDIT, extract_architecture
 from mpc_fi.plain import top_two_margin
+from mpc_fi.ranges import check_model_ranges
 from protocols import REGISTRY
 
 FULL_LOGIT_TOL = 1e-2
@@ -133,3 +135,25 @@ def test_the_resnet_architecture_is_its_graph_without_any_weight():
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]  # each gets a folded bias
     assert sum(p.numel() for p in params.values()) == sum(
         m.weight.numel() + m.out_channels for m in convs) + model.head.weight.numel() + CLASSES
+
+
+def test_the_range_check_refuses_a_resnet20_with_data_batch_norm_statistics_naming_layers():
+    """What training leaves (every channel normalised on data) keeps the query's signal through
+    19 layers, and the sound interval bounds then compound past what 16 fractional bits hold:
+    the owner refuses before sharing, naming each layer (README: deep models)."""
+    torch.manual_seed(0)
+    model = resnet(depth=20, width=4, num_classes=CLASSES)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = None  # running statistics: the plain average over the batch
+        model.train()(torch.from_numpy(queries(64, seed=99)))
+    model.eval()
+    arch, params = extract_architecture(model, SHAPE)
+    with pytest.raises(InputError) as err:
+        check_model_ranges(arch, params, (0.0, 1.0), 16)
+    text = str(err.value)
+    assert "/stages/stages.2/stages.2.2/conv2/Conv (conv2d): its product of input and weights " \
+           "can reach 2^" in text and "/stages/stages.0/" not in text
+    with torch.no_grad():
+        assert float(model(torch.from_numpy(queries(64, seed=5))).abs().max()) < 2.0 ** 4
