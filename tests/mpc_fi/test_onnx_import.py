@@ -445,3 +445,42 @@ def test_a_module_with_its_own_forward_is_traced_and_checked(tmp_path):
     with pytest.raises(UnsupportedModelError, match=r"<model> \(ValueBranch\): its traced graph "
                                                     r"differs from forward\(\).*branches on the values"):
         extract_architecture(ValueBranch().eval(), (4,))
+
+
+def test_common_forward_idioms_trace_to_supported_layers():
+    """torchvision-style code: an in-place residual ``out += identity``, ``F.relu(inplace=True)``,
+    ``torch.cat``, a batch norm after a concatenation (not foldable: a per-channel affine map),
+    ``F.avg_pool2d(x, x.size()[3])`` and ``x.view(x.size(0), -1)``."""
+    import torch.nn.functional as F  # noqa: PLC0415
+
+    class Block(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.c1, self.b1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+            self.c2, self.b2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+
+        def forward(self, x):
+            identity = x
+            out = F.relu(self.b1(self.c1(x)), inplace=True)
+            out = self.b2(self.c2(out))
+            out += identity
+            return F.relu(out)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.block = nn.Conv2d(3, 4, 3, padding=1), Block(4)
+            self.bn, self.fc = nn.BatchNorm2d(8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            x = self.block(F.relu(self.stem(x)))
+            x = self.bn(torch.cat([x, x], 1))
+            out = F.avg_pool2d(x, x.size()[3])
+            return self.fc(out.view(out.size(0), -1))
+
+    torch.manual_seed(0)
+    arch, params = extract_architecture(randomize(Net()), (3, 8, 8))
+    assert [(layer.op, layer.inputs) for layer in arch.layers] == [
+        ("conv2d", ()), ("relu", ()), ("conv2d", ()), ("relu", ()), ("conv2d", ()),
+        ("add", (4, 1)), ("relu", ()), ("concat", (6, 6)), ("affine", ()), ("avg_pool2d", ()),
+        ("flatten", ()), ("linear", ())]
