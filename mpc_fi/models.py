@@ -442,8 +442,8 @@ def load_owner_model(source: ModelSource, *, mode: str = "output") -> nn.Module:
     ``mode="output"`` (the owner runs the model itself): an ONNX file becomes an
     :class:`~mpc_fi.onnx_runtime.OnnxRuntimeModel` (any graph onnxruntime runs; probabilities of
     scikit-learn models become log-probabilities). ``mode="full"``: an ONNX file is converted to
-    a ``torch.nn.Sequential`` of layers that run on shares (:mod:`mpc_fi.onnx_import`), refusing
-    anything else. A factory is imported from ``source.factory_dir`` (the federation file's
+    layers that run on shares (:mod:`mpc_fi.onnx_import`: a ``torch.nn.Sequential`` for a chain,
+    a :class:`~mpc_fi.graph.Graph` otherwise), refusing anything else. A factory is imported from ``source.factory_dir`` (the federation file's
     folder) first, then from ``sys.path``; that folder is on ``sys.path`` only while the factory
     module is imported and the factory runs.
     """
