@@ -5,7 +5,9 @@ single step: CrypTen's comparisons (ReLU, max pooling, argmax) hold dozens of in
 per element of their input. Measured as the growth of each party's peak RSS per query
 (``pytest tests/mpc_fi/test_memory.py -k measured -s`` prints it): full mode, two CNN owners,
 299-335 KB against a bound of 516 KB (the largest step, a ReLU over 512 activations, costs up
-to ~670 bytes per element; the bound takes 1024); output mode, 3 owners and 10 classes, soft
+to ~670 bytes per element; the bound takes 1024); full mode, two ResNet-8 owners (width 4,
+3x16x16: a ReLU over 1,024 activations while the residual branch's 1,024 wait), 458-559 KB
+against 2,052 KB; output mode, 3 owners and 10 classes, soft
 voting 3.0-3.3 KB against 34 KB, top-k ranking 15.6-16.4 KB against 79 KB.
 
 :func:`row_bytes` bounds a query's share of a batch from public facts only (input shape, the
@@ -31,7 +33,7 @@ from pathlib import Path
 
 from .errors import InputError
 from .layers import LAYERS
-from .models import Architecture
+from .models import Architecture, input_indices
 
 #: Bytes of peak working memory per element of the largest operation's input. Measured end to
 #: end (full mode, CNN owners, ReLU the largest step): up to ~670 per element; 128 int64 here.
@@ -47,14 +49,28 @@ AUTO_FRACTION = 0.5
 def layer_elements(arch: Architecture) -> list[int]:
     """Per query, the input elements of each operation of ``arch`` on shares (shapes only).
 
-    Max pooling compares every window element: ``kernel_h * kernel_w`` times its output.
+    Max pooling compares every window element: ``kernel_h * kernel_w`` times its output. In a
+    graph, the activations kept for a later reader (a residual branch waiting for its addition,
+    the parts of a concatenation) are added to every step they wait across: counted at the
+    largest step's rate, which is loose for them but keeps the bound sound.
     """
-    shape = (1, *arch.input_shape)
-    sizes = [math.prod(shape)]
-    for layer in arch.layers:
-        shape, extra = LAYERS[layer.op].shape(shape, layer.args, layer.params)
-        sizes.extend(extra)
-        sizes.append(math.prod(shape))
+    layers = arch.layers
+    edges = input_indices(layers)
+    last_use: dict[int, int] = {}
+    for i, ins in enumerate(edges):
+        for j in ins:
+            last_use[j] = i
+    shapes: dict[int, tuple[int, ...]] = {-1: (1, *arch.input_shape)}
+    sizes = [math.prod(shapes[-1])]
+    for i, (layer, ins) in enumerate(zip(layers, edges)):
+        kind = LAYERS[layer.op]
+        arg = shapes[ins[0]] if kind.arity == 1 else [shapes[j] for j in ins]
+        shapes[i], extra = kind.shape(arg, layer.args, layer.params)
+        held = sum(math.prod(shapes[j]) for j in shapes if j != i and last_use.get(j, -2) > i)
+        sizes.extend(e + held for e in extra)
+        sizes.append(math.prod(shapes[i]) + held)
+        for j in [j for j in shapes if last_use.get(j, len(layers)) <= i]:
+            del shapes[j]
     return sizes
 
 

@@ -1,10 +1,17 @@
 """Owner models: loading (owner process only), the supported-layer registry, and the
 architecture that other parties may learn.
 
-A model runs on shares as a chain of supported layers (``torch.nn.Sequential``, nested is fine).
-Other parties receive only :class:`Architecture`: layer kinds, hyper-parameters and parameter
-shapes, never values. In ``full`` mode every party evaluates the same chain with
-:func:`secure_forward`, the owner being the source of the parameter shares.
+A model runs on shares as a graph of supported layers: a ``torch.nn.Sequential`` (nested is
+fine) is a chain; any other module (its own ``forward()``: residual connections, concatenations,
+``torch.flatten``...) is traced by the owner to ONNX with the legacy torch exporter and imported
+as a graph (:func:`mpc_fi.onnx_import.trace_module`), and so is an ONNX file. Each layer names
+the earlier layers whose outputs it takes (:attr:`LayerSpec.inputs`); the last layer's output is
+the model's. A batch normalisation right after a Conv2d or Linear whose output nothing else reads
+is folded into that layer's weights by the owner (:func:`fold_batchnorm`).
+
+Other parties receive only :class:`Architecture`: layer kinds, hyper-parameters, parameter
+shapes and the graph's edges, never values. In ``full`` mode every party evaluates the same
+graph with :func:`secure_forward`, the owner being the source of the parameter shares.
 
 Only the owner's process calls :func:`load_owner_model`; each load is recorded in
 :data:`LOAD_AUDIT` so that tests can check which process read which file. In ``output`` mode an
@@ -16,11 +23,12 @@ subset below.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import math
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +55,32 @@ class LayerSpec:
     op: str
     args: dict[str, Any] = field(default_factory=dict)
     params: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    #: indices of the earlier layers whose outputs this one takes (-1: the model input);
+    #: empty: the previous layer's output (a chain)
+    inputs: tuple[int, ...] = ()
+
+
+def input_indices(layers: Sequence[LayerSpec]) -> list[tuple[int, ...]]:
+    """Every layer's inputs with the chain default made explicit (``i - 1``; -1 is the input)."""
+    return [layer.inputs or (i - 1,) for i, layer in enumerate(layers)]
+
+
+def run_graph(layers: Sequence[LayerSpec], x: Any, step: Callable[[int, LayerSpec, list[Any]], Any]
+              ) -> Any:
+    """Evaluate a graph: ``step(i, layer, inputs)`` gives layer ``i``'s output from its inputs'
+    values; each value is dropped after its last reader. Returns the last layer's output."""
+    edges = input_indices(layers)
+    last_use: dict[int, int] = {}
+    for i, ins in enumerate(edges):
+        for j in ins:
+            last_use[j] = i
+    values: dict[int, Any] = {-1: x}
+    for i, (layer, ins) in enumerate(zip(layers, edges)):
+        values[i] = step(i, layer, [values[j] for j in ins])
+        for j in set(ins):
+            if last_use[j] == i:
+                del values[j]
+    return values[len(layers) - 1] if layers else x
 
 
 @dataclass(frozen=True)
@@ -63,7 +97,8 @@ class Architecture:
     def to_wire(self) -> dict[str, Any]:
         """The JSON form other parties receive (:mod:`mpc_fi.wire`): kinds, arguments, shapes."""
         return {"layers": [{"path": layer.path, "op": layer.op, "args": dict(layer.args),
-                            "params": {k: list(v) for k, v in layer.params.items()}}
+                            "params": {k: list(v) for k, v in layer.params.items()},
+                            **({"inputs": list(layer.inputs)} if layer.inputs else {})}
                            for layer in self.layers],
                 "input_shape": list(self.input_shape), "num_classes": self.num_classes}
 
@@ -88,7 +123,15 @@ def _layer(value: dict[str, Any]) -> LayerSpec:
                          f"{', '.join(LAYERS)})")
     args = LAYERS[op].args_wire.check(value["args"], f"layer {value['path']!r} args")
     params = LAYERS[op].params_schema().check(value["params"], f"layer {value['path']!r} params")
-    return LayerSpec(path=value["path"], op=op, args=args, params=params)
+    inputs = tuple(value.get("inputs", ()))
+    arity = LAYERS[op].arity
+    if inputs and (len(inputs) < 2 if arity == 0 else len(inputs) != arity):
+        raise ValueError(f"layer {value['path']!r}: {op} takes "
+                         f"{'two or more inputs' if arity == 0 else f'{arity} input'}, "
+                         f"got {len(inputs)}")
+    if not inputs and arity == 0:
+        raise ValueError(f"layer {value['path']!r}: {op} needs its inputs listed")
+    return LayerSpec(path=value["path"], op=op, args=args, params=params, inputs=inputs)
 
 
 def _architecture(value: dict[str, Any]) -> Architecture:
@@ -98,11 +141,25 @@ def _architecture(value: dict[str, Any]) -> Architecture:
         raise ValueError(f"{total} parameters (at most {MAX_PARAMETERS})")
     if len({layer.path for layer in layers}) != len(layers):
         raise ValueError("two layers share a path")
+    for i, layer in enumerate(layers):
+        if any(not -1 <= j < i for j in layer.inputs):
+            raise ValueError(f"layer {layer.path!r} (#{i}) takes inputs {list(layer.inputs)}; "
+                             "only earlier layers (or -1, the model input) may feed a layer")
+    # the tensors a graph adds or concatenates must fit together (every party checks the same)
+    if any(LAYERS[layer.op].arity != 1 for layer in layers):
+        try:
+            layer_shapes(layers, value["input_shape"])
+        except (ValueError, IndexError, KeyError) as exc:
+            raise ValueError(f"the graph's shapes do not fit: {exc}") from None
     return Architecture(layers, value["input_shape"], value["num_classes"])
 
 
+#: Most inputs of one layer (a concatenation of many branches).
+MAX_INPUTS = 64
 _LAYER_WIRE = wire.Convert(wire.Record({"path": wire.Str(256), "op": wire.Str(64),
-                                        "args": wire.Any_, "params": wire.Any_}), _layer)
+                                        "args": wire.Any_, "params": wire.Any_},
+                                       {"inputs": wire.Array(wire.Int(-1, MAX_LAYERS), MAX_INPUTS,
+                                                             min_len=1)}), _layer)
 #: An :class:`Architecture` on the wire: known layer kinds only, each with exactly its
 #: arguments (bounded integers) and parameter shapes (non-negative, bounded element counts).
 ARCHITECTURE_WIRE = wire.Convert(
@@ -130,9 +187,13 @@ SUPPORTED_LAYERS: dict[type, Converter] = {t: _converter(layer)
 
 #: What to use instead of common layers that cannot run on shares.
 ALTERNATIVES: dict[str, str] = {
-    "GELU": "ReLU", "SiLU": "ReLU", "ELU": "ReLU", "LeakyReLU": "ReLU", "PReLU": "ReLU",
+    "GELU": "ReLU (exact on shares; GELU needs erf, which shares only approximate, with an "
+            "error that grows outside a narrow input range)",
+    "SiLU": "ReLU", "ELU": "ReLU", "LeakyReLU": "ReLU", "PReLU": "ReLU",
     "Mish": "ReLU", "Hardswish": "ReLU", "Softplus": "ReLU",
-    "LayerNorm": "BatchNorm1d/BatchNorm2d (folded into an affine map at evaluation)",
+    "LayerNorm": "BatchNorm1d/BatchNorm2d (folded into an affine map at evaluation; a layer "
+                 "norm divides by the square root of the secret input's own variance, an "
+                 "iteration on shares without an error bound for small variances)",
     "GroupNorm": "BatchNorm2d", "InstanceNorm2d": "BatchNorm2d",
     "LSTM": "a feed-forward (Linear/Conv2d) model", "GRU": "a feed-forward (Linear/Conv2d) model",
     "RNN": "a feed-forward (Linear/Conv2d) model", "Embedding": "one-hot inputs and Linear",
@@ -144,10 +205,10 @@ ALTERNATIVES: dict[str, str] = {
 
 
 def _walk(module: nn.Module, prefix: str, out: list[tuple[str, nn.Module]],
-          problems: list[str]) -> None:
+          problems: list[str], custom: list[str]) -> None:
     if isinstance(module, nn.Sequential):
         for name, child in module.named_children():
-            _walk(child, f"{prefix}.{name}" if prefix else name, out, problems)
+            _walk(child, f"{prefix}.{name}" if prefix else name, out, problems, custom)
         return
     kind = type(module).__name__
     where = prefix or "<model>"
@@ -156,36 +217,137 @@ def _walk(module: nn.Module, prefix: str, out: list[tuple[str, nn.Module]],
     elif kind in ALTERNATIVES:
         problems.append(f"{where} ({kind}): not supported on shares; use {ALTERNATIVES[kind]}")
     elif list(module.children()) or type(module).forward is not nn.Module.forward:
-        problems.append(
-            f"{where} ({kind}): a module with its own forward() cannot be converted; express the "
-            "model as torch.nn.Sequential of supported layers "
-            f"({', '.join(sorted(t.__name__ for t in SUPPORTED_LAYERS))})")
+        custom.append(f"{where} ({kind})")
     else:
         problems.append(f"{where} ({kind}): not supported on shares; use the supported layers "
                         f"({', '.join(sorted(t.__name__ for t in SUPPORTED_LAYERS))})")
+
+
+def _known_unsupported(model: nn.Module) -> list[str]:
+    """Submodules anywhere in ``model`` that cannot run on shares, with what to use instead."""
+    return [f"{name or '<model>'} ({type(m).__name__}): not supported on shares; use "
+            f"{ALTERNATIVES[type(m).__name__]}"
+            for name, m in model.named_modules() if type(m).__name__ in ALTERNATIVES]
+
+
+def _graph_layers(model: nn.Module, input_shape: tuple[int, ...], problems: list[str]
+                  ) -> list[tuple[str, nn.Module, tuple[int, ...]]]:
+    """``(path, module, inputs)`` of every layer of ``model`` as a graph; problems collected."""
+    from .graph import Graph  # noqa: PLC0415 - a small module; kept apart from the ONNX import
+
+    if isinstance(model, Graph):
+        found = list(zip(model.names, model.layers, model.inputs))
+    else:
+        chain: list[tuple[str, nn.Module]] = []
+        custom: list[str] = []
+        _walk(model, "", chain, problems, custom)
+        if not custom:
+            return [(path, m, ()) for path, m in chain]
+        known = _known_unsupported(model)
+        if problems or known:
+            problems.extend(p for p in known if p not in problems)
+            return []
+        from .onnx_import import trace_module  # noqa: PLC0415 - imports onnx
+
+        traced = trace_module(model, input_shape)  # raises UnsupportedModelError, every node named
+        if not isinstance(traced, Graph):  # a chain: paths are its positions
+            return [(str(i), m, ()) for i, m in enumerate(traced)]
+        found = list(zip(traced.names, traced.layers, traced.inputs))
+    for path, m, _ in found:
+        if type(m) not in SUPPORTED_LAYERS:
+            problems.append(f"{path} ({type(m).__name__}): not supported on shares")
+    return found
+
+
+def fold_batchnorm(layers: list[LayerSpec], params: dict[str, torch.Tensor],
+                   input_shape: tuple[int, ...]) -> tuple[list[LayerSpec], dict[str, torch.Tensor]]:
+    """Fold every batch normalisation (``affine``) that only reads a Conv2d or Linear, whose
+    output nothing else reads, into that layer's weights and bias (owner side: the result has
+    one secret multiplication and one truncation less per element, and says less about the
+    model). Other affine layers stay (a per-channel multiplication by secret parameters). The
+    folded layer's path is ``"<conv path>+<batch norm path>"``."""
+    edges = input_indices(layers)
+    readers: dict[int, int] = {}
+    for ins in edges:
+        for j in ins:
+            readers[j] = readers.get(j, 0) + 1
+    shapes = layer_shapes(layers, input_shape)
+    folded: dict[int, int] = {}  # affine index -> the layer it is folded into
+    params = dict(params)
+    for i, (layer, ins) in enumerate(zip(layers, edges)):
+        j = ins[0]
+        if layer.op != "affine" or j < 0 or readers.get(j) != 1 \
+                or layers[j].op not in ("conv2d", "linear"):
+            continue
+        rank, channel = len(shapes[j]), layer.args["channel_dim"] % len(shapes[j])
+        if channel != (1 if layers[j].op == "conv2d" else rank - 1):
+            continue  # e.g. BatchNorm1d over (N, C, L) after a Linear on L: channels differ
+        scale, shift = params.pop(f"{layer.path}/scale"), params.pop(f"{layer.path}/shift")
+        target = layers[j].path
+        weight = params[f"{target}/weight"]
+        bias = params.get(f"{target}/bias", torch.zeros(weight.shape[0], dtype=weight.dtype))
+        params[f"{target}/weight"] = weight * scale.view(-1, *[1] * (weight.dim() - 1))
+        params[f"{target}/bias"] = bias * scale + shift
+        # the folded layer computes what the batch norm returned: both paths name it
+        path = f"{target}+{layer.path}" if len(target) + len(layer.path) < 256 else layer.path
+        params[f"{path}/weight"] = params.pop(f"{target}/weight")
+        params[f"{path}/bias"] = params.pop(f"{target}/bias")
+        layers[j] = dataclasses.replace(layers[j], path=path, params={
+            **layers[j].params, "bias": (weight.shape[0],)})
+        folded[i] = j
+    if not folded:
+        return layers, params
+    new_index: dict[int, int] = {-1: -1}
+    kept: list[LayerSpec] = []
+    for i, (layer, ins) in enumerate(zip(layers, edges)):
+        if i in folded:
+            new_index[i] = new_index[folded[i]]
+            continue
+        new_index[i] = len(kept)
+        remapped = tuple(new_index[j] for j in ins)
+        chain = LAYERS[layer.op].arity == 1 and remapped == (len(kept) - 1,)
+        kept.append(dataclasses.replace(layer, inputs=() if chain else remapped))
+    return kept, params
+
+
+def layer_shapes(layers: Sequence[LayerSpec], input_shape: Sequence[int]) -> list[tuple[int, ...]]:
+    """Every layer's output shape for one query (batch 1), by the layers' shape rules."""
+    shapes: list[tuple[int, ...]] = []
+
+    def step(i: int, layer: LayerSpec, xs: list[tuple[int, ...]]) -> tuple[int, ...]:
+        arg = xs[0] if LAYERS[layer.op].arity == 1 else xs
+        shapes.append(tuple(LAYERS[layer.op].shape(arg, layer.args, layer.params)[0]))
+        return shapes[-1]
+
+    run_graph(layers, (1, *input_shape), step)
+    return shapes
 
 
 def extract_architecture(model: nn.Module, input_shape: tuple[int, ...]
                          ) -> tuple[Architecture, dict[str, torch.Tensor]]:
     """Convert ``model`` into its public architecture plus its secret parameter tensors.
 
-    Raises :class:`UnsupportedModelError` listing every unsupported layer with its path and what
-    to use instead; checks that the output is ``(batch, classes)``.
+    A ``Sequential`` of supported layers converts layer by layer; any other module is traced to
+    a graph first (see the module docstring). Raises :class:`UnsupportedModelError` listing
+    every unsupported layer or node with its path and what to use instead; checks that the
+    output is ``(batch, classes)``.
     """
     model = model.eval()
-    found: list[tuple[str, nn.Module]] = []
     problems: list[str] = []
-    _walk(model, "", found, problems)
+    found = _graph_layers(model, tuple(input_shape), problems)
     layers: list[LayerSpec] = []
     params: dict[str, torch.Tensor] = {}
-    for path, module in found:
+    for path, module, inputs in found:
+        if type(module) not in SUPPORTED_LAYERS:
+            continue
         try:
             op, args, tensors = SUPPORTED_LAYERS[type(module)](module)
         except ValueError as exc:
             problems.append(f"{path} ({type(module).__name__}): {exc}")
             continue
         layers.append(LayerSpec(path=path, op=op, args=args,
-                                params={k: tuple(v.shape) for k, v in tensors.items()}))
+                                params={k: tuple(v.shape) for k, v in tensors.items()},
+                                inputs=tuple(inputs)))
         for k, v in tensors.items():
             params[f"{path}/{k}"] = v.detach().to(torch.float64).clone()
     if problems:
@@ -194,6 +356,9 @@ def extract_architecture(model: nn.Module, input_shape: tuple[int, ...]
             + "\n(or use mode 'output': there each owner runs its own model locally, so any "
             "PyTorch model works)")
     num_classes = output_classes(model, input_shape)
+    layers, params = fold_batchnorm(layers, params, tuple(input_shape))
+    layers = [dataclasses.replace(layer, inputs=()) if layer.inputs == (i - 1,)
+              and LAYERS[layer.op].arity == 1 else layer for i, layer in enumerate(layers)]
     return Architecture(tuple(layers), tuple(input_shape), num_classes), params
 
 
@@ -277,8 +442,8 @@ def load_owner_model(source: ModelSource, *, mode: str = "output") -> nn.Module:
     ``mode="output"`` (the owner runs the model itself): an ONNX file becomes an
     :class:`~mpc_fi.onnx_runtime.OnnxRuntimeModel` (any graph onnxruntime runs; probabilities of
     scikit-learn models become log-probabilities). ``mode="full"``: an ONNX file is converted to
-    a ``torch.nn.Sequential`` of layers that run on shares (:mod:`mpc_fi.onnx_import`), refusing
-    anything else. A factory is imported from ``source.factory_dir`` (the federation file's
+    layers that run on shares (:mod:`mpc_fi.onnx_import`: a ``torch.nn.Sequential`` for a chain,
+    a :class:`~mpc_fi.graph.Graph` otherwise), refusing anything else. A factory is imported from ``source.factory_dir`` (the federation file's
     folder) first, then from ``sys.path``; that folder is on ``sys.path`` only while the factory
     module is imported and the factory runs.
     """
@@ -324,13 +489,17 @@ def load_owner_model(source: ModelSource, *, mode: str = "output") -> nn.Module:
 # Secure forward pass: the same chain on shares
 # ---------------------------------------------------------------------------------------
 def secure_forward(arch: Architecture, x: Any, params: dict[str, Any]) -> Any:
-    """Evaluate ``arch`` on the shared input ``x`` with shared ``params`` (CrypTen MPCTensors)."""
-    for layer in arch.layers:
+    """Evaluate ``arch`` on the shared input ``x`` with shared ``params`` (CrypTen MPCTensors):
+    every layer on the outputs of its inputs, each shared activation dropped after its last
+    reader."""
+    def step(i: int, layer: LayerSpec, xs: list[Any]) -> Any:
         kind = LAYERS.get(layer.op)
         if kind is None:
             raise UnsupportedModelError(f"{layer.path}: unknown op {layer.op!r} in architecture")
-        x = kind.forward(x, layer.args, {k: params[f"{layer.path}/{k}"] for k in layer.params})
-    return x
+        return kind.forward(xs[0] if kind.arity == 1 else xs, layer.args,
+                            {k: params[f"{layer.path}/{k}"] for k in layer.params})
+
+    return run_graph(arch.layers, x, step)
 
 
 def param_count(arch: Architecture) -> int:

@@ -2,8 +2,10 @@
 the small helpers that read a node's attributes and constant inputs (no ``onnx`` import here).
 
 A converter (``layer.onnx[op_type]``, :mod:`mpc_fi.layers`) takes a :class:`Node` and the
-:class:`Ctx` and returns the torch module the node stands for, or raises :class:`NodeError`,
-which :mod:`mpc_fi.onnx_import` collects and reports with every other node's problem.
+:class:`Ctx` and returns the torch module the node stands for (an ``nn.Sequential`` when it
+stands for a short chain of layers, e.g. ``ReduceMean`` for pooling then flattening), or raises
+:class:`NodeError`, which :mod:`mpc_fi.onnx_import` collects and reports with every other
+node's problem.
 """
 
 from __future__ import annotations

@@ -17,10 +17,14 @@ CrypTen encodes a value ``v`` as the 64-bit integer ``round(v * 2**p)`` (``p`` =
 Nobody may look at the shared values, so the check is static: the owner, who alone knows its
 weights, propagates the public input range (``querier.input_range``; the querier checks its
 queries against it) through its own model in plain interval arithmetic and refuses to share a
-model that could leave the safe range, naming the layer. Interval bounds are sound (every
-reachable value lies inside them) but can be loose: a model refused here may never have
-overflowed in practice; a tighter ``querier.input_range`` or fewer ``precision_bits`` widen
-the margin.
+model that could leave the safe range, naming the layer. In a graph (residual additions,
+concatenations) every layer's bounds come from its inputs' bounds: an addition's are the sums
+of its inputs', a concatenation's the union (each part keeps its own), global average pooling
+keeps its input's, and a batch normalisation folded into the convolution before it is bounded
+through the folded weights. Interval bounds are sound (every reachable value lies inside them)
+but can be loose, and in deep models very loose (they compound with depth: see the README on
+ResNets): a model refused here may never have overflowed in practice; a tighter
+``querier.input_range`` or fewer ``precision_bits`` widen the margin.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import torch
 
 from .errors import InputError
 from .layers import LAYERS
-from .models import Architecture
+from .models import Architecture, LayerSpec, run_graph
 
 #: ``exp`` iterations CrypTen uses inside ``sigmoid`` (hard-coded there); ``tanh`` doubles x.
 SIGMOID_EXP_ITERATIONS = 9
@@ -85,17 +89,33 @@ def activation_ranges(arch: Architecture, params: dict[str, torch.Tensor],
     ``params`` are the owner's plaintext parameters (``"<path>/<name>"``, as returned by
     :func:`mpc_fi.models.extract_architecture`); only the owner can run this.
     """
+    return [r for r, _ in _ranges(arch, params, input_range)]
+
+
+def _ranges(arch: Architecture, params: dict[str, torch.Tensor], input_range: tuple[float, float]
+            ) -> list[tuple[LayerRange, float]]:
+    """Every layer's range, and the largest magnitude of its inputs."""
     low, high = (float(v) for v in input_range)
     lo = torch.full((1, *arch.input_shape), low, dtype=torch.float64)
     hi = torch.full((1, *arch.input_shape), high, dtype=torch.float64)
-    out: list[LayerRange] = []
-    for layer in arch.layers:
+    out: list[tuple[LayerRange, float]] = []
+
+    def step(i: int, layer: LayerSpec, xs: list[tuple[torch.Tensor, torch.Tensor]]
+             ) -> tuple[torch.Tensor, torch.Tensor]:
         p = {k: params[f"{layer.path}/{k}"].to(torch.float64) for k in layer.params}
         kind = LAYERS.get(layer.op)
         if kind is None:
             raise InputError(f"{layer.path}: no range rule for op {layer.op!r}")
-        lo, hi, product = kind.interval(lo, hi, layer.args, p)
-        out.append(LayerRange(layer.path, layer.op, float(lo.min()), float(hi.max()), product))
+        los, his = [x[0] for x in xs], [x[1] for x in xs]
+        single = kind.arity == 1
+        y_lo, y_hi, product = kind.interval(los[0] if single else los, his[0] if single else his,
+                                            layer.args, p)
+        seen = max(max(float(a.abs().max()), float(b.abs().max())) for a, b in xs)
+        out.append((LayerRange(layer.path, layer.op, float(y_lo.min()), float(y_hi.max()),
+                               product), seen))
+        return y_lo, y_hi
+
+    run_graph(arch.layers, (lo, hi), step)
     return out
 
 
@@ -111,10 +131,9 @@ def check_model_ranges(arch: Architecture, params: dict[str, torch.Tensor],
     Returns the per-layer ranges when the model is safe.
     """
     limits = Limits(precision_bits)
-    ranges = activation_ranges(arch, params, input_range)
+    found = _ranges(arch, params, input_range)
     problems: list[str] = []
-    previous = max(abs(float(v)) for v in input_range)
-    for r in ranges:
+    for r, previous in found:
         where = f"{r.path} ({r.op})"
         if r.product is not None and r.product >= limits.product:
             problems.append(
@@ -129,7 +148,6 @@ def check_model_ranges(arch: Architecture, params: dict[str, torch.Tensor],
         if exp_limit is not None and previous > exp_limit:
             problems.append(f"{where}: its input can reach {_pow2(previous)}; CrypTen's {r.op} "
                             f"is exact only for |x| <= {exp_limit:g}")
-        previous = r.magnitude
     if problems:
         low, high = input_range
         raise InputError(
@@ -138,4 +156,4 @@ def check_model_ranges(arch: Architecture, params: dict[str, torch.Tensor],
             "\n  - " + "\n  - ".join(problems)
             + f"\nDeclare the real range of the inputs in {range_key}, scale the inputs "
             "or weights down, or lower precision_bits (each bit less doubles the product range).")
-    return ranges
+    return [r for r, _ in found]

@@ -15,6 +15,7 @@ from .conv2d import Conv2d
 from .flatten import Flatten
 from .identity import Identity
 from .linear import Linear
+from .merge import Add, Concat
 from .relu import ReLU
 from .sigmoid import Sigmoid
 from .tanh import Tanh
@@ -23,7 +24,7 @@ from .softmax import LogSoftmax, Softmax
 
 LAYERS = Registry()
 for _layer in (Linear(), Conv2d(), Affine(), ReLU(), Sigmoid(), Tanh(), MaxPool2d(), AvgPool2d(),
-               AdaptiveAvgPool2d(), Flatten(), Identity(), Softmax(), LogSoftmax()):
+               AdaptiveAvgPool2d(), Flatten(), Identity(), Softmax(), LogSoftmax(), Add(), Concat()):
     LAYERS.register(_layer)
 
 __all__ = ["LAYERS", "Layer", "Registry"]

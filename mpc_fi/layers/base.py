@@ -14,6 +14,11 @@ A :class:`Layer` holds everything the engine needs to know about one operation o
   elements it works on, :mod:`mpc_fi.memory`; no meta tensors, whose first use costs about a
   second in a fresh process).
 
+Most kinds take one tensor (:attr:`arity` 1). A kind that combines computed tensors (a residual
+``Add``, ``Concat``: :attr:`arity` 0, meaning two or more) receives lists in :meth:`forward`
+(the shared inputs), :meth:`interval` (their bounds) and :meth:`shape` (their shapes), in the
+order of the layer's ``inputs`` (:class:`mpc_fi.models.LayerSpec`).
+
 Adding a layer kind is one module in this package and one line in :data:`mpc_fi.layers.LAYERS`.
 """
 
@@ -52,6 +57,8 @@ class Layer:
     torch_types: ClassVar[tuple[type, ...]] = ()
     onnx: ClassVar[dict[str, OnnxConverter]] = {}
     args_wire: ClassVar[wire.Record] = NO_ARGS
+    #: computed inputs: 1, or 0 for "two or more" (lists in forward, interval and shape)
+    arity: ClassVar[int] = 1
     #: secret parameters and their dimensions: (required, optional)
     params_dims: ClassVar[tuple[dict[str, int], dict[str, int]]] = ({}, {})
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -12,12 +13,32 @@ from .base import Layer
 
 
 def _gemm(n: Any, ctx: Any) -> nn.Module:
+    """``Y = alpha * A' B' + beta * C`` with A the computed input (rows: the batch): the owner
+    folds ``alpha`` and ``transB`` into the weight and ``beta`` into the bias."""
     a = n.attrs
-    if a.get("alpha", 1.0) != 1.0 or a.get("beta", 1.0) != 1.0 or a.get("transA", 0):
-        raise NodeError(f"only alpha=1, beta=1, transA=0 are supported, got alpha="
-                        f"{a.get('alpha', 1.0)}, beta={a.get('beta', 1.0)}, transA={a.get('transA', 0)}")
-    w = ctx.const(n, 1, "B")
-    return linear_module(w if a.get("transB", 0) else w.T, ctx.const(n, 2, "C", optional=True))
+    if n.inputs and n.inputs[0] in ctx.consts:
+        raise NodeError("A is a constant and B the computed input, which puts the batch in the "
+                        "columns of the output; export x @ W with x first (nn.Linear)")
+    if a.get("transA", 0):
+        raise NodeError("transA=1 reads the batch along the columns of A; the rows of A must be "
+                        "the queries (export nn.Linear, or x @ W with x of shape (batch, in))")
+    alpha, beta = float(a.get("alpha", 1.0)), float(a.get("beta", 1.0))
+    w = ctx.const(n, 1, "B").astype(np.float64)
+    if w.ndim != 2:
+        raise NodeError(f"B must be a matrix, got shape {list(w.shape)}")
+    w = alpha * (w if a.get("transB", 0) else w.T)  # (out, in) as in torch
+    c = ctx.const(n, 2, "C", optional=True)
+    if c is not None:
+        out_f = w.shape[0]
+        if c.size == 1:
+            c = np.full(out_f, float(c.reshape(-1)[0]))
+        elif c.shape in ((out_f,), (1, out_f)):
+            c = c.reshape(-1).astype(np.float64)
+        else:
+            raise NodeError(f"C of shape {list(c.shape)} differs between rows; only a bias of "
+                            f"shape ({out_f},), (1, {out_f}) or a scalar is supported")
+        c = beta * c
+    return linear_module(w, c)
 
 
 def _matmul(n: Any, ctx: Any) -> nn.Module:  # also "MatMul+Add", with the bias as input 2

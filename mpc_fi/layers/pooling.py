@@ -35,6 +35,21 @@ def _global_avgpool(n: Any, ctx: Any) -> nn.Module:
     return nn.AdaptiveAvgPool2d(1)
 
 
+def _reduce_mean(n: Any, ctx: Any) -> nn.Module:
+    """``x.mean((2, 3))`` over the spatial axes of an image batch: global average pooling."""
+    rank = ctx.rank(n.inputs[0])
+    axes = n.attrs.get("axes")
+    if axes is None and len(n.inputs) > 1:
+        axes = ctx.const(n, 1, "axes").reshape(-1).tolist()
+    if rank != 4 or axes is None or sorted(int(v) % 4 for v in axes) != [2, 3]:
+        raise NodeError(f"only a mean over the two spatial axes (2, 3) of a rank-4 input is "
+                        f"supported, got axes={axes} on rank {rank}; use nn.AdaptiveAvgPool2d(1) "
+                        "+ nn.Flatten()")
+    if n.attrs.get("keepdims", 1):
+        return nn.AdaptiveAvgPool2d(1)
+    return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
 def _pooled(shape: tuple[int, ...], a: dict[str, Any]) -> tuple[int, ...]:
     return (*shape[:-2], *(window_out(n, k, s, p) for n, k, s, p in
                            zip(shape[-2:], a["kernel_size"], a["stride"], a["padding"])))
@@ -99,7 +114,7 @@ class AvgPool2d(Layer):
 class AdaptiveAvgPool2d(Layer):
     op = "adaptive_avg_pool2d"
     torch_types = (nn.AdaptiveAvgPool2d,)
-    onnx = {"GlobalAveragePool": _global_avgpool}
+    onnx = {"GlobalAveragePool": _global_avgpool, "ReduceMean": _reduce_mean}
     args_wire = wire.Record({"output_size": POS2})
 
     def from_torch(self, m: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

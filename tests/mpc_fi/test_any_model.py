@@ -258,19 +258,35 @@ def test_wrong_class_count_is_refused_by_every_party(tmp_path):
         Federation(fed, timeout_s=300).run(x[:4])
 
 
-def test_full_mode_still_refuses_the_resnet_naming_the_node_and_the_alternative(resnets):
+def test_full_mode_converts_the_resnet_factory_and_its_onnx_export_to_the_same_graph(resnets):
+    """The module with its own forward() is traced by its owner; the exported file is imported:
+    both give the same graph (residual adds, x.mean((2, 3)) as global average pooling)."""
     models, sources = resnets
-    with pytest.raises(UnsupportedModelError) as err:
-        extract_architecture(load_owner_model(sources[0], mode="full"), (1, 8, 8))
-    text = str(err.value)
-    assert "<model> (MiniResNet): a module with its own forward() cannot be converted" in text
-    assert "torch.nn.Sequential of supported layers" in text and "mode 'output'" in text
+    x = torch.randn(5, 1, 8, 8)
+    graphs = []
+    for model, source in ((models[0], sources[0]), (models[2], sources[2])):
+        arch, params = extract_architecture(load_owner_model(source, mode="full"), (1, 8, 8))
+        graphs.append([(layer.op, layer.inputs) for layer in arch.layers])
+        assert [layer.op for layer in arch.layers].count("add") == 2
+        assert ("adaptive_avg_pool2d", ()) in graphs[-1]
+    assert graphs[0] == graphs[1]
 
+
+def test_full_mode_refuses_layernorm_and_gelu_naming_them_and_the_alternative(tmp_path):
     with pytest.raises(UnsupportedModelError) as err:
-        load_owner_model(sources[2], mode="full")
+        extract_architecture(load_owner_model(ModelSource(factory="tests.models:custom"),
+                                              mode="full"), (6,))
     text = str(err.value)
-    assert "(Add): takes 2 computed inputs" in text and "no skip connections" in text
-    assert "(ReduceMean): op ReduceMean is not supported on shares; use nn.AdaptiveAvgPool2d(1)" in text
+    assert "body.1 (LayerNorm): not supported on shares; use BatchNorm1d/BatchNorm2d" in text
+    assert "mode 'output'" in text
+    path = export(trained_torch(layernorm_gelu_mlp, seed=3), torch.randn(1, 6),
+                  tmp_path / "m.onnx", dynamic=True)
+    with pytest.raises(UnsupportedModelError) as err:
+        load_owner_model(ModelSource(onnx=path), mode="full")
+    text = str(err.value)
+    assert "(LayerNormalization): op LayerNormalization is not supported on shares; use " \
+           "BatchNorm1d/BatchNorm2d" in text
+    assert "(Gelu): op Gelu is not supported on shares; use ReLU" in text
     assert "or use mode 'output'" in text
 
 

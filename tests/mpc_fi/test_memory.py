@@ -12,7 +12,7 @@ import torch
 
 from mpc_fi import Federation, FederationConfig, InputError, ModelSource, OwnerConfig, \
     ProtocolConfig
-from mpc_fi.demo import cnn
+from mpc_fi.demo import cnn, resnet
 from mpc_fi.memory import BYTES_PER_ELEMENT, ROW_OVERHEAD_BYTES, layer_elements, plan_rows, \
     row_bytes
 from mpc_fi.models import extract_architecture
@@ -23,6 +23,15 @@ def test_layer_elements_follow_the_shapes_and_count_pooling_windows():
     arch, _ = extract_architecture(cnn(num_classes=10, channels=8).eval(), (1, 8, 8))
     # input, conv 8x8x8, relu, max-pool windows (4 x 8x4x4) then its output, flatten, linear
     assert layer_elements(arch) == [64, 512, 512, 512, 128, 128, 10]
+
+
+def test_layer_elements_of_a_graph_count_the_branch_held_for_a_later_reader():
+    from tests.mpc_fi.test_models import graph_models
+
+    arch, _ = extract_architecture(graph_models()["residual_concat"].eval(), (2, 4, 4))
+    # conv+bn 64, relu 64 (read again by add and cat), conv2 64 + held relu 64, add 64 + relu,
+    # bn2 64 + relu, concat 128, pool 8, flatten 8, linear 3
+    assert layer_elements(arch) == [32, 64, 64, 128, 128, 128, 128, 8, 8, 3]
 
 
 def test_row_bytes_take_the_largest_step():
@@ -102,6 +111,20 @@ def _cnn_federation(workdir: Path, batch_size: int) -> FederationConfig:
                             batch_size=batch_size)
 
 
+def _resnet_federation(workdir: Path, batch_size: int) -> FederationConfig:
+    """Two ResNet-8 owners (width 4, 3x16x16): a graph whose residual branches wait."""
+    owners = []
+    for k in range(2):
+        torch.manual_seed(k)
+        path = workdir / f"resnet{k}.pt"
+        torch.save(resnet(depth=8, width=4, num_classes=4).state_dict(), path)
+        owners.append(OwnerConfig(name=f"owner{k}", model=ModelSource(
+            factory="mpc_fi.demo:resnet", weights=str(path),
+            kwargs={"depth": 8, "width": 4, "num_classes": 4})))
+    return FederationConfig(owners=tuple(owners), mode="full", protocol=ProtocolConfig("hard_vote"),
+                            batch_size=batch_size)
+
+
 def _growth_per_query(fed_for, x: np.ndarray, small: int, tmp_path: Path) -> dict[str, float]:
     """Bytes per query by which each party's peak RSS grows from ``small`` queries to all."""
     peaks = {}
@@ -118,6 +141,7 @@ def _growth_per_query(fed_for, x: np.ndarray, small: int, tmp_path: Path) -> dic
 # mpc_fi/memory.py.
 MEASURED_CASES = {
     "full-cnn-hard_vote": (8, 8),
+    "full-resnet8-hard_vote": (8, 16),
     "output-soft_vote": (16, 16),
     "output-top_k": (16, 16),
 }
@@ -127,7 +151,14 @@ MEASURED_CASES = {
                                   else c for c in MEASURED_CASES])
 def test_the_per_query_bound_covers_the_measured_peak(case, tmp_path, federation_factory):
     small, loosest = MEASURED_CASES[case]
-    if case.startswith("full"):
+    if case.startswith("full-resnet"):
+        x = np.random.default_rng(1).uniform(0, 1, size=(256, 3, 16, 16)).astype(np.float32)
+        grew = _growth_per_query(lambda rows: _resnet_federation(tmp_path, rows), x, small,
+                                 tmp_path)
+        arch, _ = extract_architecture(resnet(depth=8, width=4, num_classes=4).eval(), (3, 16, 16))
+        bound = row_bytes(input_shape=(3, 16, 16), num_owners=2, protocol_elements=8,
+                          archs=[arch, arch])
+    elif case.startswith("full"):
         x = np.random.default_rng(1).uniform(0, 1, size=(1024, 1, 8, 8)).astype(np.float32)
         grew = _growth_per_query(lambda rows: _cnn_federation(tmp_path, rows), x, small, tmp_path)
         arch, _ = extract_architecture(cnn(num_classes=4, channels=8).eval(), (1, 8, 8))

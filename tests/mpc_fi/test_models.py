@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from mpc_fi import InputError, UnsupportedModelError
+from mpc_fi import InputError, UnsupportedModelError, models
+from mpc_fi.graph import Graph
+from mpc_fi.layers.merge import AddModule, ConcatModule
 from mpc_fi.models import SUPPORTED_LAYERS, extract_architecture, secure_forward
 
 
@@ -38,6 +42,23 @@ def image_models() -> dict[str, nn.Module]:
     }
 
 
+def graph_models() -> dict[str, nn.Module]:
+    """Graphs on (2, 4, 4) inputs: a residual addition, a concatenation, a batch norm folded into
+    the convolution before it and one that is not (it follows the addition)."""
+    return {"residual_concat": Graph([
+        ("conv", nn.Conv2d(2, 4, 3, padding=1), (-1,)),   # 0
+        ("bn", nn.BatchNorm2d(4), (0,)),                 # 1: folded into 0
+        ("relu", nn.ReLU(), (1,)),                       # 2
+        ("conv2", nn.Conv2d(4, 4, 3, padding=1), (2,)),  # 3
+        ("add", AddModule(), (2, 3)),                    # 4: residual
+        ("bn2", nn.BatchNorm2d(4), (4,)),                # 5: a per-channel affine map
+        ("cat", ConcatModule(1), (5, 2)),                # 6
+        ("gap", nn.AdaptiveAvgPool2d(1), (6,)),          # 7
+        ("flat", nn.Flatten(), (7,)),                    # 8
+        ("fc", nn.Linear(8, 3), (8,)),                   # 9
+    ])}
+
+
 def vector_models() -> dict[str, nn.Module]:
     return {
         "mlp_bn1d_softmax": nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(),
@@ -62,7 +83,7 @@ def _secure_models(rank: int, specs: dict, xs: dict) -> dict:
 
 
 def test_every_supported_layer_matches_pytorch_on_shares(mpc):
-    models = {**image_models(), **vector_models()}
+    models = {**image_models(), **vector_models(), **graph_models()}
     covered = {type(m) for model in models.values() for m in model.modules()}
     missing = set(SUPPORTED_LAYERS) - covered
     assert not missing, f"add these layers to the test: {missing}"
@@ -70,7 +91,7 @@ def test_every_supported_layer_matches_pytorch_on_shares(mpc):
     specs, xs, want = {}, {}, {}
     for i, (name, model) in enumerate(models.items()):
         randomized(model, i)
-        shape = (2, 4, 4) if name in image_models() else (6,)
+        shape = (6,) if name in vector_models() else (2, 4, 4)
         specs[name] = extract_architecture(model, shape)
         xs[name] = torch.randn((5, *shape), generator=g, dtype=torch.float64)
         with torch.no_grad():
@@ -81,6 +102,40 @@ def test_every_supported_layer_matches_pytorch_on_shares(mpc):
     for name in models:
         for r in results:
             np.testing.assert_allclose(r[name], want[name], atol=3e-2, err_msg=name)
+
+
+def test_a_graph_keeps_its_edges_and_folds_only_a_batch_norm_that_alone_reads_a_conv():
+    model = randomized(graph_models()["residual_concat"], 3)
+    arch, params = extract_architecture(model, (2, 4, 4))
+    assert [(layer.path, layer.op, layer.inputs) for layer in arch.layers] == [
+        ("conv+bn", "conv2d", ()), ("relu", "relu", ()), ("conv2", "conv2d", ()),
+        ("add", "add", (1, 2)), ("bn2", "affine", ()), ("cat", "concat", (4, 1)),
+        ("gap", "adaptive_avg_pool2d", ()), ("flat", "flatten", ()), ("fc", "linear", ())]
+    assert "conv/weight" not in params and "bn/scale" not in params
+    x = torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    folded = torch.nn.functional.conv2d(x, params["conv+bn/weight"], params["conv+bn/bias"],
+                                        padding=1)
+    torch.testing.assert_close(folded, model.double().layers[1](model.layers[0](x)))
+    wire = json.loads(json.dumps(arch.to_wire()))
+    assert models.Architecture.from_wire(wire) == arch
+
+
+@pytest.mark.parametrize("inputs, words", [
+    ([5, 1], "only earlier layers"), ([-2, 1], r"-2 is outside \[-1, 4096\]"),
+    ([0], "takes two or more inputs, got 1"),
+    ([0, -1], r"the graph's shapes do not fit: inputs of shapes \[\[1, 4, 4, 4\], \[1, 2, 4, 4\]\]"),
+])
+def test_a_peer_architecture_with_bad_edges_is_refused(inputs, words):
+    from mpc_fi.errors import WireFormatError
+
+    arch, _ = extract_architecture(randomized(graph_models()["residual_concat"], 3), (2, 4, 4))
+    wire = json.loads(json.dumps(arch.to_wire()))
+    wire["layers"][3]["inputs"] = inputs  # the addition
+    with pytest.raises(WireFormatError, match=words):
+        models.Architecture.from_wire(wire)
+    del wire["layers"][3]["inputs"]
+    with pytest.raises(WireFormatError, match="needs its inputs listed"):
+        models.Architecture.from_wire(wire)
 
 
 def test_architecture_holds_no_weights():

@@ -14,6 +14,7 @@ from torch import nn
 
 from mpc_fi.config import ModelSource
 from mpc_fi.errors import UnsupportedModelError
+from mpc_fi.graph import Graph
 from mpc_fi.models import SUPPORTED_LAYERS, extract_architecture, load_owner_model
 from mpc_fi import onnx_import
 from mpc_fi.onnx_import import load_onnx_model
@@ -281,7 +282,7 @@ def test_hand_built_erf(tmp_path):
     assert "my_erf (Erf)" in message and message.count("\n  - ") == 1
 
 
-def test_residual_branch_lists_every_problem(tmp_path):
+def test_residual_with_gelu_names_the_gelu_and_its_alternative(tmp_path):
     class Residual(nn.Module):
         def __init__(self):
             super().__init__()
@@ -293,8 +294,8 @@ def test_residual_branch_lists_every_problem(tmp_path):
             return self.act(h) + h
 
     message = error_of(export(Residual(), torch.randn(2, 4), tmp_path / "res.onnx"))
-    assert "(Add)" in message and "branches" in message and "single chain" in message
-    assert "(Gelu)" in message  # collected, not stopped at the first problem
+    assert "(Gelu): op Gelu is not supported on shares; use ReLU" in message
+    assert "(Add)" not in message and message.count("\n  - ") == 1  # the residual Add is fine
 
 
 def test_asymmetric_pads_and_bad_attributes(tmp_path):
@@ -302,11 +303,11 @@ def test_asymmetric_pads_and_bad_attributes(tmp_path):
     nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[0, 0, 1, 1]),
              helper.make_node("MaxPool", ["c"], ["p"], name="pool", kernel_shape=[2, 2], ceil_mode=1),
              helper.make_node("Flatten", ["p"], ["f"], name="flat", axis=2),
-             helper.make_node("Gemm", ["f", "fw"], ["y"], name="gemm", alpha=2.0)]
+             helper.make_node("Gemm", ["f", "fw"], ["y"], name="gemm", transA=1)]
     inits = {"w": rng.normal(size=(2, 1, 3, 3)), "fw": rng.normal(size=(3, 8))}
     message = error_of(save_graph(tmp_path / "pads.onnx", nodes, inits, ["N", 1, 6, 6], ["N", 3]))
     for part in ("conv (Conv): asymmetric pads", "pool (MaxPool): ceil_mode",
-                 "flat (Flatten): only Flatten(axis=1)", "gemm (Gemm): only alpha=1"):
+                 "flat (Flatten): only Flatten(axis=1)", "gemm (Gemm): transA=1"):
         assert part in message
 
 
@@ -318,7 +319,7 @@ def test_two_inputs_and_two_outputs(tmp_path):
     message = error_of(save_graph(tmp_path / "two.onnx", nodes, {}, ["N", 4], ["N", 4],
                                   extra_inputs=extra_in, extra_outputs=extra_out))
     assert "2 inputs (x, x2)" in message and "2 outputs (y, z)" in message
-    assert "sum (Add)" in message
+    assert "sum (Add): reads 'x2', which the model input 'x' does not lead to" in message
 
 
 def test_reshape_that_is_not_a_flatten(tmp_path):
@@ -345,7 +346,7 @@ def test_dangling_and_unconnected_nodes(tmp_path):
     assert "tensor 'y'" not in message  # y feeds one node; the problem is elsewhere
     nodes = nodes[:2]  # Tanh consumes the output but is not part of the chain to it
     message = error_of(save_graph(tmp_path / "d2.onnx", nodes, {}, ["N", 4], ["N", 4]))
-    assert "dangling (Tanh): not on the chain from input 'x' to output 'y'" in message
+    assert "dangling (Tanh): not on a path from input 'x' to output 'y'" in message
 
 
 def test_reshape_with_wrong_feature_count(tmp_path):
@@ -353,3 +354,133 @@ def test_reshape_with_wrong_feature_count(tmp_path):
              helper.make_node("Reshape", ["x", "shape"], ["y"], name="reshape")]
     message = error_of(save_graph(tmp_path / "r.onnx", nodes, {}, ["N", 2, 4], ["N", 4]))
     assert "reshape (Reshape): reshape to (-1, 4) is not a flattening" in message
+
+
+# ---------------------------------------------------------------------------------------
+# Graphs: residual additions, concatenations, global pooling, Gemm in any layout
+# ---------------------------------------------------------------------------------------
+def residual_graph(tmp_path, *, reduce_mean: bool, trans_b: int, alpha: float, beta: float):
+    rng = np.random.default_rng(3)
+    pool = (helper.make_node("ReduceMean", ["cat"], ["f"], name="mean", axes=[2, 3], keepdims=0)
+            if reduce_mean else helper.make_node("GlobalAveragePool", ["cat"], ["g"], name="gap"))
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c2", "s", "bb", "m", "v"], ["n2"], name="bn2"),
+             helper.make_node("Sum", ["r1", "n2"], ["res"], name="residual"),
+             helper.make_node("Concat", ["res", "r1"], ["cat"], name="cat", axis=-3), pool]
+    if not reduce_mean:
+        nodes.append(helper.make_node("Flatten", ["g"], ["f"], name="flat"))
+    nodes.append(helper.make_node("Gemm", ["f", "wf", "cf"], ["y"], name="head", transB=trans_b,
+                                  alpha=alpha, beta=beta))
+    wf = rng.normal(size=(3, 8))
+    inits = {"w1": rng.normal(size=(4, 2, 3, 3)) * 0.3, "b1": rng.normal(size=4),
+             "w2": rng.normal(size=(4, 4, 3, 3)) * 0.3, "s": rng.uniform(0.5, 2, 4),
+             "bb": rng.normal(size=4), "m": rng.normal(size=4), "v": rng.uniform(0.5, 2, 4),
+             "wf": wf if trans_b else wf.T, "cf": rng.normal(size=(1, 3))}
+    return save_graph(tmp_path / "res.onnx", nodes, inits, ["N", 2, 4, 4], ["N", 3])
+
+
+@pytest.mark.parametrize("reduce_mean, trans_b, alpha, beta", [
+    (False, 1, 1.0, 1.0), (True, 0, 0.5, 2.0), (False, 0, -1.5, 0.0)])
+def test_residual_concat_pooling_and_gemm_layouts(tmp_path, reduce_mean, trans_b, alpha, beta):
+    path = residual_graph(tmp_path, reduce_mean=reduce_mean, trans_b=trans_b, alpha=alpha,
+                          beta=beta)
+    loaded = check_against_reference(path, np.random.default_rng(4).normal(
+        size=(5, 2, 4, 4)).astype(np.float32))
+    assert isinstance(loaded, Graph) and not loaded.training
+    arch, params = extract_architecture(loaded, (2, 4, 4))
+    assert [(layer.op, layer.inputs) for layer in arch.layers] == [
+        ("conv2d", ()), ("relu", ()), ("conv2d", ()), ("add", (1, 2)), ("concat", (3, 1)),
+        ("adaptive_avg_pool2d", ()), ("flatten", ()), ("linear", ())]
+    assert arch.layers[2].path == "conv2+bn2"  # the batch norm folded into its convolution
+    assert arch.layers[4].args == {"dim": 1}
+
+
+def test_graph_nodes_that_cannot_run_on_shares_are_named(tmp_path):
+    rng = np.random.default_rng(5)
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "r"], ["mm"], name="square"),
+             helper.make_node("ReduceSum", ["r"], ["rs"], name="rowsum", keepdims=1),
+             helper.make_node("Add", ["mm", "rs"], ["bc"], name="broadcast"),
+             helper.make_node("Add", ["bc", "k"], ["a"], name="plus_const"),
+             helper.make_node("Concat", ["a", "r"], ["c"], name="batch_cat", axis=0),
+             helper.make_node("Gemm", ["w", "c"], ["y"], name="gemm_b", transB=1)]
+    message = error_of(save_graph(tmp_path / "bad.onnx", nodes,
+                                  {"k": rng.normal(size=(1, 4)), "w": rng.normal(size=(4, 4))},
+                                  ["N", 4], ["N", 4]))
+    for part in ("square (MatMul): input B ('r') must be an initializer or a constant",
+                 "rowsum (ReduceSum): op ReduceSum is not supported on shares",
+                 "broadcast (Add): inputs of shapes", "broadcasting is not supported",
+                 "plus_const (Add): addition of a constant (k) is not supported on shares",
+                 "batch_cat (Concat): concatenation along the batch axis (0)",
+                 "gemm_b (Gemm): A is a constant and B the computed input"):
+        assert part in message, part
+
+
+def test_a_module_with_its_own_forward_is_traced_and_checked(tmp_path):
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 6), nn.Linear(4, 6)
+            self.head = nn.Linear(12, 3)
+
+        def forward(self, x):
+            return self.head(torch.relu(torch.cat([self.a(x), self.b(x)], dim=1)))
+
+    torch.manual_seed(0)
+    model = Branchy().eval()
+    arch, params = extract_architecture(model, (4,))
+    assert [(layer.op, layer.inputs) for layer in arch.layers] == [
+        ("linear", ()), ("linear", (-1,)), ("concat", (0, 1)), ("relu", ()), ("linear", ())]
+
+    class ValueBranch(nn.Module):  # a trace follows one branch: refused, not silently wrong
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(x) if x.max() > 1 else self.fc(torch.relu(x))
+
+    with pytest.raises(UnsupportedModelError, match=r"<model> \(ValueBranch\): its traced graph "
+                                                    r"differs from forward\(\).*branches on the values"):
+        extract_architecture(ValueBranch().eval(), (4,))
+
+
+def test_common_forward_idioms_trace_to_supported_layers():
+    """torchvision-style code: an in-place residual ``out += identity``, ``F.relu(inplace=True)``,
+    ``torch.cat``, a batch norm after a concatenation (not foldable: a per-channel affine map),
+    ``F.avg_pool2d(x, x.size()[3])`` and ``x.view(x.size(0), -1)``."""
+    import torch.nn.functional as F  # noqa: PLC0415
+
+    class Block(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.c1, self.b1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+            self.c2, self.b2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+
+        def forward(self, x):
+            identity = x
+            out = F.relu(self.b1(self.c1(x)), inplace=True)
+            out = self.b2(self.c2(out))
+            out += identity
+            return F.relu(out)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.block = nn.Conv2d(3, 4, 3, padding=1), Block(4)
+            self.bn, self.fc = nn.BatchNorm2d(8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            x = self.block(F.relu(self.stem(x)))
+            x = self.bn(torch.cat([x, x], 1))
+            out = F.avg_pool2d(x, x.size()[3])
+            return self.fc(out.view(out.size(0), -1))
+
+    torch.manual_seed(0)
+    arch, params = extract_architecture(randomize(Net()), (3, 8, 8))
+    assert [(layer.op, layer.inputs) for layer in arch.layers] == [
+        ("conv2d", ()), ("relu", ()), ("conv2d", ()), ("relu", ()), ("conv2d", ()),
+        ("add", (4, 1)), ("relu", ()), ("concat", (6, 6)), ("affine", ()), ("avg_pool2d", ()),
+        ("flatten", ()), ("linear", ())]

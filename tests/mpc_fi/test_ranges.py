@@ -16,14 +16,15 @@ from mpc_fi.demo import cnn, mlp
 from mpc_fi.models import extract_architecture
 from mpc_fi.ranges import Limits, activation_ranges, check_model_ranges
 
-from .test_models import image_models, randomized, vector_models
+from .test_models import graph_models, image_models, randomized, vector_models
 
 
 def layer_outputs(model: nn.Module, arch, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Every converted layer's real output, keyed by its path."""
+    """Every converted layer's real output, keyed by its path (a Conv2d/Linear with the batch
+    norm folded into it, ``"conv+bn"``: the batch norm's output)."""
     modules = dict(model.named_modules())
     seen: dict[str, torch.Tensor] = {}
-    hooks = [modules[layer.path].register_forward_hook(
+    hooks = [modules[layer.path.split("+")[-1]].register_forward_hook(
         lambda _m, _i, out, path=layer.path: seen.__setitem__(path, out.detach()))
         for layer in arch.layers]
     with torch.no_grad():
@@ -52,6 +53,37 @@ def test_bounds_contain_every_reachable_activation(input_range):
             # float32 batch-norm statistics are folded into a float64 affine map: 1e-6 relative
             slack = 1e-6 * max(1.0, r.magnitude)
             assert out.min() >= r.low - slack and out.max() <= r.high + slack, (name, path, r)
+
+
+@pytest.mark.parametrize("input_range", [(-1.0, 1.0), (0.0, 4.0)])
+def test_bounds_of_a_graph_contain_every_reachable_activation(input_range):
+    """Addition: the sum of its inputs' bounds; concatenation: each part keeps its own; global
+    average pooling: its input's; a folded batch norm: through the folded weights."""
+    model = randomized(graph_models()["residual_concat"], 5)
+    arch, params = extract_architecture(model, (2, 4, 4))
+    model = model.double()
+    bounds = {r.path: r for r in activation_ranges(arch, params, input_range)}
+    low, high = input_range
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand((400, 2, 4, 4), generator=g, dtype=torch.float64) * (high - low) + low
+    seen: dict[str, torch.Tensor] = {}
+    by_name = dict(zip(model.names, model.layers))
+    hooks = [by_name[layer.path.split("+")[-1]].register_forward_hook(
+        lambda _m, _i, out, path=layer.path: seen.__setitem__(path, out.detach()))
+        for layer in arch.layers]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    assert set(seen) == set(bounds)
+    for path, out in seen.items():
+        r = bounds[path]
+        slack = 1e-6 * max(1.0, r.magnitude)
+        assert out.min() >= r.low - slack and out.max() <= r.high + slack, (path, r)
+    add, cat = bounds["add"], bounds["cat"]
+    relu, conv2 = bounds["relu"], bounds["conv2"]
+    assert add.high == pytest.approx(relu.high + conv2.high)  # sums of bounds
+    assert cat.high == max(bounds["bn2"].high, relu.high)   # union of the parts
 
 
 def test_bounds_of_a_linear_layer_are_tight():
