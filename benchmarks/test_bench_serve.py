@@ -1,7 +1,8 @@
 """Warm calls: per-call latency and throughput of a served session, beside the cold call.
 
 Each case starts a long-lived local federation (``Federation(cfg).start()``: 3 or 16 owners +
-querier + TTP dealer, loopback, transport ``zmq`` unless the case says ``curve``), answers one
+querier + TTP dealer, loopback, transport ``zmq`` unless the case says ``curve``; the dealer
+prepares each call's material between calls unless the case says ``online-dealer``), answers one
 warm-up request, then times ``CALLS`` requests of 1 query and ``CALLS`` of 32 queries, and
 (output mode) a few of 1,024 queries for throughput. The cold call of the same case -- a
 one-shot ``Federation(cfg).run`` of 32 queries, every process started for it -- is measured
@@ -25,12 +26,16 @@ import mpcfi_bench as mb
 
 CALLS = 30
 SMOKE = "output-soft-N3"  # the one case of the smoke grid (3 calls per size)
+#: name: (case, transport, the dealer prepares each call's material between calls)
 CASES = {
-    "output-hard-N3": (mb.Case("hard_vote", "output", 3, 10, 1024), "zmq"),
-    "output-soft-N3": (mb.Case("soft_vote", "output", 3, 10, 1024), "zmq"),
-    "output-soft-N3-curve": (mb.Case("soft_vote", "output", 3, 10, 1024), "curve"),
-    "output-soft-N16": (mb.Case("soft_vote", "output", 16, 10, 1024), "zmq"),
-    "full-soft-N3-digits": (mb.Case("soft_vote", "full", 3, 10, 32, workload="digits"), "zmq"),
+    "output-hard-N3": (mb.Case("hard_vote", "output", 3, 10, 1024), "zmq", True),
+    "output-soft-N3": (mb.Case("soft_vote", "output", 3, 10, 1024), "zmq", True),
+    "output-soft-N3-curve": (mb.Case("soft_vote", "output", 3, 10, 1024), "curve", True),
+    "output-soft-N16": (mb.Case("soft_vote", "output", 16, 10, 1024), "zmq", True),
+    "full-soft-N3-digits": (mb.Case("soft_vote", "full", 3, 10, 32, workload="digits"), "zmq",
+                            True),
+    "full-soft-N3-digits-online-dealer": (
+        mb.Case("soft_vote", "full", 3, 10, 32, workload="digits"), "zmq", False),
 }
 
 
@@ -45,10 +50,10 @@ def test_warm_calls(benchmark, name, bench_dir: Path, bench_timeout, bench_grid)
     if bench_grid == "smoke" and name != SMOKE:
         pytest.skip(f"the smoke grid runs {SMOKE} only")
     calls = 3 if bench_grid == "smoke" else CALLS
-    case, transport = CASES[name]
+    case, transport, prefetch = CASES[name]
     wl = mb.workload(case, bench_dir / f"serve-{name}")
     fed = dataclasses.replace(wl.federation, batch_size=None, network=dataclasses.replace(
-        wl.federation.network, transport=transport))
+        wl.federation.network, transport=transport, prefetch=prefetch))
     x = np.asarray(wl.x, dtype=np.float32)
     twin = np.asarray(mb.plaintext_labels(dataclasses.replace(case), wl))
     if len(x) < 32:
@@ -81,7 +86,8 @@ def test_warm_calls(benchmark, name, bench_dir: Path, bench_timeout, bench_grid)
             figures["queries_per_s_b1024"] = 1024 / benchmark.stats.stats.median
         else:
             benchmark.pedantic(lambda: served.predict(x[:32]), rounds=5, warmup_rounds=0)
-    benchmark.extra_info.update({"case": case.id, "transport": transport, "cold_call_s": cold_s,
+    benchmark.extra_info.update({"case": case.id, "transport": transport, "prefetch": prefetch,
+                                 "cold_call_s": cold_s,
                                  **figures})
     rate = figures.get("queries_per_s_b1024")
     print(f"\n{name} ({case.id}, {transport}): warm p50/p95 1 query "
