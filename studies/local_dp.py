@@ -521,8 +521,13 @@ def _secure_cell(cfg: LocalDpConfig, split: Split, owners: Owners, cal: Calibrat
     rows = []
     for rep in range(cfg.secure_repeats):
         ledger = workdir / f"ledger{rep}.json"
+        # Each run is a fresh experiment at exactly (epsilon, delta): every owner keeps its own
+        # ledger (the engine's per-owner budget check), so each run gets fresh ones here, never
+        # the owners' default ledgers, which would carry one cell's spending into the next.
+        owners_cfg = tuple(dataclasses.replace(o, ledger=str(workdir / f"{o.name}-ledger{rep}.json"))
+                           for o in sources)
         fed = FederationConfig(
-            owners=tuple(sources), querier=QuerierConfig(name="querier",
+            owners=owners_cfg, querier=QuerierConfig(name="querier",
                                                          input_range=split.input_range),
             mode="output", protocol=ProtocolConfig(name="gnmax",
                                                    params={"sigma": cal.gnmax_sigma}),
