@@ -501,4 +501,12 @@ def markdown_report(rows: Sequence[Row]) -> str:
         out.append(markdown_table(ev, ["backbone", "runs ok", "audit problems", "MB to owner 0",
                                        "min KS p", "max abs r (shuffled)", "openings",
                                        "aggregate max err", "s", "note"], align="lrrrrrrrrl"))
+        pvalues = [r["ks_uniform_p"] for r in secure if "ks_uniform_p" in r]
+        if len(pvalues) > 1:
+            from scipy import stats  # noqa: PLC0415
+
+            fisher = stats.combine_pvalues(pvalues, method="fisher").pvalue
+            out.append(f"\nKS p-values of all {len(pvalues)} runs: median "
+                       f"{float(np.median(pvalues)):.3f}, smallest {min(pvalues):.4f}; Fisher's "
+                       f"combination of them (one test over every run) p = {fisher:.3f}.\n")
     return "".join(out)
