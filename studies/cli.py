@@ -463,6 +463,10 @@ def _split_inference(args: argparse.Namespace, out: Path) -> None:
     rows = run_split_inference(cfg, show_progress=not args.quiet)
     write_csv(rows, out / "split_inference.csv")
     _emit("split_inference", markdown_report(rows), out)
+    if not args.no_plots:
+        from .plots import split_inference_plot  # noqa: PLC0415
+
+        split_inference_plot(rows, out)
 
 
 def study_main(argv: list[str] | None = None) -> int:

@@ -52,3 +52,4 @@ def test_cli_plaintext_only(tmp_path):
                        "--out", str(tmp_path)]) == 0
     text = (tmp_path / "split_inference.md").read_text()
     assert "plaintext features" in text and "secret shares" not in text
+    assert (tmp_path / "split_inference.png").stat().st_size > 0
