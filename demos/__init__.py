@@ -1,9 +1,9 @@
 """The embedded default federation: scikit-learn's bundled digits, owners trained at start-up.
 
 Nothing is downloaded: ``sklearn.datasets.load_digits`` ships with scikit-learn, and MNIST-1D
-(:func:`make_mnist1d`) is generated procedurally by the ``mnist1d`` package on this machine. The training
-set is split among the owners by a Dirichlet(alpha) draw over classes (non-IID), each owner
-trains a small model on its share, and the querier keeps the held-out split.
+(:func:`make_mnist1d`) is generated procedurally by the ``mnist1d`` package on this machine.
+The training set is split among the owners by a Dirichlet(alpha) draw over classes (non-IID),
+each owner trains a small model on its share, and the querier keeps the held-out split.
 
 This package plays every organisation at once *before* the federation starts (it trains all the
 owners so the demo is self-contained) and therefore can also compute the plaintext reference.

@@ -524,8 +524,9 @@ def _secure_cell(cfg: LocalDpConfig, split: Split, owners: Owners, cal: Calibrat
         # Each run is a fresh experiment at exactly (epsilon, delta): every owner keeps its own
         # ledger (the engine's per-owner budget check), so each run gets fresh ones here, never
         # the owners' default ledgers, which would carry one cell's spending into the next.
-        owners_cfg = tuple(dataclasses.replace(o, ledger=str(workdir / f"{o.name}-ledger{rep}.json"))
-                           for o in sources)
+        owners_cfg = tuple(
+            dataclasses.replace(o, ledger=str(workdir / f"{o.name}-ledger{rep}.json"))
+            for o in sources)
         fed = FederationConfig(
             owners=owners_cfg, querier=QuerierConfig(name="querier",
                                                          input_range=split.input_range),

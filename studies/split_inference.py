@@ -279,7 +279,8 @@ def run_seed(cfg: SplitConfig, seed: int, workdir: Path) -> list[Row]:
                      float((clf.predict(xq) == data.y_query).mean())})
         if cfg.secure:
             rows.append(_secure(cfg, seed, base, heads, np.concatenate([f_aux, f_q]), len(x_aux),
-                                x_aux, xq, data.y_query, clf, workdir / f"s{seed}-d{depth}w{width}"))
+                                x_aux, xq, data.y_query, clf,
+                                workdir / f"s{seed}-d{depth}w{width}"))
     return rows
 
 
@@ -328,7 +329,8 @@ def _secure(cfg: SplitConfig, seed: int, base: Row, heads: list[nn.Linear], feat
         recon = inv(torch.from_numpy(z[n_aux:])).numpy()
     return {**row, **_scores("shares", recon, xq, yq, clf),
             "audit_problems": len(problems), "audit_first_problem": problems[0] if problems else "",
-            "bytes_to_owner0": received, "ks_uniform_p": float(stats.kstest(words, "uniform").pvalue),
+            "bytes_to_owner0": received,
+            "ks_uniform_p": float(stats.kstest(words, "uniform").pvalue),
             "share_feature_max_abs_r": _max_abs_corr(z[:, :features.shape[1]], features),
             # the same statistic with the queries' order shuffled: its value without dependence
             "share_feature_max_abs_r_null": _max_abs_corr(
@@ -480,20 +482,22 @@ def markdown_report(rows: Sequence[Row]) -> str:
             ok = [r for r in got if "audit_problems" in r]
             ev.append([f"{d} x {w}", f"{len(ok)}/{len(got)}",
                        sum(r["audit_problems"] for r in ok),
-                       fmt(float(np.mean([r["bytes_to_owner0"] for r in ok])) / 1e6, 2) if ok else "–",
+                       fmt(float(np.mean([r["bytes_to_owner0"] for r in ok])) / 1e6, 2)
+                       if ok else "–",
                        fmt(min((r["ks_uniform_p"] for r in ok), default=math.nan), 3),
                        fmt(max((r["share_feature_max_abs_r"] for r in ok), default=math.nan), 3)
                        + " / " + fmt(max((r["share_feature_max_abs_r_null"] for r in ok),
                                          default=math.nan), 3),
                        f"{sum(r['openings_to_owner0'] for r in ok) // max(1, len(ok))}",
                        f"{max((r['aggregate_max_abs_error'] for r in ok), default=math.nan):.1e}",
-                       fmt(float(np.mean([r["secure_seconds"] for r in ok])) if ok else math.nan, 1),
+                       fmt(float(np.mean([r["secure_seconds"] for r in ok])) if ok
+                           else math.nan, 1),
                        "; ".join(sorted({r.get("note", "") for r in got} - {""}))])
         out.append("\n**Evidence from the runs on shares** (one audited run per seed and "
                    "backbone: runs ok; problems `mpc_fi.audit.verify` found, summed; MB the other "
                    "parties sent that reach owner 0, mean; smallest KS p-value of owner 0's shares "
-                   "against uniform 64-bit words; largest |r| between a feature and the high word of "
-                   "owner 0's share of it over every run, then the same with the queries shuffled "
+                   "against uniform 64-bit words; largest |r| between a feature and the high "
+                   "word of owner 0's share of it over every run, then the same with the queries shuffled "
                    "(no dependence); openings of the features owner 0 receives per run (each a "
                    "Beaver product's masked operand, given to its inversion network with its "
                    "shares); largest error of the opened aggregate against its plaintext twin; "
