@@ -141,14 +141,12 @@ class LocalLauncher(Launcher):
     def run_functions(fn: Callable[..., Any], payloads: Sequence[Any], *, dealer: str = "ttp",
                       precision_bits: int = 16, timeout_s: float = 600.0,
                       log_dir: str | None = None, star: bool = False,
-                      transport: str = PLAINTEXT_DEFAULT,
-                      audit_dir: str | os.PathLike[str] | None = None) -> list[Any]:
+                      transport: str = PLAINTEXT_DEFAULT) -> list[Any]:
         """Run a secure computation that is not inference in local parties: ``fn(rank,
-        payloads[rank])`` in each, inside the same party runtime (see :func:`run_functions`;
-        ``audit_dir``: the wire audit, tests and studies only)."""
+        payloads[rank])`` in each, inside the same party runtime (see :func:`run_functions`)."""
         return run_functions(fn, payloads, dealer=dealer, precision_bits=precision_bits,
                              timeout_s=timeout_s, log_dir=log_dir, star=star,
-                             transport=transport, audit_dir=audit_dir)
+                             transport=transport)
 
     def _read(self, path) -> Any:
         return read_record(path)

@@ -23,14 +23,11 @@ from mpc_fi.plugins import LAUNCHERS, lookup
 
 def run_parties(fn: Callable[[int, Any], Any], payloads: Sequence[Any], *,
                 timeout_s: float = 600.0, precision_bits: int = 16,
-                log_dir: str | os.PathLike[str] | None = None,
-                audit_dir: str | os.PathLike[str] | None = None) -> list[Any]:
+                log_dir: str | os.PathLike[str] | None = None) -> list[Any]:
     """Run ``fn(rank, payloads[rank])`` in each computing party; results by rank.
 
-    ``fn`` must be a module-level function returning plain Python / numpy values. ``audit_dir``
-    records every party's and the dealer's traffic there (:mod:`mpc_fi.audit`: it writes shares
-    and keys to disk, so only a study that measures what the wire carries sets it).
+    ``fn`` must be a module-level function returning plain Python / numpy values.
     """
     local = lookup(LAUNCHERS, "local", key="launcher")
     return local.run_functions(fn, payloads, timeout_s=timeout_s, precision_bits=precision_bits,
-                               log_dir=log_dir, audit_dir=audit_dir)
+                               log_dir=log_dir)

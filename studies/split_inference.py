@@ -10,22 +10,24 @@ hold) and **private heads** (each owner's classifier on the backbone's features)
   split and its own training shard, passed through the public backbone. It then decodes every
   query it is sent.
 * **mpc-fi's public-backbone mode**: the querier runs the backbone and **secret-shares** the
-  features (``crypten.cryptensor(features, src=querier)``, the call :mod:`mpc_fi.party` makes);
-  the heads run on shares; only the aggregate is opened, to the querier. The same owner trains
-  the same inversion network on **its own shares** of the features, for queries whose inputs it
-  knows (a known-plaintext attacker: the querier is made to ask the owner's whole auxiliary set
-  first), and decodes the held-out queries from their shares.
+  features; the owners' heads run on shares; only the aggregate (``soft_vote``) is opened, to the
+  querier. The same owner trains the same inversion network on **what it holds and receives**
+  for queries whose inputs it knows (a known-plaintext attacker: the querier is made to ask the
+  owner's whole auxiliary set first), and decodes the held-out queries from it.
 
-The secure side runs in real parties (:func:`studies.runner.run_parties`: the local launcher,
-the party runtime, the TTP dealer) with the **wire audit** on (:mod:`mpc_fi.audit`). What the
-owner is given is its share array as the party holds it; the audit of every party's outgoing
-traffic then shows what else reaches the owner: :func:`mpc_fi.audit.verify` must find no
-problem (every message belongs to a declared site, every opening equals the sender's share
-masked by dealer material regenerated from the dealer's keys, no material masks two openings,
-the only release goes to the querier, no query data crosses the wire), and the study counts the
-bytes the other parties send the owner. A Kolmogorov-Smirnov test compares the owner's shares
-(64-bit words / 2^64) with the uniform distribution, and the heads' aggregate opened to the
-querier is checked against its plaintext twin.
+The secure side is the engine itself: a federation with ``public_backbone`` (full mode,
+``soft_vote``, TTP dealer) run by the registered local launcher with the **wire audit** on
+(:mod:`mpc_fi.audit`), answering the auxiliary digits and then the queries in one run. From the
+audit logs the study takes owner 0's view of every query's features: its own share (recorded by
+the audit as its part of the features' masked openings) and the openings of the features it
+receives (the sum of every party's masked message, one per head's Beaver product); the decoded
+sum of all parties' recorded shares is checked to be the features. :func:`mpc_fi.audit.verify`
+must find no problem (every message belongs to a declared site, every opening equals the
+sender's share masked by dealer material regenerated from the dealer's keys, no material masks
+two openings, the only release goes to the querier, no query data crosses the wire), and the
+study counts the bytes the other parties send that reach owner 0. A Kolmogorov-Smirnov test
+compares owner 0's shares (64-bit words / 2^64) with the uniform distribution, and the querier's
+labels are compared with the plaintext twin's.
 
 **Data.** scikit-learn's digits (8x8, pixels scaled to [0, 1]); per seed a stratified split:
 40 % public (trains the backbone and the fixed evaluation classifier; the attacker has it), 30 %
@@ -278,50 +280,68 @@ def run_seed(cfg: SplitConfig, seed: int, workdir: Path) -> list[Row]:
         rows.append({**base, "view": "truth", "classifier_accuracy":
                      float((clf.predict(xq) == data.y_query).mean())})
         if cfg.secure:
-            rows.append(_secure(cfg, seed, base, heads, np.concatenate([f_aux, f_q]), len(x_aux),
-                                x_aux, xq, data.y_query, clf,
-                                workdir / f"s{seed}-d{depth}w{width}"))
+            rows.append(_secure(cfg, seed, base, backbone, heads, np.concatenate([x_aux, xq]),
+                                np.concatenate([f_aux, f_q]), len(x_aux), x_aux, xq,
+                                data.y_query, clf, workdir / f"s{seed}-d{depth}w{width}"))
     return rows
 
 
-def _secure(cfg: SplitConfig, seed: int, base: Row, heads: list[nn.Linear], features: np.ndarray,
-            n_aux: int, x_aux: np.ndarray, xq: np.ndarray, yq: np.ndarray, clf: Any,
-            workdir: Path) -> Row:
-    """The public-backbone mode in real parties with the wire audit on; owner 0 inverts its
-    shares. Returns the ``shares`` row with the audit's evidence."""
+def _secure(cfg: SplitConfig, seed: int, base: Row, backbone: nn.Module, heads: list[nn.Linear],
+            x_all: np.ndarray, features: np.ndarray, n_aux: int, x_aux: np.ndarray,
+            xq: np.ndarray, yq: np.ndarray, clf: Any, workdir: Path) -> Row:
+    """The engine's public-backbone mode (a federation with ``public_backbone``, full mode,
+    ``soft_vote``, the registered local launcher) with the wire audit on, answering the
+    attacker's auxiliary digits and then the queries; owner 0 inverts what the audit shows it
+    holds and receives. Returns the ``shares`` row with the audit's evidence."""
     from mpc_fi import audit  # noqa: PLC0415
+    from mpc_fi.config import BackboneConfig, FederationConfig, ModelSource, OwnerConfig, \
+        ProtocolConfig, QuerierConfig  # noqa: PLC0415
+    from mpc_fi.plugins import LAUNCHERS, build_protocol, lookup  # noqa: PLC0415
     from scipy import stats  # noqa: PLC0415
 
-    from .runner import run_parties  # noqa: PLC0415
-
-    n = cfg.num_owners
-    payloads: list[dict[str, Any]] = [
-        {"num_owners": n, "weight": h.weight.detach().double().T.contiguous().numpy(),
-         "bias": h.bias.detach().double().numpy()} for h in heads]
-    payloads.append({"num_owners": n, "features": features})
-    audit_dir = workdir / "audit"
-    audit_dir.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
+    workdir.mkdir(parents=True, exist_ok=True)
+    depth, width = base["depth"], base["width"]
+    torch.save(backbone.state_dict(), workdir / "backbone.pt")
+    owners = []
+    for k, head in enumerate(heads):  # mpc_fi.demo:head is Sequential(Linear(features, classes))
+        torch.save(nn.Sequential(head).state_dict(), workdir / f"head{k}.pt")
+        owners.append(OwnerConfig(name=f"owner{k}", model=ModelSource(
+            factory="mpc_fi.demo:head", weights=str(workdir / f"head{k}.pt"),
+            kwargs={"features": width, "num_classes": 10})))
+    fed = FederationConfig(
+        owners=tuple(owners), mode="full", protocol=ProtocolConfig(name="soft_vote"),
+        querier=QuerierConfig(name="querier", input_range=(0.0, 1.0)),
+        public_backbone=BackboneConfig(model=ModelSource(
+            factory="studies.split_inference:make_backbone", weights=str(workdir / "backbone.pt"),
+            kwargs={"depth": depth, "width": width}), output_range=(0.0, 1.0)))
     row: Row = {**base, "view": "shares"}
+    t0 = time.perf_counter()
     try:
-        results = run_parties(_party, payloads, timeout_s=cfg.timeout_s, audit_dir=audit_dir)
+        launcher = lookup(LAUNCHERS, "local", key="launcher")(
+            fed, run_dir=workdir / "run", timeout_s=cfg.timeout_s, audit=True, keep_run_dir=True)
+        results = launcher.run(query=x_all)
     except Exception as exc:  # noqa: BLE001 - a failed run is a row, not a crash
         return {**row, "note": "failed: " + describe_failure(exc)}
     seconds = time.perf_counter() - t0
-    logs = {r: audit.load(str(audit_dir / f"audit-{r}.npz")) for r in range(n + 2)}
-    problems = audit.verify(logs, querier=n, mode="full", dealer=n + 1)
+    ranks = len(fed.party_names)
+    logs = {r: audit.load(str(workdir / "run" / f"audit-{r}.npz")) for r in range(ranks)}
+    problems = audit.verify(logs, querier=fed.querier_rank, mode="full",
+                            dealer=fed.compute_world_size)
     received = sum(_nbytes(rec.data) for r, log in logs.items() if r != 0
                    for rec in log.sent if rec.peer in (0, None))
-    shares = np.asarray(results[0]["share"], dtype=np.int64)
-    opened_x, secrets_x = feature_openings(logs, n, shares.shape)
+    opened_x, secrets_x = feature_openings(logs, cfg.num_owners, features.shape)
+    if not opened_x:
+        return {**row, "note": "no opening of the features found in the audit",
+                "audit_problems": len(problems)}
+    shares = secrets_x[0][0]  # owner 0's share of the features, as the audit recorded it
     decoded = np.sum(np.stack(secrets_x[0]), axis=0, dtype=np.int64).astype(np.float64) / 2.0 ** 16
     with torch.no_grad():
-        twin = sum(torch.from_numpy(features) @ torch.from_numpy(p["weight"])
-                   + torch.from_numpy(p["bias"]) for p in payloads[:n]).numpy()
-    opened = np.asarray(results[n]["logits"], dtype=np.float64)
+        logits = [head(torch.from_numpy(features.astype(np.float32))).double() for head in heads]
+    twin = np.asarray(build_protocol(fed, num_classes=10).plaintext(logits).labels)
+    labels = np.asarray(results[fed.querier_rank]["labels"])
     words = shares.reshape(-1).view(np.uint64).astype(np.float64) / 2.0 ** 64
-    # owner 0's whole view of each query: its share of the features and the n openings of the
-    # features (one per head's multiplication, each masked by fresh dealer material)
+    # owner 0's whole view of each query's features: its share and the openings of them it
+    # receives (one per head's multiplication, each masked by fresh dealer material)
     z = encode_shares(np.concatenate([shares, *opened_x], axis=1))
     inv = train_inverter(z[:n_aux], x_aux, seed=seed, hidden=cfg.inverter_hidden,
                          epochs=cfg.inverter_epochs)
@@ -336,7 +356,7 @@ def _secure(cfg: SplitConfig, seed: int, base: Row, heads: list[nn.Linear], feat
             "share_feature_max_abs_r_null": _max_abs_corr(
                 z[:, :features.shape[1]],
                 features[np.random.default_rng((seed, 11)).permutation(len(features))]),
-            "aggregate_max_abs_error": float(np.abs(opened - twin).max()),
+            "label_agreement_with_twin": float((labels == twin).mean()),
             "openings_to_owner0": len(opened_x),
             "audited_site_is_features_err": float(np.abs(decoded - features).max()),
             "secure_seconds": seconds}
@@ -379,40 +399,6 @@ def _max_abs_corr(a: np.ndarray, b: np.ndarray) -> float:
     a = (a - a.mean(0)) / (a.std(0) + 1e-12)
     b = (b - b.mean(0)) / (b.std(0) + 1e-12)
     return float(np.abs((a * b).mean(0)).max())
-
-
-def _party(rank: int, payload: dict[str, Any]) -> dict[str, Any]:
-    """One computing party of the public-backbone mode: the querier secret-shares the backbone's
-    features (as :mod:`mpc_fi.party` does), every owner's linear head runs on shares, the sum of
-    the heads' logits is opened to the querier only. Owner 0 hands back its own share of the
-    features (what it holds of every query) for the study's inversion attack."""
-    from mpc_fi import runtime, wire  # noqa: PLC0415
-
-    session = runtime.current()
-    crypten = session.crypten
-    n = payload["num_owners"]
-    q = n
-    shape = session.broadcast(list(np.shape(payload["features"])) if rank == q else None,
-                              wire.Shape(min_dims=2, max_elements=wire.MAX_ELEMENTS), src=q,
-                              what="feature shape")
-    feats = torch.as_tensor(payload["features"], dtype=torch.float64) if rank == q \
-        else torch.zeros(tuple(shape), dtype=torch.float64)
-    x_enc = crypten.cryptensor(feats, src=q)
-    width = int(shape[1])
-    total = None
-    for r in range(n):
-        w = torch.as_tensor(payload["weight"]) if rank == r else torch.zeros(width, 10,
-                                                                             dtype=torch.float64)
-        b = torch.as_tensor(payload["bias"]) if rank == r else torch.zeros(10, dtype=torch.float64)
-        logits = x_enc.matmul(crypten.cryptensor(w, src=r)) + crypten.cryptensor(b, src=r)
-        total = logits if total is None else total + logits
-    opened = total.get_plain_text(dst=q)
-    out: dict[str, Any] = {}
-    if rank == 0:
-        out["share"] = x_enc.share.clone().numpy()
-    if rank == q:
-        out["logits"] = opened.numpy()
-    return out
 
 
 def run_split_inference(cfg: SplitConfig = SplitConfig(), *, show_progress: bool = True
@@ -489,7 +475,7 @@ def markdown_report(rows: Sequence[Row]) -> str:
                        + " / " + fmt(max((r["share_feature_max_abs_r_null"] for r in ok),
                                          default=math.nan), 3),
                        f"{sum(r['openings_to_owner0'] for r in ok) // max(1, len(ok))}",
-                       f"{max((r['aggregate_max_abs_error'] for r in ok), default=math.nan):.1e}",
+                       fmt(min((r["label_agreement_with_twin"] for r in ok), default=math.nan), 3),
                        fmt(float(np.mean([r["secure_seconds"] for r in ok])) if ok
                            else math.nan, 1),
                        "; ".join(sorted({r.get("note", "") for r in got} - {""}))])
@@ -500,11 +486,11 @@ def markdown_report(rows: Sequence[Row]) -> str:
                    "word of owner 0's share of it over every run, then the same with the queries shuffled "
                    "(no dependence); openings of the features owner 0 receives per run (each a "
                    "Beaver product's masked operand, given to its inversion network with its "
-                   "shares); largest error of the opened aggregate against its plaintext twin; "
+                   "shares); smallest agreement of the querier's labels with the plaintext twin's; "
                    "seconds per run).\n\n")
         out.append(markdown_table(ev, ["backbone", "runs ok", "audit problems", "MB to owner 0",
                                        "min KS p", "max abs r (shuffled)", "openings",
-                                       "aggregate max err", "s", "note"], align="lrrrrrrrrl"))
+                                       "labels = twin (min)", "s", "note"], align="lrrrrrrrrl"))
         pvalues = [r["ks_uniform_p"] for r in secure if "ks_uniform_p" in r]
         if len(pvalues) > 1:
             from scipy import stats  # noqa: PLC0415

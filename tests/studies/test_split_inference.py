@@ -41,7 +41,7 @@ def test_features_are_inverted_and_shares_are_not(tmp_path):
     assert shares["audit_problems"] == 0, shares["audit_first_problem"]
     assert shares["openings_to_owner0"] == 3  # one masked opening of the features per head
     assert shares["audited_site_is_features_err"] < 1e-4
-    assert shares["aggregate_max_abs_error"] < 1e-2
+    assert shares["label_agreement_with_twin"] >= 0.9  # soft voting on shares approximates softmax
     assert shares["mse"] > 0.9 * mean
     assert shares["classifier_accuracy"] < 0.3
 
