@@ -1,8 +1,9 @@
 """The embedded default federation: scikit-learn's bundled digits, owners trained at start-up.
 
-Nothing is downloaded: ``sklearn.datasets.load_digits`` ships with scikit-learn. The training
-set is split among the owners by a Dirichlet(alpha) draw over classes (non-IID), each owner
-trains a small model on its share, and the querier keeps the held-out split.
+Nothing is downloaded: ``sklearn.datasets.load_digits`` ships with scikit-learn, and MNIST-1D
+(:func:`make_mnist1d`) is generated procedurally by the ``mnist1d`` package on this machine.
+The training set is split among the owners by a Dirichlet(alpha) draw over classes (non-IID),
+each owner trains a small model on its share, and the querier keeps the held-out split.
 
 This package plays every organisation at once *before* the federation starts (it trains all the
 owners so the demo is self-contained) and therefore can also compute the plaintext reference.
@@ -14,6 +15,7 @@ sits beside the engine: ``mpc-fi run`` without a federation file finds it throug
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,13 +26,25 @@ from torch import nn
 from mpc_fi.config import FederationConfig, ModelSource, OwnerConfig, ProtocolConfig, QuerierConfig
 from mpc_fi.demo import cnn, mlp
 
-DATASETS = ("digits", "breast_cancer")
+DATASETS = ("digits", "breast_cancer", "mnist1d")
+#: MNIST-1D examples generated when no count is given (the ``mnist1d`` package's default).
+MNIST1D_SAMPLES = 5000
+#: The generator seed of MNIST-1D (the package's default: its published data set uses it).
+MNIST1D_SEED = 42
 
 
-def load_dataset(name: str = "digits") -> tuple[np.ndarray, np.ndarray]:
-    """Features scaled to about [-3, 3] and integer labels, from data bundled with scikit-learn."""
+def load_dataset(name: str = "digits", *, samples: int | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Features scaled to about [-3, 3] (MNIST-1D: standardised, about [-6, 6]) and integer
+    labels. ``digits`` and ``breast_cancer`` are bundled with scikit-learn and have a fixed size
+    (``samples`` must be None); ``mnist1d`` is generated here with ``samples`` examples (default
+    :data:`MNIST1D_SAMPLES`)."""
     from sklearn import datasets  # noqa: PLC0415 - only the demo and the study need it
 
+    if name == "mnist1d":
+        return make_mnist1d(MNIST1D_SAMPLES if samples is None else samples)
+    if samples is not None:
+        raise ValueError(f"{name!r} has a fixed size; a sample count applies to mnist1d only")
     if name == "digits":
         bunch = datasets.load_digits()
         x = bunch.data.astype(np.float32) / 16.0
@@ -41,6 +55,39 @@ def load_dataset(name: str = "digits") -> tuple[np.ndarray, np.ndarray]:
     else:
         raise ValueError(f"unknown data set {name!r}; choose one of {DATASETS}")
     return x.astype(np.float32), bunch.target.astype(np.int64)
+
+
+def make_mnist1d(samples: int = MNIST1D_SAMPLES, seed: int = MNIST1D_SEED
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """MNIST-1D (Greydanus 2020): ``samples`` 40-point signals of the ten digit templates, shifted,
+    scaled, sheared and noised by the ``mnist1d`` package's generator; ``samples // 10`` per class.
+
+    Nothing is downloaded: only the generator (``mnist1d.data.make_dataset``) runs, never
+    ``get_dataset`` (which fetches a pickle). The generator seeds numpy's and ``random``'s global
+    state; both are restored afterwards, so loading the data changes no other draw. The result is
+    a function of ``(samples, seed)`` alone (cached; callers get copies).
+    """
+    if isinstance(samples, bool) or int(samples) != samples or samples < 10:
+        raise ValueError(f"MNIST-1D needs at least 10 samples (one per class), got {samples!r}")
+    x, y = _mnist1d(int(samples), int(seed))
+    return x.copy(), y.copy()
+
+
+@functools.lru_cache(maxsize=4)
+def _mnist1d(samples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    import random  # noqa: PLC0415
+
+    from mnist1d.data import get_dataset_args, make_dataset  # noqa: PLC0415 - optional use
+
+    args = get_dataset_args()
+    args.num_samples, args.seed, args.train_split = samples, seed, 1.0  # one pool: split here
+    np_state, py_state = np.random.get_state(), random.getstate()
+    try:
+        data = make_dataset(args)
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+    return data["x"].astype(np.float32), data["y"].astype(np.int64)
 
 
 def dirichlet_split(labels: np.ndarray, num_owners: int, alpha: float,
@@ -92,13 +139,16 @@ class DemoSetup:
 def prepare(workdir: str | Path, *, dataset: str = "digits", num_owners: int = 3,
             alpha: float = 0.5, seed: int = 0, arch: str = "mlp", mode: str = "output",
             protocol: str = "soft_vote", protocol_params: dict | None = None, reveal: str = "label",
-            dealer: str = "ttp", batch_size: int | None = None, test_fraction: float = 0.3) -> DemoSetup:
-    """Split the data, train every owner, save each owner's weights to its own file."""
+            dealer: str = "ttp", batch_size: int | None = None, test_fraction: float = 0.3,
+            samples: int | None = None) -> DemoSetup:
+    """Split the data, train every owner, save each owner's weights to its own file.
+
+    ``samples``: how many MNIST-1D examples to generate (``dataset="mnist1d"`` only)."""
     from sklearn.model_selection import train_test_split  # noqa: PLC0415
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    x, y = load_dataset(dataset)
+    x, y = load_dataset(dataset, samples=samples)
     num_classes = int(y.max()) + 1
     x_train, x_test, y_train, y_test = train_test_split(
         x, y, test_size=test_fraction, random_state=seed, stratify=y)

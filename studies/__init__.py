@@ -19,6 +19,9 @@ Modules, in dependency order:
 * :mod:`.attacks`      stronger attacks per release policy: LiRA with shadow federations (TPR at
                        low FPR, owners that overfit), extraction from synthetic and
                        out-of-distribution queries, inference of each owner's label skew
+* :mod:`.split_inference` an owner inverts a public backbone's features: plaintext features
+                       (split deployment) against its shares and received openings in the
+                       public-backbone mode (real parties, wire audit)
 * :mod:`.plots`        figures (matplotlib, imported lazily)
 * :mod:`.cli`          :func:`study_main`, wired as ``mpc-fi study`` (also ``python -m studies``)
 

@@ -24,6 +24,8 @@ examples:
   mpc-fi study valuation-leakage           # what coalition accuracies leak; owners' defences
   mpc-fi study local-dp --owners 5 25      # randomized response per owner vs GNMax on shares
   mpc-fi study attacks                     # LiRA (TPR at low FPR), OOD extraction, label skew
+  mpc-fi study split-inference             # feature inversion: plaintext features vs shares
+  mpc-fi study noniid --combos mnist1d:mlp --samples 5000   # MNIST-1D, generated here
   mpc-fi study all --out docs/study        # everything, with the default settings
 """
 
@@ -52,6 +54,20 @@ def _owner_count(text: str) -> int:
     if value < 2:
         raise argparse.ArgumentTypeError(f"a federation needs at least 2 owners, got {text}")
     return value
+
+
+def _sample_count(text: str) -> int:
+    value = int(text)
+    if value < 10:
+        raise argparse.ArgumentTypeError(f"MNIST-1D needs at least 10 examples, got {text}")
+    return value
+
+
+def _backbone(text: str) -> tuple[int, int]:
+    depth, sep, width = text.lower().partition("x")
+    if not sep or not depth.isdigit() or not width.isdigit() or int(depth) < 1 or int(width) < 1:
+        raise argparse.ArgumentTypeError(f"expected DEPTHxWIDTH (e.g. 2x32), got {text!r}")
+    return int(depth), int(width)
 
 
 def _positive_float(text: str) -> float:
@@ -119,6 +135,10 @@ def _populate(parser: argparse.ArgumentParser) -> None:
     nid.add_argument("--secure-alphas", nargs="+", type=_positive_float, default=[0.1, 10.0])
     nid.add_argument("--secure-protocols", nargs="+", metavar="NAME",
                      help="protocols on shares (default: all)")
+    nid.add_argument("--secure-seeds", nargs="+", type=int, default=[0],
+                     help="seeds of the cells on shares (default 0)")
+    nid.add_argument("--samples", type=_sample_count, metavar="N",
+                     help="examples of MNIST-1D to generate (mnist1d combos; default 5000)")
     nid.add_argument("--secure-queries", type=_positive_int,
                      help="answer only the first N held-out queries on shares")
     nid.add_argument("--secure-repeats", type=_positive_int, default=5,
@@ -195,6 +215,9 @@ def _populate(parser: argparse.ArgumentParser) -> None:
                                     "the non-private ensemble and answered rate over epsilon and "
                                     "the number of owners (seeded plaintext twins), and GNMax "
                                     "on shares for a few cells.")
+    ld.add_argument("--dataset", default="digits", choices=["digits", "mnist1d"])
+    ld.add_argument("--samples", type=_sample_count, metavar="N",
+                    help="examples of MNIST-1D to generate (--dataset mnist1d; default 5000)")
     ld.add_argument("--owners", nargs="+", type=_owner_count, default=[5, 25, 100, 250])
     ld.add_argument("--epsilons", nargs="+", type=_positive_float,
                     default=[1.0, 4.0, 16.0, 64.0, 256.0],
@@ -254,6 +277,28 @@ def _populate(parser: argparse.ArgumentParser) -> None:
     at.add_argument("--timeout", type=float, default=900.0)
     common(at)
 
+    si = sub.add_parser("split-inference",
+                        help="feature inversion: split deployment vs the public-backbone mode",
+                        description="An owner trains an inversion network (features -> query) on "
+                                    "its auxiliary data and decodes held-out queries, from the "
+                                    "backbone's plaintext features (split deployment) and from its "
+                                    "own shares and received openings in mpc-fi's public-backbone "
+                                    "mode (real parties, wire audit on), for backbones of several "
+                                    "depths and widths.")
+    si.add_argument("--backbones", nargs="+", type=_backbone, metavar="DEPTHxWIDTH",
+                    default=[(1, 8), (1, 32), (2, 32), (3, 64)],
+                    help="backbones as DEPTHxWIDTH (default 1x8 1x32 2x32 3x64)")
+    si.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4],
+                    help="seeds (default 0-4: tables give 95%% intervals over them)")
+    si.add_argument("--owners", type=_owner_count, default=3)
+    si.add_argument("--queries", type=_positive_int,
+                    help="decode only the first Q held-out queries (default: all 540)")
+    si.add_argument("--inverter-epochs", type=_positive_int, default=600)
+    si.add_argument("--no-secure", action="store_true",
+                    help="plaintext features only (no parties, no shares row)")
+    si.add_argument("--timeout", type=float, default=600.0)
+    common(si)
+
     al = sub.add_parser("all", help="every study with its defaults")
     al.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4],
                     help="seeds of every study (default 0-4)")
@@ -276,7 +321,7 @@ def _noniid(args: argparse.Namespace, out: Path) -> None:
             owners=tuple(getattr(args, "secure_owners", [3])),
             alphas=tuple(getattr(args, "secure_alphas", [0.1, 10.0])),
             protocols=tuple(args.secure_protocols) if getattr(args, "secure_protocols", None)
-            else None))
+            else None, seeds=tuple(getattr(args, "secure_seeds", [0]))))
     cfg = NoniidConfig(combos=tuple(getattr(args, "combos", None) or COMBOS),
                        owners=tuple(getattr(args, "owners", (3, 5, 8))),
                        alphas=tuple(getattr(args, "alphas", (0.1, 0.3, 1.0, 10.0))),
@@ -284,7 +329,8 @@ def _noniid(args: argparse.Namespace, out: Path) -> None:
                        protocols=tuple(args.protocols) if getattr(args, "protocols", None) else None,
                        params=parse_param_overrides(getattr(args, "param", None)),
                        secure=secure, secure_queries=getattr(args, "secure_queries", None),
-                       secure_repeats=getattr(args, "secure_repeats", 5))
+                       secure_repeats=getattr(args, "secure_repeats", 5),
+                       samples=getattr(args, "samples", None))
     rows = run_noniid(cfg, show_progress=not args.quiet)
     write_csv(rows, out / "noniid.csv")
     _emit("noniid", markdown_report(rows), out)
@@ -357,7 +403,10 @@ def _local_dp(args: argparse.Namespace, out: Path) -> None:
 
     cfg = LocalDpConfig(seeds=tuple(args.seeds))
     if args.study == "local-dp":
-        cfg = LocalDpConfig(owners=tuple(args.owners), epsilons=tuple(args.epsilons),
+        if args.samples is not None and args.dataset != "mnist1d":
+            raise ConfigError("a sample count applies to --dataset mnist1d only", key="--samples")
+        cfg = LocalDpConfig(dataset=args.dataset, samples=args.samples,
+                            owners=tuple(args.owners), epsilons=tuple(args.epsilons),
                             delta=args.delta, seeds=tuple(args.seeds), queries=args.queries,
                             confident=not args.no_confident,
                             threshold_fraction=args.confident_threshold,
@@ -400,6 +449,26 @@ def _attacks(args: argparse.Namespace, out: Path) -> None:
         attacks_plot(rows, out)
 
 
+def _split_inference(args: argparse.Namespace, out: Path) -> None:
+    from .common import write_csv  # noqa: PLC0415
+    from .split_inference import SplitConfig, markdown_report, \
+        run_split_inference  # noqa: PLC0415
+
+    cfg = SplitConfig(seeds=tuple(args.seeds))
+    if args.study == "split-inference":
+        cfg = SplitConfig(backbones=tuple(args.backbones), seeds=tuple(args.seeds),
+                          num_owners=args.owners, queries=args.queries,
+                          inverter_epochs=args.inverter_epochs, secure=not args.no_secure,
+                          timeout_s=args.timeout)
+    rows = run_split_inference(cfg, show_progress=not args.quiet)
+    write_csv(rows, out / "split_inference.csv")
+    _emit("split_inference", markdown_report(rows), out)
+    if not args.no_plots:
+        from .plots import split_inference_plot  # noqa: PLC0415
+
+        split_inference_plot(rows, out)
+
+
 def study_main(argv: list[str] | None = None) -> int:
     """Entry point of ``mpc-fi study``; returns the process exit code.
 
@@ -436,6 +505,8 @@ def run_study(args: argparse.Namespace) -> int:
         _local_dp(args, out)
     if args.study in ("attacks", "all"):
         _attacks(args, out)
+    if args.study in ("split-inference", "all"):
+        _split_inference(args, out)
     print(f"results in {out}/", file=sys.stderr)
     return 0
 

@@ -103,6 +103,7 @@ class LocalDpConfig:
     delta: float = 1e-5
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     dataset: str = "digits"
+    samples: int | None = None  # MNIST-1D examples to generate (None: demos.MNIST1D_SAMPLES)
     queries: int | None = None  # the first Q held-out queries (None: all of them)
     hidden: int = 32  # hidden units of each owner's MLP (the demo's model)
     confident: bool = True  # include confident_gnmax
@@ -390,13 +391,14 @@ class Split:
     input_range: tuple[float, float]
 
 
-def split_data(dataset: str, seed: int, queries: int | None) -> Split:
+def split_data(dataset: str, seed: int, queries: int | None, samples: int | None = None
+               ) -> Split:
     """The demo's stratified 70/30 split for ``seed``; the querier asks the first ``queries``
-    held-out examples."""
+    held-out examples (``samples``: MNIST-1D examples to generate)."""
     import demos as demo  # noqa: PLC0415
     from sklearn.model_selection import train_test_split  # noqa: PLC0415
 
-    x, y = demo.load_dataset(dataset)
+    x, y = demo.load_dataset(dataset, samples=samples)
     x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.3, random_state=seed, stratify=y)
     if queries is not None:
         x_te, y_te = x_te[:queries], y_te[:queries]
@@ -445,7 +447,7 @@ def run_seed(cfg: LocalDpConfig, seed: int, workdir: Path,
              progress: Callable[[str], None] | None = None) -> list[Row]:
     """Every cell of one seed: train the owners per ``N``, release with each mechanism at each
     epsilon (seeded twins), and the cells on shares."""
-    split = split_data(cfg.dataset, seed, cfg.queries)
+    split = split_data(cfg.dataset, seed, cfg.queries, cfg.samples)
     q, k, y = len(split.y_query), split.num_classes, split.y_query
     rows: list[Row] = []
     for n in cfg.owners:
@@ -519,8 +521,14 @@ def _secure_cell(cfg: LocalDpConfig, split: Split, owners: Owners, cal: Calibrat
     rows = []
     for rep in range(cfg.secure_repeats):
         ledger = workdir / f"ledger{rep}.json"
+        # Each run is a fresh experiment at exactly (epsilon, delta): every owner keeps its own
+        # ledger (the engine's per-owner budget check), so each run gets fresh ones here, never
+        # the owners' default ledgers, which would carry one cell's spending into the next.
+        owners_cfg = tuple(
+            dataclasses.replace(o, ledger=str(workdir / f"{o.name}-ledger{rep}.json"))
+            for o in sources)
         fed = FederationConfig(
-            owners=tuple(sources), querier=QuerierConfig(name="querier",
+            owners=owners_cfg, querier=QuerierConfig(name="querier",
                                                          input_range=split.input_range),
             mode="output", protocol=ProtocolConfig(name="gnmax",
                                                    params={"sigma": cal.gnmax_sigma}),

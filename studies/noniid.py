@@ -83,6 +83,7 @@ class NoniidConfig:
     secure_queries: int | None = None  # answer only the first N held-out queries on shares
     secure_repeats: int = 5  # runs on shares of each DP protocol per secure cell (fresh noise)
     timeout_s: float = 900.0
+    samples: int | None = None  # MNIST-1D examples to generate (None: demos.MNIST1D_SAMPLES)
 
     def cells(self) -> list[tuple[tuple[str, str], int, float, int]]:
         return [(combo, n, a, s) for combo in self.combos for n in self.owners
@@ -103,7 +104,8 @@ def run_cell(combo: tuple[str, str], n: int, alpha: float, seed: int, cfg: Nonii
     dataset, arch = combo
     key = {"dataset": dataset, "arch": arch, "owners": n, "alpha": alpha, "seed": seed}
     t0 = time.perf_counter()
-    setup = demo.prepare(workdir, dataset=dataset, num_owners=n, alpha=alpha, seed=seed, arch=arch)
+    setup = demo.prepare(workdir, dataset=dataset, num_owners=n, alpha=alpha, seed=seed, arch=arch,
+                         samples=cfg.samples if dataset == "mnist1d" else None)
     x, y = setup.x_test, setup.y_test
     logits = demo.owner_logits(setup.models, x)
     num_classes = int(setup.federation.owners[0].model.kwargs.get("num_classes", y.max() + 1))

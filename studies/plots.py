@@ -249,3 +249,35 @@ def attacks_plot(rows: Sequence[Row], out_dir: str | Path) -> Path | None:
     fig.savefig(path, dpi=DPI, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def split_inference_plot(rows: Sequence[Row], out_dir: str | Path) -> Path:
+    """MSE and the evaluator's accuracy on the reconstructions, per backbone and view (mean and
+    95 % interval over seeds)."""
+    from .common import mean_ci  # noqa: PLC0415
+    from .split_inference import VIEWS  # noqa: PLC0415
+
+    plt = _pyplot()
+    backbones = sorted({(r["depth"], r["width"]) for r in rows})
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    width = 0.8 / len(VIEWS)
+    labels = {"features": "plaintext features", "shares": "shares + openings",
+              "mean": "mean image"}
+    for ax, metric, title in ((axes[0], "mse", "MSE of the reconstructions (lower: more leakage)"),
+                              (axes[1], "classifier_accuracy",
+                               "evaluator accuracy on the reconstructions")):
+        for i, view in enumerate(VIEWS):
+            stats = [mean_ci(r[metric] for r in rows if r["view"] == view and metric in r
+                             and (r["depth"], r["width"]) == b) for b in backbones]
+            x = np.arange(len(backbones)) + (i - (len(VIEWS) - 1) / 2) * width
+            ax.bar(x, [s.mean for s in stats], width, yerr=[np.nan_to_num(s.half) for s in stats],
+                   label=labels[view], capsize=2)
+        ax.set_xticks(np.arange(len(backbones)), [f"{d} x {w}" for d, w in backbones])
+        ax.set_xlabel("backbone (depth x width)")
+        ax.set_title(title, fontsize=9)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(out_dir) / "split_inference.png"
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path

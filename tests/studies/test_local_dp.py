@@ -185,13 +185,17 @@ def test_study_main_local_dp_writes_tables(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_gnmax_on_shares_spends_the_calibrated_budget(tmp_path):
-    cfg = ldp.LocalDpConfig(owners=(3,), epsilons=(256.0,), seeds=(0,), queries=30,
-                            confident=False, secure_owners=(3,), secure_epsilons=(256.0,))
+    # Two cells and two runs each: every run must get fresh owner ledgers (owners check their
+    # own budgets; shared default ledgers made every run after the first refuse).
+    cfg = ldp.LocalDpConfig(owners=(3,), epsilons=(64.0, 256.0), seeds=(0,), queries=30,
+                            confident=False, secure_owners=(3,), secure_epsilons=(64.0, 256.0),
+                            secure_repeats=2)
     rows, _ = ldp.run_local_dp(cfg, show_progress=False)
     secure = [r for r in rows if r["kind"] == "secure"]
-    assert len(secure) == 1 and "accuracy" in secure[0], secure
-    assert 256.0 * (1 - 1e-6) <= secure[0]["epsilon_charged"] <= 256.0
-    assert 0 <= secure[0]["accuracy"] <= 1
+    assert len(secure) == 4 and all("accuracy" in r for r in secure), secure
+    for r in secure:
+        assert r["epsilon"] * (1 - 1e-6) <= r["epsilon_charged"] <= r["epsilon"]
+        assert 0 <= r["accuracy"] <= 1
     assert "GNMax on shares" in ldp.markdown_report(rows, _)
 
 
