@@ -460,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--stop", action="store_true", help="end the session (every party leaves)")
     ask.add_argument("--timeout", type=float, default=600.0, help="bound on one request (s)")
     ask.add_argument("--wait", type=float, default=0.0, metavar="S",
-                     help="wait up to S seconds for the socket to appear")
+                     help="wait up to S seconds for the socket to appear and every party to join")
     ask.set_defaults(func=cmd_ask)
 
     keygen = sub.add_parser(

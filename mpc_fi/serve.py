@@ -331,13 +331,18 @@ class ServedFederation:
 
 def connect(path: str | os.PathLike[str], *, timeout_s: float = 600.0,
             wait_s: float = 0.0) -> ServedFederation:
-    """Reach a federation served by ``mpc-fi serve`` through the querier's socket at ``path``
-    (waiting up to ``wait_s`` for it to appear)."""
+    """Reach a federation served by ``mpc-fi serve`` through the querier's socket at ``path``,
+    waiting up to ``wait_s`` for it to appear and for every party to join (after that, a request
+    to a federation still incomplete is refused with an error naming whom it waits for)."""
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            return ServedFederation(path, timeout_s=timeout_s)
+            fed = ServedFederation(path, timeout_s=timeout_s)
+            break
         except PartyFailedError:
             if time.monotonic() >= deadline:
                 raise
             time.sleep(0.05)
+    while time.monotonic() < deadline and fed.health().get("status") != "ready":
+        time.sleep(0.1)
+    return fed

@@ -112,6 +112,11 @@ def measure_served(profile_key: str, federation: Path, twin: list[int], x, workd
         figures: dict[str, float] = {}
         try:
             with connect(sock, wait_s=300, timeout_s=600) as client:
+                deadline = time.monotonic() + 300
+                while client.health()["status"] != "ready":  # every party joined
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"{profile_key}: the served parties never all joined")
+                    time.sleep(0.2)
                 if list(client.predict(x[:32])) != list(twin[:32]):
                     raise RuntimeError(f"{profile_key}: labels differ from the plaintext twin")
                 for size in (1, 32):

@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -202,15 +203,27 @@ def test_mpc_fi_serve_parties_rejoin_a_restarted_owner(small_federation, tmp_pat
             assert procs["owner1"].pid != pid
             _ready(client)
             np.testing.assert_array_equal(client.predict(x), twin)
+            # SIGTERM to owner1 in the middle of a large request: the request fails naming it
+            # (or had finished), nobody hangs: the others wait, and stop ends them all.
+            big = np.tile(x, (400, 1))
+            threading.Timer(0.2, procs["owner1"].send_signal, (signal.SIGTERM,)).start()
+            try:
+                np.testing.assert_array_equal(client.predict(big), np.tile(twin, 400))
+            except PartyFailedError as exc:
+                assert "owner1" in str(exc)
+            assert procs["owner1"].wait(60) == 143
+            _wait_until(lambda: "waiting" == _health_or_none(client))
             client.stop()
         outs.update({n: p.communicate(timeout=120) for n, p in procs.items()})
     finally:
         for p in procs.values():
             if p.poll() is None:
                 p.kill()
-    assert {n: p.returncode for n, p in procs.items()} == dict.fromkeys(names, 0), \
+    assert {n: p.returncode for n, p in procs.items()} == {**dict.fromkeys(names, 0),
+                                                           "owner1": 143}, \
         {n: o[1][-1500:] for n, o in outs.items()}
     assert "owner1 (rank 1) closed its connection" in outs["owner0"][1]
+    assert "stopped while waiting for the parties" in outs["dealer"][1]
 
 
 def _health_or_none(client) -> str | None:

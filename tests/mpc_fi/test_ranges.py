@@ -19,10 +19,12 @@ from mpc_fi.ranges import Limits, activation_ranges, check_model_ranges
 from .test_models import graph_models, image_models, randomized, vector_models
 
 
-def layer_outputs(model: nn.Module, arch, x: torch.Tensor) -> dict[str, torch.Tensor]:
+def layer_outputs(model: nn.Module, arch, x: torch.Tensor,
+                  modules: dict[str, nn.Module] | None = None) -> dict[str, torch.Tensor]:
     """Every converted layer's real output, keyed by its path (a Conv2d/Linear with the batch
-    norm folded into it, ``"conv+bn"``: the batch norm's output)."""
-    modules = dict(model.named_modules())
+    norm folded into it, ``"conv+bn"``: the batch norm's output). ``modules``: the layers by
+    path (default: the model's named modules)."""
+    modules = dict(model.named_modules()) if modules is None else modules
     seen: dict[str, torch.Tensor] = {}
     hooks = [modules[layer.path.split("+")[-1]].register_forward_hook(
         lambda _m, _i, out, path=layer.path: seen.__setitem__(path, out.detach()))
@@ -66,15 +68,7 @@ def test_bounds_of_a_graph_contain_every_reachable_activation(input_range):
     low, high = input_range
     g = torch.Generator().manual_seed(2)
     x = torch.rand((400, 2, 4, 4), generator=g, dtype=torch.float64) * (high - low) + low
-    seen: dict[str, torch.Tensor] = {}
-    by_name = dict(zip(model.names, model.layers))
-    hooks = [by_name[layer.path.split("+")[-1]].register_forward_hook(
-        lambda _m, _i, out, path=layer.path: seen.__setitem__(path, out.detach()))
-        for layer in arch.layers]
-    with torch.no_grad():
-        model(x)
-    for h in hooks:
-        h.remove()
+    seen = layer_outputs(model, arch, x, dict(zip(model.names, model.layers)))
     assert set(seen) == set(bounds)
     for path, out in seen.items():
         r = bounds[path]
