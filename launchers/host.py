@@ -204,6 +204,8 @@ class HostLauncher(Launcher):
             rec = {"type": "PartyFailedError", "message": f"exit code {self._code}"}
         if rec["type"] == "KeyboardInterrupt":
             raise KeyboardInterrupt
+        if rec["type"] == "SystemExit" and self._code == errors.Terminated.exit_code:
+            raise errors.Terminated()  # SIGTERM: leave with its exit code, as the party did
         cls = getattr(errors, rec["type"], None)
         if isinstance(cls, type) and issubclass(cls, errors.MpcFiError) \
                 and cls not in (errors.PartyFailedError, errors.MpcFiError):

@@ -333,7 +333,8 @@ class LocalLauncher(Launcher):
             party=fed.party_names[rank], rank=rank, log_tail=self.log_tail(rank))
 
     def terminate(self) -> None:
-        self._closing = True
+        with self._respawn_lock:  # no party is started again from here on
+            self._closing = True
         with self.terminating():
             alive = [p for p in self.procs if p.is_alive()]
             self._terminated |= {self.procs.index(p) for p in alive}

@@ -200,24 +200,28 @@ def roll_call(federation: FederationConfig, *, host: str, port: int, rank: int, 
             time.sleep(0.2)
 
 
-def _wait_patiently(store: Any, stop_key: str, missing: list[str]) -> None:
+def _wait_patiently(store: Any, stop_key: str, missing: list[str], *, hosts: bool) -> None:
     """One step of a served party's wait: report it (a served querier answers its clients and
-    may be told to stop: then every party at this rendezvous stops too)."""
+    may be told to stop: then every party at this rendezvous stops too). The store's host
+    (``hosts``) keeps it up a moment after a stop, so that everyone waiting there reads it."""
     from mpc_fi import runtime  # noqa: PLC0415
     from mpc_fi.serve import ServingStopped  # noqa: PLC0415
 
     try:
-        if store.check([stop_key]):
-            raise ServingStopped()
+        stop = store.check([stop_key])
     except RuntimeError:
         return  # the store went away: the roll call's next check says so
     try:
+        if stop:
+            raise ServingStopped()
         runtime.waiting(missing)
     except ServingStopped:
         try:
             store.set(stop_key, "1")
         except (RuntimeError, OSError):
             pass
+        if hosts:
+            time.sleep(1.0)
         raise
 
 
@@ -317,7 +321,7 @@ def _roll_call(federation: FederationConfig, *, host: str, port: int, rank: int,
             break
         if patient:
             _wait_patiently(store, f"{base.rsplit('/', 1)[0]}/stop",
-                            [_describe(federation, r) for r in missing])
+                            [_describe(federation, r) for r in missing], hosts=is_master)
         elif time.monotonic() > deadline:
             who = ", ".join(_describe(federation, r) for r in missing)
             raise PartyFailedError(

@@ -212,7 +212,8 @@ def test_mpc_fi_serve_parties_rejoin_a_restarted_owner(small_federation, tmp_pat
             except PartyFailedError as exc:
                 assert "owner1" in str(exc)
             assert procs["owner1"].wait(60) == 143
-            _wait_until(lambda: "waiting" == _health_or_none(client))
+            # Stop once every other party waits at the rendezvous: all of them stop.
+            _wait_until(lambda: _missing(client) == ["owner1 (rank 1, owner)"])
             client.stop()
         outs.update({n: p.communicate(timeout=120) for n, p in procs.items()})
     finally:
@@ -229,6 +230,13 @@ def test_mpc_fi_serve_parties_rejoin_a_restarted_owner(small_federation, tmp_pat
 def _health_or_none(client) -> str | None:
     try:
         return client.health()["status"]
+    except PartyFailedError:
+        return None
+
+
+def _missing(client) -> list[str] | None:
+    try:
+        return client.health().get("missing")
     except PartyFailedError:
         return None
 
