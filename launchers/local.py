@@ -283,9 +283,12 @@ class LocalLauncher(Launcher):
         except (KeyboardInterrupt, Terminated):
             self.terminate()
             raise
-        # The dealer leaves once party 0 says goodbye; give it a moment, it holds no result.
+        # The dealer leaves once party 0 says goodbye; give it a moment, it holds no result. A
+        # dealer that died instead (killed, crashed) is reported, even this late.
         for proc in self.procs[fed.compute_world_size:]:
             proc.join(self.stop_grace_s)
+        if any(p.exitcode not in (None, 0) for p in self.procs[fed.compute_world_size:]):
+            self._fail()
         return {r: self._read(result_file(self.run_dir, r)) for r in compute}
 
     def _root_cause(self) -> int:

@@ -95,7 +95,7 @@ class WireFormatError(MpcFiError):
 #: A name outside this table is a malformed message; never looked up in this module by name.
 PEER_ERRORS: dict[str, type[MpcFiError]] = {cls.__name__: cls for cls in (
     MpcFiError, ConfigError, UnsupportedModelError, InputError, ProtocolError,
-    BudgetExceededError, PartyFailedError, HandshakeError, WireFormatError)}
+    BudgetExceededError, PartyFailedError, SessionLost, HandshakeError, WireFormatError)}
 
 
 class Terminated(SystemExit):
