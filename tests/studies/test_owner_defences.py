@@ -167,3 +167,66 @@ def test_owners_refuse_a_small_pool_and_too_little_noise(federation3):
                                         contrib.all_coalitions(3), sample=20,
                                         min_pool=[1, 50, 1], min_count_sigma=[0, 0, 10],
                                         count_sigma=2.0, timeout_s=120)
+
+
+# ---------------------------------------------------------------------------------------
+# the attacks against the defences (studies.valuation_leakage)
+# ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    torch.set_num_threads(1)
+    return vleak.build_world("digits", 3, 0.1, 0, workdir=tmp_path_factory.mktemp("vworld"))
+
+
+def test_the_twin_with_a_seed_reproduces_its_samples_and_noise_exactly(world):
+    pool = np.arange(150)
+    runs = [vleak.ValuationOracle(world, sample=50, min_pool=100, sigma=10.0, seed=3).run(pool)
+            for _ in range(2)]
+    assert np.array_equal(runs[0], runs[1])
+    other = vleak.ValuationOracle(world, sample=50, min_pool=100, sigma=10.0, seed=4).run(pool)
+    assert not np.array_equal(runs[0], other)
+    small = vleak.ValuationOracle(world, sample=50, min_pool=100)
+    assert small.run(np.arange(99)) is None and small.refused == 1
+
+
+def test_mislabelled_padding_passes_a_minimum_size_with_one_run_per_class(world):
+    naive = vleak.chosen_subset_attack(vleak.ValuationOracle(world), differencing=False, pad=100,
+                                       seed=0)
+    guarded = vleak.ValuationOracle(world, min_validation=100)
+    padded = vleak.mislabelled_padding_attack(guarded, pad=100, seed=0)
+    assert guarded.refused == 0 and guarded.runs == world.num_classes
+    # an owner that predicts few classes answers some padding "right" (up to +0.4 here), which
+    # does not move the guesses: the same pair accuracy as the naive attack
+    assert np.all(padded >= naive - 1e-12)
+    res = vleak.attack_success(padded, world.class_counts, 5)
+    assert res["pair_accuracy"] >= 0.9 > res["trivial_accuracy"] and res["spearman"] > 0.6
+
+
+def test_on_shares_oracle_equals_the_twin_without_noise(world):
+    oracle = vleak.SecureValuationOracle(world, min_validation=40, timeout_s=120)
+    idx = np.flatnonzero(world.y == 3)
+    assert np.array_equal(oracle.run(idx), vleak.ValuationOracle(world).run(idx))
+    assert oracle.checked == 1 and oracle.mismatches == 0
+    assert oracle.run(idx[:30]) is None and oracle.refused == 1  # below min_validation
+
+
+def test_on_shares_refuses_two_settings_at_once(tmp_path, capsys):
+    from studies.cli import study_main
+
+    code = study_main(["valuation-leakage", "--on-shares", "--owners", "3", "5", "--quiet",
+                       "--out", str(tmp_path)])
+    assert code != 0 and "--owners" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_before_and_after_on_shares_tiny(tmp_path):
+    cfg = vleak.SecureLeakageConfig(seeds=(0,))
+    rows = vleak.run_secure_valuation_leakage(cfg, show_progress=False)
+    assert {(r["defence"], r["attack"]) for r in rows} == set(vleak.SECURE_SETTINGS)
+    shares = {(r["defence"], r["attack"]): r for r in rows if r["where"] == "shares"}
+    assert all(r["twin_mismatches"] == 0 for r in shares.values())
+    assert shares[("none", "naive")]["twin_checked"] == 10
+    capped = shares[("pool+dp+budget", "mislabelled")]
+    assert 0 < capped["runs"] - capped["refused"] < capped["runs"]
+    assert capped["epsilon_spent"] <= cfg.budget
+    assert "runs = twin" in vleak.markdown_secure_report(rows)
