@@ -193,7 +193,10 @@ def _populate(parser: argparse.ArgumentParser) -> None:
                                     "validation run per class reveals which classes each owner "
                                     "trained on) before and after the owners' defences: a "
                                     "minimum validation size, DP noise on the opened counts, a "
-                                    "per-querier budget (plaintext twin of the opened counts).")
+                                    "per-querier budget (plaintext twin of the opened counts; "
+                                    "--on-shares: every run on shares, the owners enforcing a "
+                                    "minimum size, a jointly sampled pool, and noisy counts "
+                                    "charged to their own ledgers).")
     vl.add_argument("--dataset", default="digits", choices=["digits", "breast_cancer"])
     vl.add_argument("--owners", nargs="+", type=_owner_count, default=None,
                     help="owner counts (default 3 5; with --on-shares one count, default 3)")

@@ -35,6 +35,12 @@ normalised reward vectors (0 = identical split, 2 = disjoint).
 
 Everything opened is an integer count (or an integer sum of public rational weights), so the
 plaintext twin (:func:`plaintext_coalition_values`) gives exactly the same numbers.
+
+The owners' defences against a querier that chooses the validation set to read their classes
+(:mod:`studies.valuation_leakage`) run in the same computation: a minimum validation size and
+pool, a validation subset the parties draw jointly from the querier's pool, and joint Gaussian
+noise on the counts charged to each owner's own privacy ledger before anything is sent
+(:mod:`studies.owner_defences`; with noise, only the noisy counts are opened).
 """
 
 from __future__ import annotations

@@ -49,8 +49,12 @@ budget) are scored as coin flips (0.5 correct) and left out of the correlation.
 ``min_validation+dp``
     both, the attacker differencing noisy counts.
 
-The noise here is simulated in the twin from seeded numpy Generators; the secure computation
-does not add it yet (see docs/STUDY.md).
+These rows run on the twin, the noise from seeded numpy Generators.
+:func:`run_secure_valuation_leakage` runs the attacks with every run on shares, the owners
+enforcing the defences of :mod:`studies.owner_defences` (minimum size, a pool the parties
+sample from, noisy counts charged to each owner's ledger), beside the same attacks on the twin
+(``pool`` rows: the twin samples with seeded keys); it adds the mislabelled-padding attack
+(:func:`mislabelled_padding_attack`), which passes a minimum size with one run per class.
 """
 
 from __future__ import annotations
