@@ -23,6 +23,10 @@ long-lived party would call it per request). Three steps, the same on every part
    ledger's lock re-checks the budget, in case a concurrent run spent it since step 1). The
    outcome is agreed again, and only then does any owner contribute.
 
+:func:`authorize_cost` is the same three steps for any release the caller prices itself
+(the contribution study's noisy coalition counts, :mod:`studies.owner_defences`), with each
+owner's ledger opened by a callable instead of from a federation file.
+
 Why the worst case: what the querier learns is opened to the querier alone
 (``get_plain_text(dst=querier)``): an owner never sees which Confident-GNMax queries were
 answered, so it cannot price the answers afterwards, and a count the querier reported back could

@@ -247,6 +247,14 @@ def _party(rank: int, payload: dict[str, Any]) -> dict[str, Any] | None:
         return None
 
     agree(policy, wire.NULL, "owner policy")
+    # every party draws its noise share and its sample from its own copy of these: they must agree
+    terms = session.gather({"sigma": float(sigma or 0.0), "sample": int(sample or 0)},
+                           wire.Record({"sigma": wire.Float(0.0, 1e300),
+                                        "sample": wire.Int(0, 1 << 40)}), "run terms")
+    if len({(t["sigma"], t["sample"]) for t in terms}) != 1:
+        raise ProtocolError("the parties disagree on the count noise or the sample size: "
+                            + ", ".join(f"{session.spec.names[r]} sigma={t['sigma']:g} sample="
+                                        f"{t['sample']}" for r, t in enumerate(terms)))
     # 0b. each owner charges its own ledger for the noisy counts (the worst case: every count
     # opened) before any query is sent; every party refuses alike if one owner's would overflow.
     if sigma and payload.get("budget") is not None:
