@@ -255,8 +255,8 @@ def _party(rank: int, payload: dict[str, Any]) -> dict[str, Any] | None:
         raise ProtocolError("the parties disagree on the count noise or the sample size: "
                             + ", ".join(f"{session.spec.names[r]} sigma={t['sigma']:g} sample="
                                         f"{t['sample']}" for r, t in enumerate(terms)))
-    # 0b. each owner charges its own ledger for the noisy counts (the worst case: every count
-    # opened) before any query is sent; every party refuses alike if one owner's would overflow.
+    # 0b. each owner charges its own ledger for the run's K noisy counts before any query is
+    # sent; every party refuses alike if one owner's total would exceed the budget.
     if sigma and payload.get("budget") is not None:
         from mpc_fi.budget import authorize_cost  # noqa: PLC0415
         from mpc_fi.privacy import PrivacyBudget  # noqa: PLC0415
