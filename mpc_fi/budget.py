@@ -23,6 +23,10 @@ long-lived party would call it per request). Three steps, the same on every part
    ledger's lock re-checks the budget, in case a concurrent run spent it since step 1). The
    outcome is agreed again, and only then does any owner contribute.
 
+:func:`authorize_cost` is the same three steps for any release the caller prices itself
+(the contribution study's noisy coalition counts, :mod:`studies.owner_defences`), with each
+owner's ledger opened by a callable instead of from a federation file.
+
 Why the worst case: what the querier learns is opened to the querier alone
 (``get_plain_text(dst=querier)``): an owner never sees which Confident-GNMax queries were
 answered, so it cannot price the answers afterwards, and a count the querier reported back could
@@ -43,7 +47,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .config import FederationConfig
@@ -154,11 +158,9 @@ def check_ledger(federation: FederationConfig, index: int) -> str:
     return f"{owner.name}: privacy ledger {path} (none yet: created at the first release)"
 
 
-def _owner_check(federation: FederationConfig, index: int, querier: str,
-                 cost: QueryCost) -> dict[str, Any]:
+def _owner_check(budget: PrivacyBudget, querier: str, cost: QueryCost) -> dict[str, Any]:
     from .privacy import epsilon_for  # noqa: PLC0415
 
-    budget = open_ledger(federation, index)
     history = budget.history(querier)
     spent = epsilon_for(history, delta=budget.delta)
     after = epsilon_for(history + [cost], delta=budget.delta)
@@ -199,14 +201,13 @@ def judge(records: Mapping[str, Mapping[str, Any]], *, querier: str, epsilon: fl
     return note
 
 
-def _owner_charge(federation: FederationConfig, index: int, querier: str,
+def _owner_charge(budget: PrivacyBudget, owner: str, querier: str,
                   cost: QueryCost) -> dict[str, Any]:
-    budget = open_ledger(federation, index)
     try:
         total = budget.charge(querier, cost)
     except BudgetExceededError as exc:
         raise BudgetExceededError(
-            f"owner {federation.owners[index].name}: another run charged querier {querier} in "
+            f"owner {owner}: another run charged querier {querier} in "
             f"this ledger between this release's check and its charge, and both no longer fit "
             f"({exc}). This release is refused everywhere; an owner that had charged it already "
             "keeps that charge (never an under-charge).") from None
@@ -228,46 +229,63 @@ def authorize_release(session: Session, *, federation: FederationConfig,
     fed = federation
     if fed.privacy is None:
         return None
+    return authorize_cost(session, price=lambda: worst_case_cost(fed, queries=queries),
+                          ledger=lambda: open_ledger(fed, session.rank),
+                          epsilon=fed.privacy.epsilon, delta=fed.privacy.delta,
+                          owner_names=fed.party_names[:fed.num_owners])
+
+
+def authorize_cost(session: Session, *, price: Callable[[], QueryCost],
+                   ledger: Callable[[], PrivacyBudget], epsilon: float, delta: float,
+                   owner_names: Sequence[str]) -> BudgetReport:
+    """The owners' check-decide-charge of the module docstring for any priced release.
+
+    Collective over the computing parties of ``session``: ranks ``0..len(owner_names) - 1``
+    are the owners, every other computing party publishes nothing. ``price()`` runs at every
+    party (a failure there is agreed like any other); ``ledger()`` runs at the owners only and
+    opens that owner's own :class:`~mpc_fi.privacy.PrivacyBudget` (made with ``epsilon`` and
+    ``delta``, the budget every party holds). Raises, on every party alike,
+    :class:`~mpc_fi.errors.BudgetExceededError` before anything is charged when an owner's
+    total would exceed ``epsilon``.
+    """
     check_wire, charge_wire = _wire()
     from .wire import NULL  # noqa: PLC0415
 
     querier = session.identity_of(session.querier)
-    owners = range(fed.num_owners)
-    names = fed.party_names
+    owners = range(len(owner_names))
     is_owner = session.role == "owner"
     per_rank = [check_wire if r in owners else NULL for r in range(session.world)]
     holder: dict[str, Any] = {}
 
     def check() -> dict[str, Any] | None:
-        holder["cost"] = worst_case_cost(fed, queries=queries)  # ConfigError alike everywhere
+        holder["cost"] = price()  # ConfigError alike everywhere
         if not is_owner:
             return None
-        return _owner_check(fed, session.rank, querier, holder["cost"])
+        holder["ledger"] = ledger()
+        return _owner_check(holder["ledger"], querier, holder["cost"])
 
     _, checks = session.agree(check, per_rank, "privacy budget check")
     cost = holder["cost"]
-    records = {names[r]: checks[r] for r in owners}
-    note = judge(records, querier=querier, epsilon=fed.privacy.epsilon, delta=fed.privacy.delta,
-                 cost=cost.describe())
+    records = {owner_names[r]: checks[r] for r in owners}
+    note = judge(records, querier=querier, epsilon=epsilon, delta=delta, cost=cost.describe())
     if note:
         session.log.warning("privacy budget: %s", note)
 
     def charge() -> dict[str, Any] | None:
         if not is_owner:
             return None
-        return _owner_charge(fed, session.rank, querier, cost)
+        return _owner_charge(holder["ledger"], owner_names[session.rank], querier, cost)
 
     per_rank = [charge_wire if r in owners else NULL for r in range(session.world)]
     mine, charged = session.agree(charge, per_rank, "privacy budget charge")
-    report = BudgetReport(querier=querier, epsilon=fed.privacy.epsilon, delta=fed.privacy.delta,
-                          owners=tuple(OwnerSpend(owner=names[r], spent=charged[r]["spent"],
+    report = BudgetReport(querier=querier, epsilon=epsilon, delta=delta,
+                          owners=tuple(OwnerSpend(owner=owner_names[r], spent=charged[r]["spent"],
                                                   charges=charged[r]["charges"])
                                        for r in owners))
     if is_owner:
         session.log.info("privacy budget: charged querier %s %s (the worst case) in %s; it "
                          "records epsilon=%.6g of %g", querier, cost.describe(),
-                         fed.owners[session.rank].ledger_path(), mine["spent"],
-                         fed.privacy.epsilon)
+                         holder["ledger"].path, mine["spent"], epsilon)
     session.log.info("privacy budget: every owner charged this release; %s", report.describe())
     return report
 

@@ -193,10 +193,15 @@ def _populate(parser: argparse.ArgumentParser) -> None:
                                     "validation run per class reveals which classes each owner "
                                     "trained on) before and after the owners' defences: a "
                                     "minimum validation size, DP noise on the opened counts, a "
-                                    "per-querier budget (plaintext twin of the opened counts).")
+                                    "per-querier budget (plaintext twin of the opened counts; "
+                                    "--on-shares: every run on shares, the owners enforcing a "
+                                    "minimum size, a jointly sampled pool, and noisy counts "
+                                    "charged to their own ledgers).")
     vl.add_argument("--dataset", default="digits", choices=["digits", "breast_cancer"])
-    vl.add_argument("--owners", nargs="+", type=_owner_count, default=[3, 5])
-    vl.add_argument("--alphas", nargs="+", type=_positive_float, default=[0.1, 1.0])
+    vl.add_argument("--owners", nargs="+", type=_owner_count, default=None,
+                    help="owner counts (default 3 5; with --on-shares one count, default 3)")
+    vl.add_argument("--alphas", nargs="+", type=_positive_float, default=None,
+                    help="Dirichlet alphas (default 0.1 1; with --on-shares one, default 0.1)")
     vl.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     vl.add_argument("--min-validation", type=_positive_int, default=100,
                     help="the owners' minimum validation size (default 100)")
@@ -204,6 +209,16 @@ def _populate(parser: argparse.ArgumentParser) -> None:
                     help="Gaussian noise std on every opened count (default 5 20 50)")
     vl.add_argument("--budget", type=_positive_float, default=2.0,
                     help="per-querier epsilon cap of the dp+budget rows (default 2)")
+    vl.add_argument("--on-shares", action="store_true",
+                    help="run the attacks with every run on shares, the owners enforcing the "
+                         "defences (minimum size, jointly sampled pool, noisy counts charged to "
+                         "their ledgers); writes valuation_leakage_shares.{csv,md}")
+    vl.add_argument("--min-pool", type=_positive_int, default=100,
+                    help="with --on-shares: the owners' minimum pool (default 100)")
+    vl.add_argument("--sample", type=_positive_int, default=50,
+                    help="with --on-shares: queries the parties draw from the pool (default 50)")
+    vl.add_argument("--count-sigma", type=_positive_float, default=10.0,
+                    help="with --on-shares: noise std on every opened count (default 10)")
     common(vl)
 
     ld = sub.add_parser("local-dp",
@@ -386,14 +401,37 @@ def _valuation_leakage(args: argparse.Namespace, out: Path) -> None:
         run_valuation_leakage  # noqa: PLC0415
 
     cfg = ValuationLeakageConfig(seeds=tuple(args.seeds))
+    if args.study == "valuation-leakage" and args.on_shares:
+        _valuation_leakage_on_shares(args, out)
+        return
     if args.study == "valuation-leakage":
-        cfg = ValuationLeakageConfig(dataset=args.dataset, owners=tuple(args.owners),
-                                     alphas=tuple(args.alphas), seeds=tuple(args.seeds),
+        cfg = ValuationLeakageConfig(dataset=args.dataset, owners=tuple(args.owners or (3, 5)),
+                                     alphas=tuple(args.alphas or (0.1, 1.0)),
+                                     seeds=tuple(args.seeds),
                                      min_validation=args.min_validation,
                                      sigmas=tuple(args.sigmas), budget=args.budget)
     rows = run_valuation_leakage(cfg, show_progress=not args.quiet)
     write_csv(rows, out / "valuation_leakage.csv")
     _emit("valuation_leakage", markdown_report(rows), out)
+
+
+def _valuation_leakage_on_shares(args: argparse.Namespace, out: Path) -> None:
+    from .common import write_csv  # noqa: PLC0415
+    from .valuation_leakage import SecureLeakageConfig, markdown_secure_report, \
+        run_secure_valuation_leakage  # noqa: PLC0415
+
+    owners, alphas = args.owners or [3], args.alphas or [0.1]
+    for key, values in (("--owners", owners), ("--alphas", alphas)):
+        if len(values) != 1:
+            raise ConfigError(f"--on-shares runs one setting: give one value, got {values}",
+                              key=key)
+    cfg = SecureLeakageConfig(dataset=args.dataset, owners=owners[0], alpha=alphas[0],
+                              seeds=tuple(args.seeds), min_validation=args.min_validation,
+                              min_pool=args.min_pool, sample=args.sample,
+                              sigma=args.count_sigma, budget=args.budget)
+    rows = run_secure_valuation_leakage(cfg, show_progress=not args.quiet)
+    write_csv(rows, out / "valuation_leakage_shares.csv")
+    _emit("valuation_leakage_shares", markdown_secure_report(rows), out)
 
 
 def _local_dp(args: argparse.Namespace, out: Path) -> None:

@@ -35,6 +35,12 @@ normalised reward vectors (0 = identical split, 2 = disjoint).
 
 Everything opened is an integer count (or an integer sum of public rational weights), so the
 plaintext twin (:func:`plaintext_coalition_values`) gives exactly the same numbers.
+
+The owners' defences against a querier that chooses the validation set to read their classes
+(:mod:`studies.valuation_leakage`) run in the same computation: a minimum validation size and
+pool, a validation subset the parties draw jointly from the querier's pool, and joint Gaussian
+noise on the counts charged to each owner's own privacy ledger before anything is sent
+(:mod:`studies.owner_defences`; with noise, only the noisy counts are opened).
 """
 
 from __future__ import annotations
@@ -111,17 +117,24 @@ def permutation_coalitions(num_owners: int, permutations: np.ndarray) -> np.ndar
 @dataclass(frozen=True)
 class CoalitionValues:
     """What the querier learns: per coalition, the number of correct answers; per owner, the
-    label-free reward totals."""
+    label-free reward totals.
+
+    With noise on the counts (``count_sigma > 0``, :mod:`studies.owner_defences`) ``correct``
+    holds the noisy counts (floats) and the reward fields are None (not computed). ``sample``:
+    the indices of the scored queries in the querier's pool when the parties drew them.
+    """
 
     coalitions: np.ndarray  # (K, N) bool
-    correct: np.ndarray  # (K,) int
+    correct: np.ndarray  # (K,) int (float when noisy)
     num_queries: int
     num_classes: int
-    agreement_units: np.ndarray  # (N,) int: sum over queries of lcm(1..N) / #agreeing owners
+    agreement_units: np.ndarray | None  # (N,) int: sum over queries of lcm(1..N) / #agreeing
     agreement_scale: int  # lcm(1..N)
-    agreeing: np.ndarray  # (N,) int: queries where owner i's label equals the federation's
-    certainty_units: np.ndarray  # (N,) int: sum over queries of log C - H(p_i), fixed point
+    agreeing: np.ndarray | None  # (N,) int: queries where owner i's label equals the federation's
+    certainty_units: np.ndarray | None  # (N,) int: sum over queries of log C - H(p_i), fixed point
     precision_bits: int
+    count_sigma: float = 0.0
+    sample: np.ndarray | None = None
 
     @property
     def num_owners(self) -> int:
@@ -206,24 +219,75 @@ def _party(rank: int, payload: dict[str, Any]) -> dict[str, Any] | None:
         error (:meth:`mpc_fi.runtime.Session.agree`)."""
         return session.agree(step, schema, what)[1]
 
-    # 1. the queries go to the owners (output mode); labels stay with the querier. Their shape
-    # travels as checked JSON, the values as a float32 tensor: nothing a peer sends is unpickled.
+    sigma = payload.get("count_sigma")  # public: noise on the opened counts (None: exact)
+    sample = payload.get("sample")  # public: queries drawn from the querier's pool (None: all)
+    # 0. the querier's pool size (checked JSON), then each owner's own policy: its minimum pool,
+    # scored set and count noise. A refusal stops every party before anything else happens.
     shape = session.broadcast(list(np.shape(payload["x"])) if role == "querier" else None,
                               wire.Shape(min_dims=2, max_elements=wire.MAX_ELEMENTS), src=q,
                               what="query shape")
+    pool = int(shape[0])
+    m = pool if sample is None else int(sample)
+
+    def policy() -> None:
+        if sample is not None and not 1 <= m <= pool:
+            raise InputError(f"cannot sample {m} validation queries from a pool of {pool}")
+        if role == "querier":
+            return None
+        if pool < payload.get("min_pool", 1):
+            raise ValidationRefusedError(f"{REFUSAL}: a pool of {pool} queries, this owner "
+                                         f"requires at least {payload['min_pool']}")
+        if m < payload.get("min_validation", 1):
+            raise ValidationRefusedError(f"{REFUSAL}: {m} queries, this owner requires at least "
+                                         f"{payload['min_validation']}")
+        floor = payload.get("min_count_sigma")
+        if floor and not (sigma and sigma >= floor):
+            raise ValidationRefusedError(f"{REFUSAL}: count noise sigma={sigma}, this owner "
+                                         f"requires at least {floor:g}")
+        return None
+
+    agree(policy, wire.NULL, "owner policy")
+    # every party draws its noise share and its sample from its own copy of these: they must agree
+    terms = session.gather({"sigma": float(sigma or 0.0), "sample": int(sample or 0)},
+                           wire.Record({"sigma": wire.Float(0.0, 1e300),
+                                        "sample": wire.Int(0, 1 << 40)}), "run terms")
+    if len({(t["sigma"], t["sample"]) for t in terms}) != 1:
+        raise ProtocolError("the parties disagree on the count noise or the sample size: "
+                            + ", ".join(f"{session.spec.names[r]} sigma={t['sigma']:g} sample="
+                                        f"{t['sample']}" for r, t in enumerate(terms)))
+    # 0b. each owner charges its own ledger for the run's K noisy counts before any query is
+    # sent; every party refuses alike if one owner's total would exceed the budget.
+    if sigma and payload.get("budget") is not None:
+        from mpc_fi.budget import authorize_cost  # noqa: PLC0415
+        from mpc_fi.privacy import PrivacyBudget  # noqa: PLC0415
+
+        from .owner_defences import count_cost  # noqa: PLC0415
+
+        eps, delta = payload["budget"]["epsilon"], payload["budget"]["delta"]
+        authorize_cost(session, price=lambda: count_cost(len(coalitions), sigma),
+                       ledger=lambda: PrivacyBudget(payload["ledger"], epsilon=eps, delta=delta),
+                       epsilon=eps, delta=delta, owner_names=session.spec.names[:n])
+
+    # 1. the queries go to the owners (output mode); labels stay with the querier. The values
+    # travel as a float32 tensor: nothing a peer sends is unpickled.
     x = torch.as_tensor(payload["x"], dtype=torch.float32).contiguous() if role == "querier" \
         else torch.zeros(shape, dtype=torch.float32)
     torch.distributed.broadcast(x, src=q, group=group)
-    m = x.shape[0]
+    labels = np.asarray(payload["y"], dtype=np.int64) if role == "querier" else None
+    chosen = None
+    if sample is not None:  # 1b. the scored subset, drawn with a key no party chooses alone
+        from .owner_defences import joint_key, sample_indices  # noqa: PLC0415
+
+        chosen = sample_indices(joint_key(session), pool, m)
+        x = x[torch.as_tensor(chosen)]
+        if labels is not None:
+            labels = labels[chosen] if labels.shape == (pool,) else labels
 
     private: dict[str, Any] = {}  # this party's own values; never sent anywhere
 
     def local() -> dict[str, Any]:
         if role == "querier":
             return {}
-        if m < payload.get("min_validation", 1):  # this owner's own policy (see ValidationRefused)
-            raise ValidationRefusedError(f"{REFUSAL}: {m} queries, this owner requires at least "
-                                         f"{payload['min_validation']}")
         model = load_owner_model(payload["model"])
         with torch.no_grad():
             logits = model(x).to(torch.float64)
@@ -248,7 +312,7 @@ def _party(rank: int, payload: dict[str, Any]) -> dict[str, Any] | None:
 
     def contribution() -> None:
         if role == "querier":
-            y = np.asarray(payload["y"], dtype=np.int64)
+            y = labels
             if y.shape != (m,) or y.min() < 0 or y.max() >= c:
                 raise InputError(f"labels must be {m} class indices in 0..{c - 1}")
             return None
@@ -275,7 +339,7 @@ def _party(rank: int, payload: dict[str, Any]) -> dict[str, Any] | None:
                                  bits if crange.integer else 0)
     y_onehot = torch.zeros(m, c, dtype=torch.long)
     if role == "querier":
-        y_onehot[torch.arange(m), torch.as_tensor(payload["y"], dtype=torch.long)] = 1
+        y_onehot[torch.arange(m), torch.as_tensor(labels, dtype=torch.long)] = 1
     y_raw = crypten.cryptensor(y_onehot, src=q, precision=0).share
     # Blocks of coalitions bound the memory of the batched argmax (one argmax per block).
     k = coalitions.shape[0]
@@ -301,6 +365,17 @@ def _party(rank: int, payload: dict[str, Any]) -> dict[str, Any] | None:
         hits = crypten.mpc.MPCTensor.from_shares(one_hot_raw.clone(), precision=0) * y_wide
         correct_parts.append(hits.sum(2).sum(1))
     correct = crypten.cat(correct_parts) if len(correct_parts) > 1 else correct_parts[0]
+    if sigma:  # joint noise from every computing party, then the only opening, to the querier
+        from protocols.noise import SystemNoise  # noqa: PLC0415
+
+        from .owner_defences import noisy_counts_on_shares  # noqa: PLC0415
+
+        noisy = noisy_counts_on_shares(correct, float(sigma), SystemNoise(), bits)
+        opened_noisy = noisy.get_plain_text(dst=q)
+        if role != "querier":
+            return None
+        return {"correct": opened_noisy.to(torch.float64).numpy(), "num_queries": m,
+                "num_classes": c, "sample": None if chosen is None else chosen.tolist()}
 
     # label-free rewards: agreement of each owner's own label with the federation's answer
     own = crypten.mpc.MPCTensor.from_shares(torch.stack([kept[i] for i in singles]), precision=0)
@@ -328,7 +403,8 @@ def _party(rank: int, payload: dict[str, Any]) -> dict[str, Any] | None:
     if role != "querier":
         return None
     out = {name: v.long().numpy() for name, v in opened.items()}
-    out.update(num_queries=m, num_classes=c, scale=scale)
+    out.update(num_queries=m, num_classes=c, scale=scale,
+               sample=None if chosen is None else chosen.tolist())
     return out
 
 
@@ -361,7 +437,13 @@ def secure_coalition_values(model_sources: Sequence[Any], x: np.ndarray, y: np.n
                             params: Mapping[str, Any] | None = None, precision_bits: int = 16,
                             timeout_s: float = 900.0, log_dir: str | None = None,
                             max_argmax_rows: int = MAX_ARGMAX_ROWS,
-                            min_validation: int | Sequence[int] | None = None) -> CoalitionValues:
+                            min_validation: int | Sequence[int] | None = None,
+                            sample: int | None = None,
+                            min_pool: int | Sequence[int] | None = None,
+                            count_sigma: float | None = None,
+                            min_count_sigma: float | Sequence[float] | None = None,
+                            ledgers: Sequence[Any] | None = None,
+                            budget: tuple[float, float] | None = None) -> CoalitionValues:
     """Coalition correct-counts and label-free reward totals, computed on shares.
 
     ``model_sources[i]`` (a :class:`~mpc_fi.config.ModelSource`) goes to owner ``i``'s process
@@ -372,8 +454,24 @@ def secure_coalition_values(model_sources: Sequence[Any], x: np.ndarray, y: np.n
     ``min_validation`` is each owner's smallest acceptable validation set (one number for every
     owner, or one per owner); it travels in that owner's payload only and the owner enforces it.
     A refusal raises :class:`ValidationRefusedError` (every party stopped before sharing).
+
+    The owners' other defences (:mod:`studies.owner_defences`):
+
+    ``sample``
+        ``x``/``y`` are a pool; the parties score ``sample`` queries drawn from it with a key no
+        single party chooses (the indices come back as ``CoalitionValues.sample``). Each owner
+        refuses a pool smaller than its ``min_pool`` (one number, or one per owner).
+    ``count_sigma``
+        joint Gaussian noise of this std on every count before it is opened; the label-free
+        rewards are then not computed. Each owner refuses a run whose ``count_sigma`` is below
+        its ``min_count_sigma`` (one number, or one per owner).
+    ``ledgers``, ``budget``
+        with ``count_sigma``: owner ``i`` charges the run to its own
+        :class:`~mpc_fi.privacy.PrivacyBudget` file ``ledgers[i]`` made with ``budget =
+        (epsilon, delta)`` before any query is sent, and every party raises
+        :class:`~mpc_fi.errors.BudgetExceededError` if one owner's total would exceed it.
     """
-    from mpc_fi.errors import PartyFailedError  # noqa: PLC0415
+    from mpc_fi.errors import BudgetExceededError, PartyFailedError  # noqa: PLC0415
 
     from .runner import run_parties  # noqa: PLC0415
 
@@ -386,25 +484,49 @@ def secure_coalition_values(model_sources: Sequence[Any], x: np.ndarray, y: np.n
     common = {"num_owners": n, "precision_bits": precision_bits, "coalitions": coalitions,
               "max_argmax_rows": int(max_argmax_rows),
               "protocol": {"name": protocol, "params": dict(params or {})}}
-    minimum = [1] * n if min_validation is None else (
-        [int(min_validation)] * n if np.isscalar(min_validation) else [int(v) for v in min_validation])
-    if len(minimum) != n or min(minimum) < 1:
-        raise ValueError(f"min_validation needs one integer >= 1 per owner ({n}), got {minimum}")
-    payloads = [{**common, "model": src, "min_validation": k}
-                for src, k in zip(model_sources, minimum)]
+    def per_owner(value: Any, name: str, kind: type, low: float) -> list[Any]:
+        vals = [kind(low)] * n if value is None else (
+            [kind(value)] * n if np.isscalar(value) else [kind(v) for v in value])
+        if len(vals) != n or min(vals) < low:
+            raise ValueError(f"{name} needs one number >= {low} per owner ({n}), got {vals}")
+        return vals
+
+    minimum = per_owner(min_validation, "min_validation", int, 1)
+    pools = per_owner(min_pool, "min_pool", int, 1)
+    floors = per_owner(min_count_sigma, "min_count_sigma", float, 0.0)
+    if sample is not None and (isinstance(sample, bool) or int(sample) != sample or sample < 1):
+        raise ValueError(f"sample must be an integer >= 1, got {sample!r}")
+    if count_sigma is not None and not (math.isfinite(count_sigma) and count_sigma > 0):
+        raise ValueError(f"count_sigma must be a finite number > 0, got {count_sigma!r}")
+    if budget is not None and (count_sigma is None or ledgers is None or len(ledgers) != n):
+        raise ValueError("a budget needs count_sigma and one ledger path per owner")
+    common.update(sample=None if sample is None else int(sample),
+                  count_sigma=None if count_sigma is None else float(count_sigma),
+                  budget=None if budget is None else {"epsilon": float(budget[0]),
+                                                      "delta": float(budget[1])})
+    payloads = [{**common, "model": src, "min_validation": k, "min_pool": p, "min_count_sigma": f,
+                 "ledger": None if ledgers is None else str(ledgers[i])}
+                for i, (src, k, p, f) in enumerate(zip(model_sources, minimum, pools, floors))]
     payloads.append({**common, "x": np.asarray(x, dtype=np.float32),
                      "y": np.asarray(y, dtype=np.int64)})
     try:
         out = run_parties(_party, payloads, timeout_s=timeout_s, precision_bits=precision_bits,
                           log_dir=log_dir)[n]
     except PartyFailedError as exc:
-        if REFUSAL in str(exc):  # every party stopped on the owners' agreed refusal: name it
-            lines = [ln.strip() for ln in str(exc).splitlines() if REFUSAL in ln]
-            raise ValidationRefusedError(lines[-1] if lines else REFUSAL) from exc
+        for marker, error in ((REFUSAL, ValidationRefusedError),
+                              ("exceed its privacy budget", BudgetExceededError)):
+            if marker in str(exc):  # every party stopped on the owners' agreed refusal: name it
+                lines = [ln.strip() for ln in str(exc).splitlines() if marker in ln]
+                raise error(lines[-1] if lines else marker) from exc
         raise
+    chosen = None if out.get("sample") is None else np.asarray(out["sample"], dtype=np.int64)
+    if count_sigma is not None:
+        return CoalitionValues(coalitions, np.asarray(out["correct"], dtype=np.float64),
+                               out["num_queries"], out["num_classes"], None, 1, None, None,
+                               precision_bits, float(count_sigma), chosen)
     return CoalitionValues(coalitions, out["correct"], out["num_queries"], out["num_classes"],
                            out["agreement"], out["scale"], out["agreeing"], out["certainty"],
-                           precision_bits)
+                           precision_bits, 0.0, chosen)
 
 
 def shapley_exact(values: CoalitionValues, *, empty: str = "zero") -> np.ndarray:
@@ -478,6 +600,9 @@ def merit_shares(shapley: np.ndarray, own_accuracy: np.ndarray) -> dict[str, np.
 
 def label_free_rewards(values: CoalitionValues) -> dict[str, np.ndarray]:
     """Each label-free scheme's split of one unit of reward among the owners."""
+    if values.agreement_units is None or values.certainty_units is None:
+        raise ValueError("these coalition values carry no label-free rewards (noisy counts "
+                         "open the counts only)")
     n = values.num_owners
     return {"equal": np.full(n, 1.0 / n),
             "agreement": normalise(values.agreement_units.astype(float)),

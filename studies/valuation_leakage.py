@@ -49,8 +49,12 @@ budget) are scored as coin flips (0.5 correct) and left out of the correlation.
 ``min_validation+dp``
     both, the attacker differencing noisy counts.
 
-The noise here is simulated in the twin from seeded numpy Generators; the secure computation
-does not add it yet (see docs/STUDY.md).
+These rows run on the twin, the noise from seeded numpy Generators.
+:func:`run_secure_valuation_leakage` runs the attacks with every run on shares, the owners
+enforcing the defences of :mod:`studies.owner_defences` (minimum size, a pool the parties
+sample from, noisy counts charged to each owner's ledger), beside the same attacks on the twin
+(``pool`` rows: the twin samples with seeded keys); it adds the mislabelled-padding attack
+(:func:`mislabelled_padding_attack`), which passes a minimum size with one run per class.
 """
 
 from __future__ import annotations
@@ -93,15 +97,24 @@ class ValuationWorld:
     y: np.ndarray
     class_counts: np.ndarray  # (N, C) private: owner i's training examples of class c
     num_classes: int
+    #: for runs on shares (``build_world(..., workdir=...)``): the held-out inputs and each
+    #: owner's ModelSource (its weights stay in ``workdir``)
+    x: np.ndarray | None = None
+    sources: list[Any] | None = None
 
 
 def build_world(dataset: str, num_owners: int, alpha: float, seed: int,
-                protocol: str = "soft_vote") -> ValuationWorld:
+                protocol: str = "soft_vote", *, workdir: Path | None = None) -> ValuationWorld:
+    """One seed's federation; with ``workdir`` its owners' weights are kept there for runs on
+    shares (:class:`SecureValuationOracle`)."""
+    import contextlib  # noqa: PLC0415
+
     import demos as demo  # noqa: PLC0415
     from .contribution import encoded_contributions  # noqa: PLC0415
     from .common import protocol_specs  # noqa: PLC0415
 
-    with tempfile.TemporaryDirectory(prefix="mpc-fi-valuation-") as tmp:
+    with (contextlib.nullcontext(str(workdir)) if workdir is not None
+          else tempfile.TemporaryDirectory(prefix="mpc-fi-valuation-")) as tmp:
         setup = demo.prepare(Path(tmp), dataset=dataset, num_owners=num_owners, alpha=alpha,
                              seed=seed)
     x, y = setup.x_test, setup.y_test
@@ -118,7 +131,10 @@ def build_world(dataset: str, num_owners: int, alpha: float, seed: int,
     spec = protocol_specs(num_owners, only=[protocol])[0]
     proto = spec.build(num_classes=c, num_owners=num_owners, owner_weights=[1.0] * num_owners)
     units = encoded_contributions(proto, demo.owner_logits(setup.models, x))
-    return ValuationWorld(units, y, counts, c)
+    if workdir is None:
+        return ValuationWorld(units, y, counts, c)
+    return ValuationWorld(units, y, counts, c, x=x,
+                          sources=[o.model for o in setup.federation.owners])
 
 
 class ValuationOracle:
@@ -126,14 +142,17 @@ class ValuationOracle:
     (optionally noisy), with the owners' minimum size and the querier's budget enforced."""
 
     def __init__(self, world: ValuationWorld, *, min_validation: int = 1, sigma: float = 0.0,
-                 budget: Any = None, delta: float = 1e-5, seed: int = 0) -> None:
+                 budget: Any = None, delta: float = 1e-5, seed: int = 0,
+                 sample: int | None = None, min_pool: int = 1) -> None:
         from .contribution import all_coalitions  # noqa: PLC0415
 
         self.world = world
         self.n = len(world.units)
         self.coalitions = all_coalitions(self.n)
         self.min_validation, self.sigma, self.budget, self.delta = min_validation, sigma, budget, delta
+        self.sample, self.min_pool = sample, min_pool
         self.rng = np.random.default_rng((seed, 4242))
+        self.sample_rng = np.random.default_rng((seed, 4243))  # the twin's sampling keys
         self.runs = self.refused = 0
 
     def cost(self) -> Any:
@@ -143,14 +162,19 @@ class ValuationOracle:
         return QueryCost(gnmax_sigma=None, threshold_sigma=self.sigma, answered=0,
                          checked=len(self.coalitions))
 
-    def run(self, idx: np.ndarray) -> np.ndarray | None:
-        """Counts per coalition (row ``m - 1`` = bitmask ``m``) on the held-out queries ``idx``;
-        None when the owners refuse (too small) or the budget would be exceeded."""
+    def run(self, idx: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray | None:
+        """Counts per coalition (row ``m - 1`` = bitmask ``m``) on the held-out queries ``idx``
+        with the querier's ``labels`` (default: the true ones); None when the owners refuse (too
+        small) or the budget would be exceeded. With ``sample``, ``idx`` is the pool: the counts
+        are those of the sample scaled to the pool (``x len(pool) / sample``), the querier's
+        unbiased estimate of the pool's counts."""
         from mpc_fi.errors import BudgetExceededError  # noqa: PLC0415
-        from .contribution import plaintext_coalition_values  # noqa: PLC0415
 
         self.runs += 1
-        if len(idx) < self.min_validation:
+        idx = np.asarray(idx)
+        labels = self.world.y[idx] if labels is None else np.asarray(labels)
+        size = len(idx) if self.sample is None else self.sample
+        if len(idx) < self.min_pool or size > len(idx) or size < self.min_validation:
             self.refused += 1
             return None
         if self.sigma > 0 and self.budget is not None:
@@ -159,8 +183,19 @@ class ValuationOracle:
             except BudgetExceededError:
                 self.refused += 1
                 return None
+        pool = len(idx)
+        if self.sample is not None:
+            from .owner_defences import sample_indices  # noqa: PLC0415
+
+            chosen = sample_indices(self.sample_rng.bytes(32), pool, size)
+            idx, labels = idx[chosen], labels[chosen]
+        return self.counts(idx, labels) * (pool / size)
+
+    def counts(self, idx: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        from .contribution import plaintext_coalition_values  # noqa: PLC0415
+
         zeros = [torch.zeros(len(idx))] * self.n
-        vals = plaintext_coalition_values([u[idx] for u in self.world.units], self.world.y[idx],
+        vals = plaintext_coalition_values([u[idx] for u in self.world.units], labels,
                                           self.coalitions, zeros)
         counts = vals.correct.astype(float)
         if self.sigma > 0:
@@ -171,6 +206,76 @@ class ValuationOracle:
         from mpc_fi.privacy import epsilon_for  # noqa: PLC0415
 
         return epsilon_for([self.cost()], delta=self.delta) if self.sigma > 0 else math.inf
+
+
+class SecureValuationOracle(ValuationOracle):
+    """The same oracle with every run on shares (:func:`studies.contribution.secure_coalition_values`):
+    the owners enforce ``min_validation``, ``min_pool``, the noise and their own ledgers
+    (``ledger_dir/owner<i>.json``, capped at ``budget``), and the parties draw the sample.
+
+    Without noise or sampling each run's counts are also computed by the twin; ``mismatches``
+    counts the runs where they differ (it must stay 0).
+    """
+
+    def __init__(self, world: ValuationWorld, *, ledger_dir: Path | None = None,
+                 timeout_s: float = 300.0, **kwargs: Any) -> None:
+        if world.sources is None or world.x is None:
+            raise ValueError("runs on shares need a world built with build_world(workdir=...)")
+        budget = kwargs.pop("budget", None)
+        super().__init__(world, **kwargs)
+        if budget is not None and (ledger_dir is None or self.sigma <= 0):
+            raise ValueError("a budget on shares needs noise (sigma > 0) and a ledger_dir")
+        self.cap = budget
+        self.ledgers = None if budget is None else [Path(ledger_dir) / f"owner{i}.json"
+                                                    for i in range(self.n)]
+        self.timeout_s = timeout_s
+        self.mismatches = self.checked = 0
+
+    def run(self, idx: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray | None:
+        from mpc_fi.errors import BudgetExceededError  # noqa: PLC0415
+        from .contribution import ValidationRefusedError, secure_coalition_values  # noqa: PLC0415
+
+        self.runs += 1
+        idx = np.asarray(idx)
+        labels = self.world.y[idx] if labels is None else np.asarray(labels)
+        try:
+            vals = secure_coalition_values(
+                self.world.sources, self.world.x[idx], labels, self.coalitions,
+                min_validation=self.min_validation, sample=self.sample, min_pool=self.min_pool,
+                count_sigma=self.sigma or None, ledgers=self.ledgers,
+                budget=None if self.cap is None else (self.cap, self.delta),
+                timeout_s=self.timeout_s)
+        except (ValidationRefusedError, BudgetExceededError):
+            self.refused += 1
+            return None
+        if not self.sigma and self.sample is None:
+            self.checked += 1
+            self.mismatches += int(not np.array_equal(vals.correct, self.counts(idx, labels)))
+        return vals.correct.astype(float) * (len(idx) / vals.num_queries)
+
+
+def mislabelled_padding_attack(oracle: ValuationOracle, *, pad: int, seed: int) -> np.ndarray:
+    """One run per class ``c``: the class's examples with their labels, padded with ``pad``
+    examples of other classes labelled ``(y + 1) mod C`` (answers the owners almost never
+    give). The singleton counts (scaled to the pool when the parties sample) over the class
+    size estimate each owner's accuracy on ``c``, plus the padding it answers "right" (an owner
+    that predicts few classes gets some: a bias upwards, up to 0.4 at N = 3, alpha = 0.1, seed
+    0). The pool passes a minimum size with one run per class and no differencing, and its
+    inputs are all distinct real examples."""
+    w = oracle.world
+    n, c = oracle.n, w.num_classes
+    singles = [(1 << i) - 1 for i in range(n)]
+    scores = np.full((n, c), np.nan)
+    rng = np.random.default_rng((seed, 78))
+    for k in range(c):
+        own = np.flatnonzero(w.y == k)
+        filler = rng.permutation(np.flatnonzero(w.y != k))[:pad]
+        idx = np.concatenate([own, filler])
+        labels = np.concatenate([w.y[own], (w.y[filler] + 1) % c])
+        counts = oracle.run(idx, labels)
+        if counts is not None:
+            scores[:, k] = counts[singles] / len(own)
+    return scores
 
 
 def chosen_subset_attack(oracle: ValuationOracle, *, differencing: bool,
@@ -333,4 +438,153 @@ def markdown_report(rows: Sequence[Row]) -> str:
                                       "ε cap", "runs answered / made", "pair accuracy", "trivial",
                                       "Spearman", "ε per run", "ε spent",
                                       "Shapley max error"], align="lrllrrrrrrrrrr"))
+    return "".join(out)
+
+
+# ---------------------------------------------------------------------------------------
+# Before and after, on shares
+# ---------------------------------------------------------------------------------------
+#: defence, attack; what :func:`run_secure_valuation_leakage` runs on shares (and in the twin)
+SECURE_SETTINGS = (("none", "naive"), ("min_validation", "differencing"),
+                   ("min_validation", "mislabelled"), ("pool", "differencing"),
+                   ("pool", "mislabelled"), ("pool+dp", "mislabelled"),
+                   ("pool+dp+budget", "mislabelled"))
+
+
+@dataclass(frozen=True)
+class SecureLeakageConfig:
+    """The attack before and after the owners' defences, every run on shares."""
+
+    dataset: str = "digits"
+    owners: int = 3
+    alpha: float = 0.1
+    seeds: tuple[int, ...] = (0, 1, 2)
+    min_validation: int = 100  # the min_validation rows' minimum, and the attacks' padding
+    min_pool: int = 100  # the pool rows: each owner's minimum pool ...
+    sample: int = 50  # ... and the queries drawn from it
+    sigma: float = 10.0  # noise std on every count (pool+dp rows)
+    budget: float = 2.0  # each owner's epsilon cap for the querier (pool+dp+budget rows)
+    delta: float = 1e-5
+    holds_min: int = 5
+    timeout_s: float = 300.0
+
+
+def _secure_setting(cfg: SecureLeakageConfig, defence: str) -> dict[str, Any]:
+    st: dict[str, Any] = {"min_validation": 1, "min_pool": 1, "sample": None, "sigma": 0.0,
+                          "budget": None}
+    if defence == "min_validation":
+        st["min_validation"] = cfg.min_validation
+    if defence.startswith("pool"):
+        st.update(min_pool=cfg.min_pool, sample=cfg.sample)
+    if "dp" in defence:
+        st["sigma"] = cfg.sigma
+    if defence.endswith("budget"):
+        st["budget"] = cfg.budget
+    return st
+
+
+def _attack(oracle: ValuationOracle, attack: str, pad: int, seed: int) -> np.ndarray:
+    if attack == "mislabelled":
+        return mislabelled_padding_attack(oracle, pad=pad, seed=seed)
+    return chosen_subset_attack(oracle, differencing=attack == "differencing", pad=pad, seed=seed)
+
+
+def run_secure_valuation_leakage(cfg: SecureLeakageConfig = SecureLeakageConfig(), *,
+                                 show_progress: bool = True) -> list[Row]:
+    """Per seed and setting of :data:`SECURE_SETTINGS`: the attack with every run on shares
+    (``where = "shares"``) and the same attack on the twin (``where = "twin"``, seeded)."""
+    import time  # noqa: PLC0415
+
+    from mpc_fi.privacy import PrivacyBudget  # noqa: PLC0415
+
+    from .owner_defences import epsilon_of_runs  # noqa: PLC0415
+
+    torch.set_num_threads(1)
+    bar = Progress(len(cfg.seeds) * len(SECURE_SETTINGS), "valuation-leakage on shares",
+                   enabled=show_progress)
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="mpc-fi-valuation-shares-") as tmp:
+        for seed in cfg.seeds:
+            world = build_world(cfg.dataset, cfg.owners, cfg.alpha, seed,
+                                workdir=Path(tmp) / f"owners-{seed}")
+            for j, (defence, attack) in enumerate(SECURE_SETTINGS):
+                st = _secure_setting(cfg, defence)
+                for where in ("twin", "shares"):
+                    ledger_dir = Path(tmp) / f"ledgers-{seed}-{j}-{where}"
+                    ledger_dir.mkdir()
+                    common = dict(min_validation=st["min_validation"], sigma=st["sigma"],
+                                  delta=cfg.delta, seed=seed, sample=st["sample"],
+                                  min_pool=st["min_pool"])
+                    t0 = time.perf_counter()
+                    if where == "twin":
+                        budget = None if st["budget"] is None else PrivacyBudget(
+                            ledger_dir / "querier.json", epsilon=st["budget"], delta=cfg.delta)
+                        oracle: ValuationOracle = ValuationOracle(world, budget=budget, **common)
+                    else:
+                        oracle = SecureValuationOracle(world, budget=st["budget"],
+                                                       ledger_dir=ledger_dir,
+                                                       timeout_s=cfg.timeout_s, **common)
+                    scores = _attack(oracle, attack, cfg.min_validation, seed)
+                    answered = oracle.runs - oracle.refused
+                    k = len(oracle.coalitions)
+                    rows.append({"dataset": cfg.dataset, "owners": cfg.owners,
+                                 "alpha": cfg.alpha, "seed": seed, "where": where,
+                                 "defence": defence, "attack": attack, **st,
+                                 "holds_min": cfg.holds_min, "runs": oracle.runs,
+                                 "refused": oracle.refused,
+                                 "epsilon_per_run": epsilon_of_runs(k, st["sigma"], 1,
+                                                                    delta=cfg.delta)
+                                 if st["sigma"] else math.nan,
+                                 "epsilon_spent": epsilon_of_runs(k, st["sigma"], answered,
+                                                                  delta=cfg.delta)
+                                 if st["sigma"] else math.nan,
+                                 "twin_checked": getattr(oracle, "checked", 0),
+                                 "twin_mismatches": getattr(oracle, "mismatches", 0),
+                                 "seconds": time.perf_counter() - t0,
+                                 **attack_success(scores, world.class_counts, cfg.holds_min)})
+                bar.step(f"seed={seed} {defence}/{attack}")
+    return rows
+
+
+def markdown_secure_report(rows: Sequence[Row]) -> str:
+    """Per setting: the attack on shares and on the twin, mean [95 % t-interval] over seeds."""
+    if not rows:
+        return "(no runs)\n"
+    r0 = rows[0]
+    seeds = sorted({r["seed"] for r in rows})
+    out = [f"{r0['dataset']}, N = {r0['owners']}, alpha = {r0['alpha']:g}, seeds "
+           f"{', '.join(map(str, seeds))}: the chosen-subset attacks with every run **on "
+           "shares** (owners + querier + TTP dealer; the owners enforce the defence), and the "
+           "same attacks on the plaintext twin (seeded sampling and noise). Mean [95 % "
+           "t-interval] over seeds.\n\n"]
+    groups: dict[tuple, dict[str, list[Row]]] = {}
+    for r in rows:
+        key = (r["defence"], r["attack"], r["min_validation"], r["min_pool"], r["sample"],
+               r["sigma"], r["budget"])
+        groups.setdefault(key, {}).setdefault(r["where"], []).append(r)
+    table = []
+    for key, by in groups.items():
+        defence, attack, mv, mp, sample, sigma, cap = key
+        sh, tw = by.get("shares", []), by.get("twin", [])
+        checked = sum(r["twin_checked"] for r in sh)
+        table.append([defence, attack, mv if mv > 1 else "–", mp if mp > 1 else "–",
+                      sample or "–", f"{sigma:g}" if sigma else "–",
+                      "–" if cap is None else f"{cap:g}",
+                      f"{np.mean([r['runs'] - r['refused'] for r in sh]):.1f} / "
+                      f"{np.mean([r['runs'] for r in sh]):.0f}",
+                      mean_ci(r["pair_accuracy"] for r in sh).text(),
+                      mean_ci(r["spearman"] for r in sh).text(2),
+                      mean_ci(r["pair_accuracy"] for r in tw).text(),
+                      mean_ci(r["spearman"] for r in tw).text(2),
+                      mean_ci(r["trivial_accuracy"] for r in sh).text(),
+                      "–" if not sigma else f"{np.mean([r['epsilon_spent'] for r in sh]):.2f}",
+                      f"{checked - sum(r['twin_mismatches'] for r in sh)} / {checked}"
+                      if checked else "–",
+                      f"{sum(r['seconds'] for r in sh):.0f}"])
+    out.append(markdown_table(table, ["defence", "attack", "min size", "min pool", "sample",
+                                      "σ (counts)", "ε cap", "runs answered / made (shares)",
+                                      "pair accuracy, shares", "Spearman, shares",
+                                      "pair accuracy, twin", "Spearman, twin", "trivial",
+                                      "ε spent (shares)", "runs = twin", "s (shares)"],
+                              align="llrrrrrrrrrrrrrr"))
     return "".join(out)
