@@ -232,6 +232,7 @@ def test_a_missing_party_is_named_within_network_timeout(small_federation, tmp_p
 
 @pytest.mark.skipif(shutil.which(TORCHRUN) is None and not Path(TORCHRUN).exists(),
                     reason="torchrun not installed")
+@pytest.mark.slow  # the torchrun path across namespaces: test_netns.py
 def test_torchrun_starts_every_party(small_federation, tmp_path):
     path, twin = small_federation
     port = free_port()
@@ -383,6 +384,7 @@ class BudgetedHosts:
         assert self.history("owner0") == self.history("owner1") == [self.cost]
 
 
+@pytest.mark.slow  # the same ledgers with local processes: tests/mpc_fi/test_owner_budget.py
 def test_owners_charge_their_own_ledgers_in_one_party_per_host_runs(small_federation, tmp_path):
     """``mpc-fi party`` used to answer a DP federation without any budget. Each owner now
     checks and charges its own ledger (``owners[i].ledger``, beside the federation file on its

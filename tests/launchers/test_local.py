@@ -159,7 +159,8 @@ def run_cli_until(tmp_path: Path, path: Path, line: str) -> subprocess.Popen:
     return proc
 
 
-@pytest.mark.parametrize("to_group", [False, True], ids=["parent-only", "terminal-ctrl-c"])
+@pytest.mark.parametrize("to_group", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["parent-only", "terminal-ctrl-c"])
 def test_ctrl_c_stops_every_party_and_leaves_no_orphans(small_federation, tmp_path, to_group):
     path, _ = small_federation
     proc = run_cli_until(tmp_path, path, "handshake ok")

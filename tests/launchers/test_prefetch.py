@@ -27,7 +27,8 @@ def _counts(log: str) -> list[tuple[int, int]]:
         r"dealer material: (\d+) request\(s\) from the prefetched package, (\d+) online", log)]
 
 
-@pytest.mark.parametrize("federation", ["small_federation", "full_federation"])
+@pytest.mark.parametrize("federation", ["small_federation",
+                                        pytest.param("full_federation", marks=pytest.mark.slow)])
 def test_prefetched_calls_answer_like_online_ones_and_every_mask_is_fresh(federation, request,
                                                                          tmp_path):
     path, twin = request.getfixturevalue(federation)

@@ -81,6 +81,7 @@ def test_full_mode_shares_the_weights_once(full_federation, tmp_path):
     assert log.count("owners' parameters secret-shared") == 1
 
 
+@pytest.mark.slow  # by default: test_a_killed_owner_is_named_until_it_is_restarted_and_rejoins
 def test_an_owner_that_stops_ends_the_session_with_its_name(small_federation, tmp_path):
     path, twin = small_federation
     x = np.load(Path(path).parent / "queries.npy")

@@ -128,6 +128,7 @@ def resnets(tmp_path_factory):
     ]
 
 
+@pytest.mark.slow  # graph models in full mode run by default: test_graph_models.py
 def test_resnet_factory_and_its_onnx_exports_in_output_mode(resnets):
     """A module with its own forward() and residual adds, as a factory and as ONNX files."""
     models, sources = resnets
