@@ -163,7 +163,11 @@ class LocalLauncher(Launcher):
         """Start a served party again that stopped (killed, or failed on its own): it rejoins
         the others, which wait for it since they lost it."""
         fed = self.federation
-        rank = party if isinstance(party, int) else fed.party_names.index(party)
+        names = list(fed.party_names)
+        if party not in names and party not in range(len(names)):
+            raise ConfigError(f"no party {party!r} in this federation: {', '.join(names)}",
+                              key="party")
+        rank = party if isinstance(party, int) else names.index(party)
         with self._respawn_lock:
             if self.procs[rank].exitcode is None:
                 raise MpcFiError(f"{fed.party_names[rank]} is running: nothing to restart")

@@ -485,6 +485,7 @@ def _serve_party(ctx: PartyContext) -> dict[str, Any]:
         raise ConfigError("a served session needs mpc-fi's channels (network.transport: auto, "
                           "zmq or curve): gloo bounds every idle wait by network.timeout_s",
                           key="network.transport")
+
     def stopped(role: str, served: int, wall: float) -> dict[str, Any]:
         party_logger().info("stopped while waiting for the parties; served %d request(s)", served)
         return {"cost": asdict(PartyCost(party=fed.party_names[ctx.rank], role=role, wall_s=wall,

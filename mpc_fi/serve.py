@@ -13,8 +13,10 @@ pickle), at most :data:`REQUEST_LIMIT` bytes. Requests: ``{"op": "predict", "x":
 "type": <error class>, "message": ...}``.
 
 A request whose failure every party agrees on (bad input, a budget refused by the owners, a bad
-model output) is answered with that error and the session goes on; a party that stops ends the
-session, and the error names it.
+model output) is answered with that error and the session goes on. A party that stops ends the
+session: the request in flight is answered with an error naming it, the other parties rejoin a
+new session (:class:`~mpc_fi.errors.SessionLost`) and, until the lost party is back, the querier
+refuses every request naming whom it waits for (``health`` says ``waiting``).
 """
 
 from __future__ import annotations

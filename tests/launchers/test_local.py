@@ -161,9 +161,9 @@ def run_cli_until(tmp_path: Path, path: Path, line: str) -> subprocess.Popen:
 
 @pytest.mark.parametrize("to_group", [False, pytest.param(True, marks=pytest.mark.slow)],
                          ids=["parent-only", "terminal-ctrl-c"])
-def test_ctrl_c_stops_every_party_and_leaves_no_orphans(small_federation, tmp_path, to_group):
-    path, _ = small_federation
-    proc = run_cli_until(tmp_path, path, "handshake ok")
+def test_ctrl_c_stops_every_party_and_leaves_no_orphans(long_federation, tmp_path, to_group):
+    # 120 batches: the interrupt lands while the parties work, not after a run that finished
+    proc = run_cli_until(tmp_path, long_federation, "handshake ok")
     assert len(session_members(proc.pid)) >= 5  # the launcher and its 4 parties
     if to_group:  # what a terminal does: SIGINT to the whole foreground process group
         os.killpg(proc.pid, signal.SIGINT)

@@ -59,6 +59,7 @@ def test_a_local_session_answers_many_requests_like_one_shot_runs(small_federati
     assert not list(tmp_path.glob("run/error-*"))
 
 
+@pytest.mark.slow  # it idles past network.timeout_s on purpose
 def test_a_session_idle_longer_than_network_timeout_still_answers(small_federation, tmp_path):
     """Between requests every party (the dealer too) waits without a deadline; inside a
     request network.timeout_s still bounds each wait."""
