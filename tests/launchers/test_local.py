@@ -150,8 +150,11 @@ def test_run_timeout_stops_everyone_and_names_who_was_running(small_federation, 
 
 def run_cli_until(tmp_path: Path, path: Path, line: str) -> subprocess.Popen:
     """`mpc-fi run --federation` in its own session, returned once a party logged ``line``."""
+    # SIGINT as in a terminal's foreground job: a test run started in the background by a
+    # non-interactive shell inherits SIGINT ignored, and so would the CLI.
     proc = subprocess.Popen([MPC_FI, "run", "--federation", str(path), "--run-dir",
                              str(tmp_path), "--timeout", "180"], start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if not wait_for_line(tmp_path / "party-2-querier.log", line, 120):
         proc.kill()
