@@ -441,7 +441,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "and serves until the querier says stop (`mpc-fi ask --stop`) or receives "
                     "SIGTERM (the request in flight is finished first). The querier's party "
                     "takes requests on a Unix socket (--socket, mode 0600) from mpc_fi.connect() "
-                    "or `mpc-fi ask`. A party that stops ends the session; the error names it.")
+                    "or `mpc-fi ask`. When another party stops, the request in flight fails "
+                    "naming it and this party rejoins a new session (it re-executes itself and "
+                    "waits for the lost party; the querier refuses requests meanwhile, naming "
+                    "it); start the lost party again with its usual command.")
     _host_party_arguments(serve)
     serve.add_argument("--socket", default="mpc-fi-querier.sock", metavar="PATH",
                        help="querier only: where its requests arrive (default: "
