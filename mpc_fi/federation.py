@@ -225,13 +225,12 @@ class Federation:
             served = ServedFederation(socket_path, launcher=launcher, timeout_s=self.timeout_s,
                                       reveal=fed.reveal)
             # The querier answers from the start; ready once every party has joined.
-            while (health := served.health())["status"] != "ready":
-                launcher.raise_first_failure()
-                if time.monotonic() > deadline:
-                    raise PartyFailedError("the served federation was not ready within "
-                                           f"{ready_timeout_s or self.timeout_s:g} s: waiting "
-                                           f"for {', '.join(health.get('missing', []))}")
-                time.sleep(0.05)
+            health = served.wait_ready(deadline - time.monotonic(),
+                                       check=launcher.raise_first_failure)
+            if health["status"] != "ready":
+                raise PartyFailedError("the served federation was not ready within "
+                                       f"{ready_timeout_s or self.timeout_s:g} s: waiting for "
+                                       f"{', '.join(health.get('missing', []))}")
             return served
         except BaseException:
             launcher.terminate()

@@ -42,15 +42,13 @@ from . import audit, wire
 from .errors import ProtocolError
 
 __all__ = ["REGION_BITS", "MAX_PACKAGE_ELEMENTS", "Prefetcher", "install", "start", "stop",
-           "current", "installed"]
+           "installed"]
 
 #: Package ``p`` starts at byte ``p << REGION_BITS`` of each dealer stream.
 REGION_BITS = 48
 #: The largest package (elements of party 0's shares, int64): 128 MiB at party 0. A call that
 #: needs more asks online.
 MAX_PACKAGE_ELEMENTS = 1 << 24
-#: The most requests one package may hold (the recipe travels in one object message).
-MAX_PACKAGE_REQUESTS = wire.MAX_PREFETCH_REQUESTS
 
 #: CrypTen's provider methods and the dealer function each one asks for.
 _METHODS = {"generate_additive_triple": "additive", "square": "square",
@@ -110,9 +108,7 @@ class _Package:
 @dataclass
 class Prefetcher:
     """One computing party's view of the session's packages (the same decisions at every party).
-
-    ``log_stats``: party 0 logs, per call, how many requests the package answered.
-    """
+    Party 0 logs, per call, how many requests the package answered and how many went online."""
 
     rank: int
     client: Any  # CrypTen's TTP client of this process (its ``generator`` is the dealer stream)
@@ -176,7 +172,7 @@ class Prefetcher:
         if self.rank == 0 and (self.from_package or self.online):
             self.log.info("dealer material: %d request(s) from the prefetched package, %d online",
                           self.from_package, self.online)
-        if not ok or not recipe or len(recipe) > MAX_PACKAGE_REQUESTS \
+        if not ok or not recipe or len(recipe) > wire.MAX_PREFETCH_REQUESTS \
                 or sum(_result_elements(k) for k in recipe) > MAX_PACKAGE_ELEMENTS:
             return
         self.issued += 1
@@ -220,10 +216,6 @@ class Prefetcher:
         number, entry = self.hit
         self.hit = None
         return self.received[number][entry]
-
-
-def current() -> Prefetcher | None:
-    return _CURRENT
 
 
 def start(session: Any) -> Prefetcher | None:

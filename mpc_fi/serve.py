@@ -274,8 +274,19 @@ class ServedFederation:
                                 "that replaces it, once every party is back")
 
     def health(self) -> dict[str, Any]:
-        """``{"status": "ready", "parties": [...], "requests": n, ...}`` from the querier."""
+        """``{"status": "ready", "parties": [...], "requests": n, ...}`` from the querier, or
+        ``{"status": "waiting", "missing": [...]}`` while parties are still to join."""
         return self._ask({"op": "health"})
+
+    def wait_ready(self, wait_s: float, *, check: Any = None) -> dict[str, Any]:
+        """Ask ``health`` until every party has joined or ``wait_s`` has passed (``check``, if
+        given, runs between asks and may raise); return the last answer."""
+        deadline = time.monotonic() + wait_s
+        while (health := self.health())["status"] != "ready" and time.monotonic() < deadline:
+            if check is not None:
+                check()
+            time.sleep(0.05)
+        return health
 
     def run(self, X: Any) -> Prediction:
         x = np.asarray(X)
@@ -345,6 +356,5 @@ def connect(path: str | os.PathLike[str], *, timeout_s: float = 600.0,
             if time.monotonic() >= deadline:
                 raise
             time.sleep(0.05)
-    while time.monotonic() < deadline and fed.health().get("status") != "ready":
-        time.sleep(0.1)
+    fed.wait_ready(deadline - time.monotonic())
     return fed

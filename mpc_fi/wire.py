@@ -681,8 +681,8 @@ def _ttp_request(message: dict[str, Any]) -> dict[str, Any]:
     Record({}).check(message["kwargs"], "$.kwargs")
     if max(order) >= len(kinds):
         raise ValueError(f"the recipe names request {max(order)} of {len(kinds)}")
-    total = sum(math.prod(result_size(kinds[i]["function"], kinds[i]["args"], kinds[i]["kwargs"]))
-                for i in order)
+    sizes = [math.prod(result_size(k["function"], k["args"], k["kwargs"])) for k in kinds]
+    total = sum(sizes[i] for i in order)
     if total > MAX_ELEMENTS:
         raise ValueError(f"the package would have {total} elements (at most {MAX_ELEMENTS})")
     return {"function": "prefetch", "device": message["device"], "args": (number, kinds, order),

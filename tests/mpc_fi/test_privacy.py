@@ -296,7 +296,8 @@ def test_sigkill_while_charging_leaves_old_or_new_state(tmp_path):
             deadline = time.monotonic() + 300  # a hang guard: a busy machine starts slowly
             while len(_ledger_json(path)["queriers"].get("alice", [])) < seen + 5:
                 assert proc.poll() is None, "charging subprocess died on its own"
-                assert time.monotonic() < deadline, "charging subprocess made no progress"
+                if time.monotonic() > deadline:  # a hang guard, not a speed check
+                    pytest.fail("charging subprocess made no progress in 300 s")
                 time.sleep(0.01)
             time.sleep(delay)
         finally:
