@@ -124,6 +124,22 @@ def dealer_offset() -> int | None:
         return None
 
 
+def mark() -> tuple[int, int, int, int] | None:
+    """Where the active audit's records stand (None without an audit); see :func:`rollback`."""
+    if ACTIVE is None:
+        return None
+    log = ACTIVE.log
+    return len(log.sent), len(log.decryptions), len(log.sites), len(log.relocations)
+
+
+def rollback(at: tuple[int, int, int, int] | None) -> None:
+    """Forget what was recorded since :func:`mark` (a rehearsal: computed here, never sent)."""
+    if ACTIVE is None or at is None:
+        return
+    log = ACTIVE.log
+    del log.sent[at[0]:], log.decryptions[at[1]:], log.sites[at[2]:], log.relocations[at[3]:]
+
+
 def relocated(told: int, real: int) -> None:
     """Record that material announced at stream position ``told`` comes from ``real`` (no-op
     without an audit)."""

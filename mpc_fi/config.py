@@ -335,9 +335,11 @@ class NetworkConfig:
     backend), or ``auto`` for those defaults. A plaintext transport on a non-loopback address
     needs ``acknowledge_plaintext_network: true``.
 
-    ``prefetch`` (served sessions with the TTP dealer, :mod:`mpc_fi.prefetch`): the dealer
-    prepares party 0's material for the next call between calls (party 0 holds up to 128 MiB of
-    it); ``false``: every call asks the dealer as it goes, as a one-shot run does.
+    ``prefetch`` (with the TTP dealer, :mod:`mpc_fi.prefetch`): party 0 receives a batch's
+    dealer material in one answer instead of a round trip per request. A served session's
+    dealer prepares the next call's material between calls (party 0 holds up to 128 MiB of it);
+    a one-shot run rehearses each batch shape locally (no message) to learn what to ask for.
+    ``false``: every request goes to the dealer as the computation reaches it.
     """
 
     address: str = "127.0.0.1"

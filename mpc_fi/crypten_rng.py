@@ -40,6 +40,10 @@ _SAMPLER_HOMES = ("crypten.common.rng", "crypten.mpc.primitives.arithmetic",
                   "crypten.mpc.primitives.binary", "crypten.mpc.provider.tfp_provider",
                   "crypten.mpc.provider.ttp_provider")
 
+#: True while this process rehearses a computation (:func:`mpc_fi.prefetch.rehearse`): the
+#: samplers return zeros and no stream moves. Nothing computed then is ever sent.
+_REHEARSING = False
+
 PRZS = "przs"  # the pairwise keys (prev/next), one purpose so that both holders agree
 LOCAL = "local"
 GLOBAL = "global"
@@ -76,6 +80,8 @@ def generate_random_ring_element(size: Any, ring_size: int = _RING, generator: A
     if ring_size != _RING:
         raise InsecureRandomnessError(f"ring size {ring_size} is not supported (only 2**64)")
     device = kwargs.get("device")
+    if _REHEARSING:
+        return torch.zeros(size, dtype=torch.int64, device=device)
     return _generator_for(generator, device).ring(size, device=device)
 
 
@@ -83,6 +89,8 @@ def generate_kbit_random_tensor(size: Any, bitlength: int | None = None, generat
                                 **kwargs: Any) -> torch.Tensor:
     """CrypTen's sampler of uniform ``bitlength``-bit integers, from the CSPRNG."""
     device = kwargs.get("device")
+    if _REHEARSING:
+        return torch.zeros(size, dtype=torch.int64, device=device)
     return _generator_for(generator, device).kbits(size, 64 if bitlength is None else bitlength,
                                                    device=device)
 

@@ -24,8 +24,17 @@ request sizes, as it does online. An audited run (:mod:`mpc_fi.audit`) records, 
 request that leaves a package, where its material really came from
 (:func:`mpc_fi.audit.relocated`), so the audit still regenerates every mask.
 
-Only computing parties of a served session with a TTP dealer prefetch (:func:`start`);
-one-shot runs ask online as CrypTen does.
+A one-shot run has no previous call to learn its recipe from, so every computing party
+*rehearses* the batch first (:func:`rehearse`): it runs the same computation on zeros with a
+communicator that sends nothing and samplers and a dealer that return zeros, recording the
+requests. The computation on shares does not branch on secret values, so the rehearsal asks for
+what the real batch will ask for; the parties compare digests of their recipes (one small
+message) and only if all agree does party 0 ask for that recipe's package. A batch that
+deviates (a protocol that branches on an opened value) leaves the package as above. A
+rehearsal draws no randomness, touches no stream, and sends nothing.
+
+Only computing parties with a TTP dealer prefetch (:func:`start`), when ``network.prefetch``
+is on (the default).
 """
 
 from __future__ import annotations
@@ -42,7 +51,7 @@ from . import audit, wire
 from .errors import ProtocolError
 
 __all__ = ["REGION_BITS", "MAX_PACKAGE_ELEMENTS", "Prefetcher", "install", "start", "stop",
-           "installed"]
+           "installed", "rehearse", "recipe_digest"]
 
 #: Package ``p`` starts at byte ``p << REGION_BITS`` of each dealer stream.
 REGION_BITS = 48
@@ -58,6 +67,8 @@ _POSITIONAL = {"additive": 3, "binary": 2, "square": 1, "wraps": 1, "B2A": 1}
 Key = tuple  # (function, args, kwargs) with every size a tuple of ints
 
 _CURRENT: "Prefetcher | None" = None
+#: The requests of the rehearsal under way in this process (None: none is).
+_REHEARSAL: "list[Key | None] | None" = None
 
 
 def _freeze(value: Any) -> Any:
@@ -164,21 +175,29 @@ class Prefetcher:
         stream.seek(package.main_offset)
         self.received.pop(package.number, None)
 
-    def end_call(self, ok: bool) -> None:
-        """After a call (``ok``: it succeeded at every party): ask for the next package."""
+    def end_call(self, ok: bool, *, ask: bool = True) -> None:
+        """After a call (``ok``: it succeeded at every party): ask for the next package with
+        this call's recipe (``ask``: a next call like this one is expected)."""
         if self.active is not None:
             self._leave(relocate=False)
         recipe, self.recording = self.recording, []
         if self.rank == 0 and (self.from_package or self.online):
             self.log.info("dealer material: %d request(s) from the prefetched package, %d online",
                           self.from_package, self.online)
-        if not ok or not recipe or len(recipe) > wire.MAX_PREFETCH_REQUESTS \
+        if ok and ask:
+            self.prepare(recipe)
+
+    def prepare(self, recipe: list[Key] | None) -> bool:
+        """Make ``recipe`` (the same at every party) the next call's package: party 0 asks the
+        dealer for it now. False (and nothing asked) if it cannot be prefetched."""
+        if not recipe or len(recipe) > wire.MAX_PREFETCH_REQUESTS \
                 or sum(_result_elements(k) for k in recipe) > MAX_PACKAGE_ELEMENTS:
-            return
+            return False
         self.issued += 1
         self.ready = _Package(self.issued, recipe)
         if self.rank == 0:
             self._ask(self.ready)
+        return True
 
     # -- party 0 and the dealer ---------------------------------------------------------------
     def _ask(self, package: _Package) -> None:
@@ -238,9 +257,98 @@ def stop() -> None:
         state.drain()
 
 
+# -- rehearsals -------------------------------------------------------------------------------
+class _SilentCommunicator:
+    """CrypTen's communicator as a rehearsal sees it: the same rank and world, no messages.
+
+    Every collective answers as if the other parties held zeros; a rehearsal's values are
+    meaningless and never leave the process."""
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+
+    def get_rank(self) -> int:
+        return self._real.get_rank()
+
+    def get_world_size(self) -> int:
+        return self._real.get_world_size()
+
+    def get_ttp_rank(self) -> int:
+        return self._real.get_ttp_rank()
+
+    @staticmethod
+    def _same(value: Any, batched: bool = False) -> Any:
+        return [t.clone() for t in value] if batched else value.clone()
+
+    def all_reduce(self, value: Any, op: Any = None, batched: bool = False) -> Any:
+        return self._same(value, batched)
+
+    def reduce(self, value: Any, dst: int, op: Any = None, batched: bool = False) -> Any:
+        return self._same(value, batched)
+
+    def broadcast(self, value: Any, src: int, group: Any = None, batched: bool = False) -> Any:
+        return self._same(value, batched)
+
+    def all_gather(self, value: Any) -> list[Any]:
+        return [value.clone() for _ in range(self.get_world_size())]
+
+    def gather(self, value: Any, dst: int) -> list[Any]:
+        return [value.clone() for _ in range(self.get_world_size())]
+
+    def __getattr__(self, name: str) -> Any:  # point-to-point and object messages: refused
+        raise _RehearsalStopped(f"a rehearsal does not {name}")
+
+
+class _RehearsalStopped(RuntimeError):
+    pass
+
+
+def rehearse(step: Any, crypten: Any) -> list[Key] | None:
+    """The dealer requests ``step()`` makes, found by running it here on zeros with no messages,
+    no randomness drawn and no dealer asked; None if it made a request that cannot be prefetched
+    or failed. An active wire audit is rolled back to where it stood (nothing was sent)."""
+    global _REHEARSAL
+    from . import crypten_rng  # noqa: PLC0415
+
+    comm_module = crypten.communicator
+    real_get = comm_module.get
+    silent = _SilentCommunicator(real_get())
+    mark = audit.mark()
+    _REHEARSAL = []
+    crypten_rng._REHEARSING = True
+    comm_module.get = lambda: silent
+    try:
+        step()
+        recipe = _REHEARSAL
+    except Exception as exc:  # noqa: BLE001 - any failure: no package, the real run decides
+        logging.getLogger("mpc_fi").info("no dealer package for this batch: its rehearsal "
+                                         "stopped (%s: %s)", type(exc).__name__, exc)
+        recipe = None
+    finally:
+        comm_module.get = real_get
+        crypten_rng._REHEARSING = False
+        _REHEARSAL = None
+        audit.rollback(mark)
+    if recipe is None or any(k is None for k in recipe):
+        return None
+    return recipe
+
+
+def recipe_digest(recipe: list[Key] | None) -> str:
+    """A short public digest of a recipe (the parties compare it before party 0 asks)."""
+    import hashlib  # noqa: PLC0415
+
+    if recipe is None:
+        return "none"
+    return hashlib.sha256(repr(recipe).encode()).hexdigest()[:32]
+
+
 # -- the patches ------------------------------------------------------------------------------
 def _provider_wrapper(function: str, original: Any) -> Any:
     def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if _REHEARSAL is not None:
+            _REHEARSAL.append(request_key(function, args, kwargs))
+            return original(self, *args, **kwargs)
         state = _CURRENT
         if state is not None:
             state.before(request_key(function, args, kwargs))
@@ -254,6 +362,8 @@ def _provider_wrapper(function: str, original: Any) -> Any:
 
 def _request_wrapper(original: Any) -> Any:
     def ttp_request(self: Any, func_name: str, device: Any, *args: Any, **kwargs: Any) -> Any:
+        if _REHEARSAL is not None:  # the size of the dealer's answer, as zeros
+            return torch.zeros(wire.result_size(func_name, args, kwargs), dtype=torch.long)
         state = _CURRENT
         if state is None:
             return original(self, func_name, device, *args, **kwargs)

@@ -533,6 +533,9 @@ QUERY_META = Tuple(Int(1, 1 << 40), Shape(min_dims=1))
 #: A batch plan: rows per batch that fit this party, and its memory limit in MiB (or None).
 BATCH_PLAN = Tuple(Int(0, 1 << 40), Optional(Float(0.0, 1e12)))
 #: A served session: the querier's next step for everyone (answer ``n`` queries, or stop).
+#: A digest of a batch's dealer recipe (:func:`mpc_fi.prefetch.recipe_digest`).
+RECIPE_DIGEST = Str(32, pattern=r"none|[0-9a-f]{32}")
+
 SERVED_STEP = Record({"op": Enum("batch", "stop"), "n": Int(0, 1 << 40),
                       "shape": Shape(max_dims=8)})
 

@@ -9,6 +9,7 @@ with no piece of material used twice.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -62,6 +63,77 @@ def test_prefetched_calls_answer_like_online_ones_and_every_mask_is_fresh(federa
                         dealer=len(fed.party_names) - 1) == []
     # The calls that left a package drew from the main stream, and the audit knows where.
     assert all(len(logs[r].relocations) == 2 for r in range(fed.querier_rank + 1))
+
+
+@pytest.mark.parametrize("federation", ["full_federation", "small_federation"])
+def test_a_one_shot_run_rehearses_each_batch_shape_and_asks_the_dealer_once_per_batch(
+        federation, request, tmp_path):
+    """Batches of 6, 6 and 4 rows: the first and the last are rehearsed, the second reuses the
+    first's recipe; every request comes from a package, answers equal the twin, the audit
+    regenerates every mask, and party 0 makes far fewer rounds than when it asks online."""
+    path, twin = request.getfixturevalue(federation)
+    x = np.load(Path(path).parent / "queries.npy")[:16]
+    fed = dataclasses.replace(FederationConfig.load(path), batch_size=6)
+    results, logs = {}, {}
+    for on in (True, False):
+        run_dir = tmp_path / f"run-{on}"
+        network = dataclasses.replace(fed.network, prefetch=on)
+        launcher = LocalLauncher(dataclasses.replace(fed, network=network),
+                                 run_dir=run_dir, audit=True, timeout_s=300)
+        results[on] = launcher.run(query=x)
+        logs[on] = (run_dir / "party-0-owner0.log").read_text()
+        np.testing.assert_array_equal(results[on][fed.querier_rank]["labels"], twin[:16])
+        audits = {r: audit.load(str(run_dir / f"audit-{r}.npz"))
+                  for r in range(len(fed.party_names))}
+        assert audit.verify(audits, querier=fed.querier_rank, mode=fed.mode,
+                            dealer=len(fed.party_names) - 1) == []
+    counts = _counts(logs[True])
+    assert len(counts) == 3 and all(online == 0 and used > 0 for used, online in counts)
+    assert counts[0] == counts[1] and counts[2][0] == counts[0][0]  # same requests, fewer rows
+    assert _counts(logs[False]) == []
+    rounds = {on: results[on][0]["cost"]["rounds"] for on in (True, False)}
+    others = results[True][1]["cost"]["rounds"]
+    assert results[False][1]["cost"]["rounds"] == others  # only party 0 talks to the dealer
+    assert rounds[True] <= others + 12 < rounds[False]
+
+
+def test_a_rehearsal_sends_nothing_draws_nothing_and_leaves_the_audit_as_it_was():
+    """In one process: the rehearsal of a shared computation returns its dealer requests, with
+    no message, no stream moved and no audit record left; a step that sends a point-to-point
+    message (something a rehearsal cannot imitate) gives no recipe."""
+    from launchers.local import run_functions  # noqa: PLC0415
+
+    out = run_functions(_rehearse_in_party, [None, None], timeout_s=120)
+    for got in out:
+        assert got["recipe"] > 0 and got["refused"] is None
+        assert got["moved"] == [] and got["rounds"] == 0 and got["audit_same"]
+
+
+def _rehearse_in_party(rank, _):
+    from mpc_fi._crypten import load_crypten  # noqa: PLC0415
+
+    crypten = load_crypten()
+    comm = crypten.communicator.get()
+    generators = {f"{k}-{d}": g for k, gs in crypten.generators.items() for d, g in gs.items()}
+    client = crypten.mpc.provider.ttp_provider.TTPClient.get()
+    generators["dealer"] = client.generator
+    before = {k: g.offset for k, g in generators.items()}
+    stats = comm.get_communication_stats()["rounds"]
+    mark = audit.mark()
+
+    def step():
+        x = crypten.cryptensor(torch.ones(4, 3, dtype=torch.float64), src=0)
+        return ((x * x).relu().sum().get_plain_text(dst=1))
+
+    recipe = prefetch.rehearse(step, crypten)
+    moved = [k for k, g in generators.items() if g.offset != before[k]]
+
+    def talks():
+        crypten.communicator.get().send(torch.zeros(1), 1 - rank)
+
+    return {"recipe": len(recipe), "refused": prefetch.rehearse(talks, crypten),
+            "moved": moved, "rounds": comm.get_communication_stats()["rounds"] - stats,
+            "audit_same": audit.mark() == mark}
 
 
 def _request(function="additive", args=((4, 3), (3, 2), "matmul"), kwargs=None):
