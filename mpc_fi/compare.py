@@ -42,6 +42,9 @@ pass none and get full 64-bit comparisons (still exact, and cheaper than CrypTen
 
 from __future__ import annotations
 
+import contextlib
+import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -56,7 +59,8 @@ __all__ = [
     "ValueRange", "NetworkProfile", "LAN", "WAN", "NETWORKS", "ArgmaxPlan",
     "choose_group_size", "plan_argmax", "argmax_circuit", "argmax_bits", "argmax_one_hot_shares",
     "argmax_index_shares", "ge_zero_circuit", "ge_zero_shares", "install_fast_comparisons",
-    "uninstall_fast_comparisons", "pack_bits", "unpack_bits",
+    "uninstall_fast_comparisons", "pack_bits", "unpack_bits", "bounded", "bound_range",
+    "max_circuit", "approximate_max_shares",
 ]
 
 _WORD = 64
@@ -450,6 +454,40 @@ def _group_winners(be: Any, values: torch.Tensor, g: int, m: int, t: int) -> tor
     return _and_bits(be, slots.permute(1, 0, 2).reshape(g - 1, rows * k)).view(rows, k)
 
 
+def _pair_winners(be: Any, values: torch.Tensor, m: int, drop: int) -> torch.Tensor:
+    """``(rows, 2K)`` shares -> 0/1 binary shares ``(rows, K)`` of ``x[2i] >= x[2i+1]``, judged
+    on the values' top bits: each party drops the low ``drop`` bits of its share of the
+    difference, so a difference in ``[0, P * 2**drop)`` may be judged negative (the loser is
+    then within that of the winner); differences outside it are judged exactly."""
+    rows = values.shape[0]
+    diff = (values[:, 0::2] - values[:, 1::2]).flatten()
+    width = m
+    if drop:
+        diff = diff >> drop  # per share: the sum is (d >> drop) - c, 0 <= c < P
+        width = m - drop + 1
+    offset = torch.tensor(-(1 << 63) if width == 64 else 1 << (width - 1), dtype=torch.int64)
+    return _sign_bits(be, diff + _public(be, offset), width, 0).view(rows, -1)
+
+
+def _max_circuit(be: Any, values: torch.Tensor, m: int, drop: int) -> torch.Tensor:
+    """Shares ``(rows, 1)`` of one of the row's values within ``levels * P * 2**drop`` of its
+    maximum (the maximum itself when ``drop = 0``): a knock-out tournament of pairs."""
+    current = values
+    while current.shape[1] > 1:
+        rows, k = current.shape
+        odd = k % 2
+        pairs = current[:, :k - odd]
+        won = _pair_winners(be, pairs, m, drop).flatten()  # x[2i] >= x[2i+1]
+        # winner = second + won * (first - second): one daBit and one product per pair
+        first, second = pairs[:, 0::2].flatten(), pairs[:, 1::2].flatten()
+        gap = first - second
+        opened, r_a = be.open_bits(won)
+        r_gap = be.mul(r_a, gap)
+        chosen = second + opened * gap + (1 - 2 * opened) * r_gap
+        current = torch.cat([chosen.view(rows, -1), current[:, k - odd:]], dim=1)
+    return current
+
+
 def _select(be: Any, won: torch.Tensor, values: torch.Tensor, g: int) -> torch.Tensor:
     """Sum over each group of ``won * value`` (the group winner's value), on arithmetic shares.
 
@@ -688,6 +726,32 @@ def argmax_index_shares(shares: torch.Tensor, value_range: ValueRange | None, **
     return argmax_bits(shares, value_range, outputs="index", **kw)
 
 
+def max_circuit(m: int, drop: int) -> Any:
+    """The tournament maximum as a function ``(backend, shares (rows, C)) -> shares (rows, 1)``."""
+
+    def circuit(be: Any, values: torch.Tensor) -> torch.Tensor:
+        return _max_circuit(be, values, m, drop)
+
+    return circuit
+
+
+def approximate_max_shares(shares: torch.Tensor, value_range: ValueRange | None, *,
+                           slack_bits: int = 0) -> torch.Tensor:
+    """Shares ``(rows, 1)`` of a value of each row of ``shares`` (``(rows, C)``) at most
+    ``ceil(log2 C) * P * 2**slack_bits`` below the row's maximum (encoded units): a pair
+    tournament whose comparisons drop ``slack_bits`` low bits (``slack_bits=0``: the maximum,
+    exactly). The result is always one of the row's values. Collective."""
+    crypten = load_crypten()
+
+    world = crypten.communicator.get().get_world_size()
+    m = 64 if value_range is None else value_range.comparison_bits()[0]
+    if value_range is not None and value_range.zero_low_bits:
+        m = (ValueRange(value_range.lo, value_range.hi)).comparison_bits()[0]
+    drop = 0 if m == 64 else max(0, min(slack_bits, m - 2 - world.bit_length()))
+    rows, classes = shares.shape
+    return _run(max_circuit(m, drop), ("max", rows, classes, m, drop), shares)
+
+
 def ge_zero_circuit(m: int, t: int) -> Any:
     """``[x >= 0]`` as a function ``(backend, shares of x) -> integer shares`` (any shape)."""
 
@@ -713,18 +777,45 @@ def ge_zero_shares(shares: torch.Tensor, value_range: ValueRange | None = None) 
 # CrypTen's comparison primitive, replaced by an output-identical cheaper one
 # ---------------------------------------------------------------------------------------
 _CRYPTEN_LTZ: Any = None
+#: The public bound of :func:`bounded` in force (a magnitude in real units), or None.
+_BOUND: float | None = None
+
+
+@contextlib.contextmanager
+def bounded(limit: float | None) -> Iterator[None]:
+    """Inside the block, every value CrypTen compares with zero (a ReLU's input, a difference
+    inside ``max`` or max pooling, a clamp's argument) has magnitude at most ``limit`` (public,
+    real units): the comparisons carry only the bits that bound needs. Every party must use
+    the same limit; a value outside it gives a wrong comparison, never an error. ``None``:
+    full 64-bit comparisons."""
+    global _BOUND
+    saved, _BOUND = _BOUND, limit
+    try:
+        yield
+    finally:
+        _BOUND = saved
+
+
+def bound_range(scale: int) -> ValueRange | None:
+    """The :func:`bounded` limit in force as a range of values encoded at ``scale`` (None
+    outside a block): differences of two such values lie within ``±limit``."""
+    if _BOUND is None:
+        return None
+    top = math.ceil(_BOUND * scale)
+    return ValueRange(0, top) if top < 1 << 61 else None
 
 
 def _ltz(self: Any) -> Any:
     """``[x < 0]`` for an ``MPCTensor``, as CrypTen's ``MPCTensor._ltz`` returns it.
 
     Same function (the top bit of the sum of the 64-bit shares), same output encoding
-    (arithmetic shares of 0/1 at scale 1), computed with the carry-save circuit of this module.
+    (arithmetic shares of 0/1 at scale 1), computed with the carry-save circuit of this module,
+    on the bits a :func:`bounded` limit leaves (all 64 outside one).
     """
     crypten = load_crypten()
 
     x = self if self.ptype == crypten.mpc.arithmetic else self.to(crypten.mpc.arithmetic)
-    non_negative = ge_zero_shares(x.share)
+    non_negative = ge_zero_shares(x.share, bound_range(int(x.encoder.scale)))
     rank = crypten.communicator.get().get_rank()
     below = (1 if rank == 0 else 0) - non_negative
     return crypten.mpc.MPCTensor.from_shares(below, precision=0)

@@ -486,6 +486,9 @@ class FederationConfig:
     identities: Mapping[str, Identity] = field(default_factory=dict)
     #: a public feature extractor the querier runs before sharing (full mode only)
     public_backbone: BackboneConfig | None = None
+    #: full mode: a public bound on every activation of every owner's model (each owner checks
+    #: its own against it before sharing), so comparisons on shares carry fewer bits
+    activation_bound: float | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -546,6 +549,16 @@ class FederationConfig:
         check_protocol_params(self)
         self._validate_identities()
         self.transport()  # the transport these settings resolve to, or a ConfigError
+        if self.activation_bound is not None:
+            bound = self.activation_bound
+            if isinstance(bound, bool) or not isinstance(bound, (int, float)) \
+                    or not math.isfinite(bound) or not 0 < bound <= 2.0 ** 40:
+                raise ConfigError("must be a number in (0, 2**40]: the largest magnitude any "
+                                  "activation of any owner's model may reach, or left out for "
+                                  f"full-width comparisons; got {bound!r}", key="activation_bound")
+            if self.mode != "full":
+                raise ConfigError("only full mode compares activations on shares (in output "
+                                  "mode each owner runs its model itself)", key="activation_bound")
         if self.public_backbone is not None:
             if not isinstance(self.public_backbone, BackboneConfig):
                 raise ConfigError("must be a BackboneConfig (model, output_range)",
@@ -694,6 +707,8 @@ class FederationConfig:
             public["public_backbone"]["model"] = {"kind": "onnx" if model["onnx"] else "torch"}
         if public.get("privacy"):
             public["privacy"].pop("budget_file", None)  # local to the querier
+        if public.get("activation_bound") is None:
+            public.pop("activation_bound", None)  # unchanged fingerprints without one
         text = json.dumps(public, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -702,7 +717,7 @@ class FederationConfig:
     def from_dict(cls, data: Mapping[str, Any], *, base: Path | None = None) -> "FederationConfig":
         _check_keys(data, ("owners", "querier", "mode", "protocol", "reveal", "dealer", "network",
                            "batch_size", "precision_bits", "privacy", "identities",
-                           "public_backbone"), "")
+                           "public_backbone", "activation_bound"), "")
         if "owners" not in data:
             raise ConfigError("missing: list the model owners", key="owners")
         if not isinstance(data["owners"], list):
@@ -728,6 +743,7 @@ class FederationConfig:
             privacy=privacy, identities=_identities(data.get("identities"), base),
             public_backbone=None if data.get("public_backbone") is None else
             BackboneConfig.from_dict(data["public_backbone"], "public_backbone", base),
+            activation_bound=data.get("activation_bound"),
         )
 
     @classmethod

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import audit, prefetch, runtime, secure, wire
+from . import audit, compare, prefetch, runtime, secure, wire
 from .bounds import AGGREGATE_RANGE_WIRE, aggregate_range
 from .config import MAX_QUERY_VALUE, FederationConfig
 from .data import validate_queries
@@ -47,7 +47,7 @@ from .memory import auto_limit_mb, plan_rows, refuse_message, row_bytes
 from .models import ARCHITECTURE_WIRE, LOAD_AUDIT, Architecture, extract_architecture, \
     load_owner_model, output_classes, secure_forward
 from .plugins import build_protocol
-from .ranges import check_model_ranges
+from .ranges import check_activation_bound, check_model_ranges, comparison_limit
 from .result import PartyCost
 from .runtime import Session, SessionSpec
 
@@ -188,6 +188,9 @@ class _Party:
                                             fed.precision_bits, range_key=fed.shared_input_key)
                 self.log.info("fixed-point range check passed: largest bound 2^%.1f",
                               math.log2(max([r.magnitude for r in ranges] + [1.0])))
+                if fed.activation_bound is not None:
+                    check_activation_bound(ranges, fed.shared_input_range, fed.activation_bound,
+                                           range_key=fed.shared_input_key)
                 return {"classes": self.arch.num_classes, "arch": self.arch}
             return {"classes": output_classes(self.model, self.input_shape)}
 
@@ -389,9 +392,10 @@ class _Party:
             shares = [cryptensor(inputs, src=r) for r in self.owner_ranks]
         else:
             x_enc = cryptensor(inputs.to(torch.float64), src=self.q)
-            shares = self._secure_contributions(
-                [secure_forward(arch, x_enc, params)
-                 for arch, params in zip(self.archs, self.shared_params)])
+            with compare.bounded(comparison_limit(self.fed.activation_bound)):
+                shares = self._secure_contributions(
+                    [secure_forward(arch, x_enc, params)
+                     for arch, params in zip(self.archs, self.shared_params)])
         aggregate = self.protocol.combine(shares)
         if self.aggregate_range is not None:
             secure.annotate(aggregate, value_range=self.aggregate_range)

@@ -157,3 +157,34 @@ def check_model_ranges(arch: Architecture, params: dict[str, torch.Tensor],
             + f"\nDeclare the real range of the inputs in {range_key}, scale the inputs "
             "or weights down, or lower precision_bits (each bit less doubles the product range).")
     return [r for r, _ in found]
+
+
+def comparison_limit(activation_bound: float | None) -> float | None:
+    """The magnitude of every value full mode compares when every activation (and input) is
+    within ``±activation_bound``: a ReLU's input, a difference of two activations (``max``,
+    max pooling, softmax's max), and softmax's clamp ``x - max - EXP_FLOOR``, with one unit of
+    slack for fixed-point rounding. None without a bound."""
+    if activation_bound is None:
+        return None
+    from .secure import EXP_FLOOR  # noqa: PLC0415 - secure imports CrypTen's helpers
+
+    return 2 * activation_bound - EXP_FLOOR + 1
+
+
+def check_activation_bound(ranges: list[LayerRange], input_range: tuple[float, float],
+                           bound: float, *, range_key: str = "querier.input_range") -> None:
+    """Raise :class:`InputError` naming every layer whose output could exceed the federation's
+    public ``activation_bound`` (comparisons on shares are only exact within it)."""
+    low, high = input_range
+    problems = [f"{r.path} ({r.op}): its output can reach {r.magnitude:.4g}"
+                for r in ranges if r.magnitude > bound]
+    if max(abs(low), abs(high)) > bound:
+        problems.insert(0, f"the inputs: {range_key} [{low:g}, {high:g}] reaches past it")
+    if problems:
+        raise InputError(
+            f"this model's activations are not within activation_bound = {bound:g} for inputs "
+            f"in [{low:g}, {high:g}] ({range_key}), and comparisons on shares would be wrong:"
+            "\n  - " + "\n  - ".join(problems)
+            + "\nRaise activation_bound (each doubling costs one bit per comparison), declare "
+            f"the real range of the inputs in {range_key}, or leave activation_bound out "
+            "(full-width comparisons).")

@@ -17,13 +17,15 @@ contributions). Without one they are full 64-bit comparisons: exact, like CrypTe
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ._crypten import load_crypten
-from .compare import LAN, NETWORKS, NetworkProfile, ValueRange, argmax_bits
+from .compare import (LAN, NETWORKS, NetworkProfile, ValueRange, approximate_max_shares, argmax_bits,
+                      bound_range, ge_zero_shares)
 
 __all__ = ["ValueRange", "Hint", "annotate", "hint_of", "distinct", "argmax_one_hot",
            "one_hot_to_index", "argmax_index", "EXP_FLOOR", "clamp_exponent", "softmax",
@@ -101,6 +103,11 @@ def _resolve(x: Any, value_range: ValueRange | None, network: NetworkProfile | s
              group_size: int | None) -> dict[str, Any]:
     hint = hint_of(x)
     net = network if network is not None else hint.network
+    if value_range is None and hint.value_range is None:
+        # Inside compare.bounded: the values are within the limit (their differences twice).
+        limit = bound_range(int(x.encoder.scale))
+        if limit is not None:
+            value_range = ValueRange(-limit.hi, limit.hi)
     return {"value_range": value_range if value_range is not None else hint.value_range,
             "net": NETWORKS[net] if isinstance(net, str) else net,
             "group_size": group_size if group_size is not None else hint.group_size}
@@ -141,6 +148,15 @@ def argmax_index(x: Any, num_classes: int, *, value_range: ValueRange | None = N
 #: representable. More iterations do not help at 16 bits: ``x / 2**n`` loses its digits
 #: (measured: 12 iterations, probability errors ~1e-2).
 EXP_FLOOR = -16.0
+#: Without the clamp, ``exp`` is safe for ``x >= -EXP_SAFE``: the base stays in ``[-0.5, 1]``,
+#: and ``|base|**256 < 2**-256`` wherever it is negative (the true value is as negligible).
+EXP_SAFE = 384.0
+#: The softmax's shift may lie this far (real units) below the row's maximum; its comparisons
+#: drop the low bits this allows (:func:`mpc_fi.compare.approximate_max_shares`).
+MAX_SLACK = 1 / 16
+#: Newton iterations of the normalised reciprocal (:func:`reciprocal_in`): the linear start on
+#: ``[1/2, 1]`` is within 0.0858, then 7.4e-3, 5.4e-5, 2.9e-9 (below one unit at 16 bits).
+RECIPROCAL_ITERATIONS = 3
 
 
 def clamp_exponent(shifted: Any) -> Any:
@@ -148,18 +164,95 @@ def clamp_exponent(shifted: Any) -> Any:
     return (shifted - EXP_FLOOR).relu() + EXP_FLOOR
 
 
+def _ceil_log2(n: int) -> int:
+    return max(0, (n - 1).bit_length())
+
+
+def shift_for_softmax(x: Any) -> Any:
+    """A value of each row of ``x`` (last dimension) at most :data:`MAX_SLACK` below the row's
+    maximum, shape ``(..., 1)``: softmax is the same for any shift, so the comparisons of this
+    tournament may drop low bits. Inside :func:`mpc_fi.compare.bounded` they carry only the bits
+    the bound leaves."""
+    crypten = load_crypten()
+
+    classes = x.size(-1)
+    shares, lead, precision = _shares_2d(x, classes)
+    world = crypten.communicator.get().get_world_size()
+    limit = bound_range(int(x.encoder.scale))
+    value_range = None if limit is None else ValueRange(-limit.hi, limit.hi)
+    # levels * P * 2**slack <= MAX_SLACK * 2**precision
+    budget = int(MAX_SLACK * (1 << precision)) // (_ceil_log2(classes) * world or 1)
+    slack = max(0, budget.bit_length() - 1)
+    top = approximate_max_shares(shares, value_range, slack_bits=slack)
+    return crypten.mpc.MPCTensor.from_shares(top.view(*lead, 1), precision=precision)
+
+
+def reciprocal_in(s: Any, high: float) -> Any:
+    """``1 / s`` on shares for ``1 <= s <= high`` (public ``high``), to 16-bit accuracy for any
+    ``high`` up to ``2**(precision - 2)``.
+
+    ``s`` is first brought into ``[1/2, 1]`` by a power of two ``f = 2**-(n+1)``, found by
+    comparing ``s`` with ``2, 4, ..., 2**J`` at once (the bits are monotone, so ``f`` is a public
+    linear function of them); then Newton's iteration from the linear start ``2.9142 - 2 s f``
+    (:data:`RECIPROCAL_ITERATIONS` steps), and ``1/s = f * (1 / (s f))``. CrypTen's own
+    reciprocal starts from ``3 exp(1/2 - s) + 0.003`` and diverges for ``s`` above about 660
+    (a softmax over flat scores of 1,000 classes). Twin: ``1 / s``.
+    """
+    crypten = load_crypten()
+
+    precision = s.encoder.scale.bit_length() - 1
+    levels = _ceil_log2(math.ceil(high))
+    if levels == 0:
+        scaled, f = s * 0.5, None
+    else:
+        if levels > precision - 2:
+            raise ValueError(f"reciprocal_in: high={high:g} needs more than {precision} "
+                             "fractional bits")
+        flat = s.share.reshape(-1, 1)
+        steps = torch.tensor([1 << (j + precision) for j in range(1, levels + 1)],
+                             dtype=torch.int64)
+        rank = crypten.communicator.get().get_rank()
+        diff = flat - (steps if rank == 0 else torch.zeros_like(steps))
+        spread = math.ceil(2 * high * (1 << precision))
+        bits = ge_zero_shares(diff, ValueRange(0, spread))  # integer shares of [s >= 2**j]
+        coeff = torch.tensor([1 << (precision - j - 1) for j in range(1, levels + 1)],
+                             dtype=torch.int64)
+        half = torch.tensor(1 << (precision - 1), dtype=torch.int64)
+        f_share = (half if rank == 0 else torch.zeros_like(half)) - (bits * coeff).sum(dim=1)
+        f = crypten.mpc.MPCTensor.from_shares(f_share.view(s.share.shape), precision=precision)
+        scaled = s * f
+    y = 2.9142 - 2 * scaled
+    for _ in range(RECIPROCAL_ITERATIONS):
+        y = y * (2 - scaled * y)
+    return y * 0.5 if f is None else y * f
+
+
 def softmax(x: Any, dim: int = -1) -> Any:
     """Softmax on shares, exact (within fixed-point rounding) for any spread of ``x``.
 
-    CrypTen's own ``softmax`` is wrong once two entries differ by more than about 500; this is
-    the same computation with the exponent clamped at :data:`EXP_FLOOR`. Twin:
-    ``torch.softmax``.
+    The shift is a value of the row within :data:`MAX_SLACK` of its maximum
+    (:func:`shift_for_softmax`); the exponent is clamped at :data:`EXP_FLOOR` unless a
+    :func:`mpc_fi.compare.bounded` limit shows it cannot fall below :data:`EXP_SAFE`; the sum of
+    the exponentials lies in ``[1, C e**MAX_SLACK]``, inverted by :func:`reciprocal_in`.
+    (CrypTen's own ``softmax`` is wrong once two entries differ by more than about 500, and its
+    reciprocal once the sum passes about 660.) Twin: ``torch.softmax``.
     """
-    crypten = load_crypten()
-    e = clamp_exponent(x - x.max(dim, keepdim=True)[0]).exp()
-    with crypten.cfg.temp_override({"functions.reciprocal_all_pos": True}):
-        inverse = e.sum(dim, keepdim=True).reciprocal()
-    return e * inverse
+    dim = dim % x.dim()
+    if dim != x.dim() - 1:
+        return softmax(x.transpose(dim, -1), -1).transpose(dim, -1)
+    shifted = x - shift_for_softmax(x)
+    limit = _limit()
+    if limit is None or limit > EXP_SAFE:
+        shifted = clamp_exponent(shifted)
+    e = shifted.exp()
+    high = x.size(-1) * math.exp(MAX_SLACK) * 1.01 + 1
+    return e * reciprocal_in(e.sum(-1, keepdim=True), high)
+
+
+def _limit() -> float | None:
+    from . import compare  # noqa: PLC0415
+
+    return compare._BOUND
 
 
 def log_softmax(x: Any, dim: int = -1) -> Any:
