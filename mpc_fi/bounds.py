@@ -160,3 +160,43 @@ def aggregate_range(protocol: Any, *, num_owners: int, num_classes: int, precisi
     hi = sum(max(w * lo_enc, w * hi_enc) for w in weights)
     zero_bits = precision_bits if contrib.integer else 0
     return ValueRange(lo, hi, zero_bits), contrib
+
+
+def _defined_in(cls: type, name: str) -> type | None:
+    return next((k for k in cls.__mro__ if name in k.__dict__), None)
+
+
+def full_mode_aggregate_range(protocol: Any, *, num_owners: int, num_classes: int,
+                              precision_bits: int, activation_bound: float | None
+                              ) -> ValueRange | None:
+    """The range of a full-mode aggregate, or None (64-bit comparisons).
+
+    Contributions computed on shares cannot be checked by anyone, so probes are not enough: the
+    protocol states the range of its ``secure_contribution`` by construction, with
+    ``full_mode_contribution_range(activation_bound) -> ContributionRange | None``, defined in
+    the class that defines its ``secure_contribution`` (a subclass that computes something else
+    inherits no range). The stated range is then widened by its own width on each side (the
+    fixed-point error of a softmax on shares is far below that), and no low bits are assumed
+    zero unless the contribution is an exact integer.
+    """
+    cls = type(protocol)
+    state = getattr(protocol, "full_mode_contribution_range", None)
+    if state is None or _defined_in(cls, "full_mode_contribution_range") is not \
+            _defined_in(cls, "secure_contribution"):
+        return None
+    try:
+        contrib = state(activation_bound)
+    except Exception:  # noqa: BLE001 - a failing statement just gives no range
+        return None
+    weights = _integer_weights(protocol, num_owners, num_classes) if contrib else None
+    if contrib is None or weights is None:
+        return None
+    scale = 1 << precision_bits
+    width = contrib.hi - contrib.lo
+    lo_enc = math.floor((contrib.lo - (0 if contrib.integer else width)) * scale)
+    hi_enc = math.ceil((contrib.hi + (0 if contrib.integer else width)) * scale)
+    lo = sum(min(w * lo_enc, w * hi_enc) for w in weights)
+    hi = sum(max(w * lo_enc, w * hi_enc) for w in weights)
+    if max(abs(lo), abs(hi)) >= 1 << 60:
+        return None
+    return ValueRange(lo, hi, precision_bits if contrib.integer else 0)

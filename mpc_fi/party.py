@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from . import audit, compare, prefetch, runtime, secure, wire
-from .bounds import AGGREGATE_RANGE_WIRE, aggregate_range
+from .bounds import AGGREGATE_RANGE_WIRE, aggregate_range, full_mode_aggregate_range
 from .config import MAX_QUERY_VALUE, FederationConfig
 from .data import validate_queries
 from .errors import BudgetExceededError, ConfigError, HandshakeError, InputError, MpcFiError, \
@@ -218,6 +218,10 @@ class _Party:
             agreed = self._gather(found, AGGREGATE_RANGE_WIRE, "value range")
             if all(other == found for other in agreed):
                 self.aggregate_range, self.contribution_range = found
+        else:  # stated by the protocol from public facts only: the same at every party
+            self.aggregate_range = full_mode_aggregate_range(
+                self.protocol, num_owners=fed.num_owners, num_classes=self.num_classes,
+                precision_bits=fed.precision_bits, activation_bound=fed.activation_bound)
         self.log.info("protocol %s, %d classes, mode %s", self.protocol.name, self.num_classes, fed.mode)
         if fed.mode == "full":
             self._share_parameters()

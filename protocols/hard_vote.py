@@ -9,6 +9,8 @@ import torch
 
 from mpc_fi import plain, secure
 
+from mpc_fi.bounds import ContributionRange
+
 from .base import Protocol
 
 
@@ -29,6 +31,10 @@ class HardVote(Protocol):
     def local_contribution(self, logits: torch.Tensor) -> torch.Tensor:
         votes = plain.argmax_lowest(logits)
         return torch.nn.functional.one_hot(votes, self.num_classes).to(torch.float64)
+
+    def full_mode_contribution_range(self, activation_bound: float | None) -> Any:
+        """An exact one-hot row (:func:`mpc_fi.secure.argmax_one_hot`)."""
+        return ContributionRange(0.0, 1.0, integer=True)
 
     def secure_contribution(self, logits: Any) -> Any:
         return secure.argmax_one_hot(logits, self.num_classes)

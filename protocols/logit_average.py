@@ -8,6 +8,8 @@ import numpy as np
 import torch
 
 
+from mpc_fi.bounds import ContributionRange
+
 from .base import Protocol
 
 
@@ -31,6 +33,13 @@ class LogitAverage(Protocol):
 
     def local_contribution(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.to(torch.float64)
+
+    def full_mode_contribution_range(self, activation_bound: float | None) -> Any:
+        """The logits themselves: within the federation's ``activation_bound`` when it has one
+        (each owner checks its model against it), else no range."""
+        if activation_bound is None:
+            return None
+        return ContributionRange(-activation_bound, activation_bound, integer=False)
 
     def secure_contribution(self, logits: Any) -> Any:
         return logits

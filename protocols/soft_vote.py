@@ -9,6 +9,8 @@ import torch
 
 from mpc_fi import secure
 
+from mpc_fi.bounds import ContributionRange
+
 from .base import Protocol
 
 
@@ -30,6 +32,11 @@ class SoftVote(Protocol):
 
     def local_contribution(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.softmax(logits.to(torch.float64), dim=-1)
+
+    def full_mode_contribution_range(self, activation_bound: float | None) -> Any:
+        """Probabilities from :func:`mpc_fi.secure.softmax` (each within ``[0, 1]`` up to its
+        fixed-point error): the full-mode aggregate's comparisons carry few bits."""
+        return ContributionRange(0.0, 1.0, integer=False)
 
     def secure_contribution(self, logits: Any) -> Any:
         return secure.softmax(logits, -1)
