@@ -380,3 +380,29 @@ def test_secure_argmax_in_real_parties(mpc, owners, dealer):
             one_hot = next(outputs)
             assert np.array_equal(one_hot, np.eye(values.shape[-1])[expected])
         assert np.array_equal(np.round(next(outputs)).astype(np.int64), expected)
+
+
+@pytest.mark.parametrize("world", [2, 4, 5])
+@pytest.mark.parametrize("classes", [2, 7, 10, 33])
+def test_tournament_max_is_a_row_value_within_its_slack(world, classes):
+    """The softmax's shift: exact with no dropped bits, else one of the row's values at most
+    levels * P * 2**drop below the maximum, for values anywhere in the bound (both signs, ties,
+    near-ties inside the slack)."""
+    gen = torch.Generator().manual_seed(world * 100 + classes)
+    bound = 200 << 16
+    rows = 40
+    values = torch.randint(-bound, bound, (rows, classes), generator=gen, dtype=torch.int64)
+    values[:5] = values[:5, :1]  # all equal
+    values[5:10, 1:] = values[5:10, :1] - torch.randint(0, 64, (5, 1), generator=gen)  # near-ties
+    vr = ValueRange(-bound, bound)
+    m, _ = vr.comparison_bits()
+    levels = max(1, (classes - 1).bit_length())
+    for drop in (0, 6):
+        out = _simulate(world, compare.max_circuit(m, drop), _share(values, world, gen))
+        got = _open(out[:world]).view(rows)
+        top = values.max(dim=1).values
+        assert all(got[i] in values[i] for i in range(rows))
+        if drop == 0:
+            assert torch.equal(got, top)
+        else:
+            assert torch.all(got <= top) and torch.all(top - got < levels * world << drop)
