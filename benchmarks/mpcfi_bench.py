@@ -49,13 +49,16 @@ class Case:
     workload: str = "random"  # "random" MLPs, or "digits" (trained demo owners, C=10)
     direct: str | None = None  # the direct CrypTen aggregation to compare with ("none": skip)
     queries: int | None = None  # number of queries, answered in batches of ``batch`` (default: B)
+    #: full mode's public activation bound (random owners then declare inputs in [-5, 5])
+    activation_bound: float | None = None
 
     @property
     def id(self) -> str:
         return (f"{self.protocol}-{self.mode}-N{self.owners}-C{self.classes}-B{self.batch}"
                 + ("" if self.queries is None else f"-Q{self.queries}")
                 + ("" if self.workload == "random" else f"-{self.workload}")
-                + ("" if self.dealer == "ttp" else f"-{self.dealer}"))
+                + ("" if self.dealer == "ttp" else f"-{self.dealer}")
+                + ("" if self.activation_bound is None else f"-A{self.activation_bound:g}"))
 
     @property
     def num_queries(self) -> int:
@@ -88,6 +91,14 @@ def grid(name: str, protocols: tuple[str, ...]) -> list[Case]:
     if name == "targets":
         return quick + [Case(p, "output", n, 10, 32) for p in protocols for n in (2, 5, 8, 16)] \
             + [Case("soft_vote", "full", 3, 10, 540, workload="digits"),
+               Case("soft_vote", "full", 3, 10, 32, workload="digits", activation_bound=64.0),
+               Case("soft_vote", "full", 3, 10, 32, workload="digits-cnn", direct="none"),
+               Case("soft_vote", "full", 3, 10, 32, workload="digits-cnn", direct="none",
+                    activation_bound=64.0),
+               Case("soft_vote", "full", 3, 100, 32, direct="none", queries=320,
+                    activation_bound=256.0),
+               Case("soft_vote", "full", 3, 1000, 32, direct="none", queries=320,
+                    activation_bound=256.0),
                Case("soft_vote", "output", 3, 10, 1024, direct="none", queries=10_000),
                Case("hard_vote", "output", 16, 10, 1024, direct="none", queries=10_000)]
     if name == "full":
@@ -125,15 +136,20 @@ class Workload:
 
 def workload(case: Case, workdir: Path) -> Workload:
     """The federation of ``case`` (owners' weights saved under ``workdir``) and its queries."""
-    from mpc_fi.config import FederationConfig, ModelSource, OwnerConfig, ProtocolConfig
+    from mpc_fi.config import (FederationConfig, ModelSource, OwnerConfig, ProtocolConfig,
+                               QuerierConfig)
 
     workdir.mkdir(parents=True, exist_ok=True)
-    if case.workload == "digits":
+    if case.workload in ("digits", "digits-cnn"):
         import demos as demo
 
         setup = demo.prepare(workdir, num_owners=case.owners, mode=case.mode,
-                             protocol=case.protocol, dealer=case.dealer, batch_size=case.batch)
-        return Workload(setup.federation, setup.x_test, setup.models, setup.y_test)
+                             protocol=case.protocol, dealer=case.dealer, batch_size=case.batch,
+                             arch="cnn" if case.workload == "digits-cnn" else "mlp",
+                             activation_bound=case.activation_bound)
+        x = setup.x_test if case.queries is None and case.batch >= len(setup.x_test) \
+            else setup.x_test[:case.num_queries]
+        return Workload(setup.federation, x, setup.models, setup.y_test[:len(x)])
     owners, models = [], []
     for k in range(case.owners):
         model = owner_model(case, k)
@@ -143,10 +159,13 @@ def workload(case: Case, workdir: Path) -> Workload:
         owners.append(OwnerConfig(name=f"owner{k}", model=ModelSource(
             factory="mpc_fi.demo:mlp", weights=str(path),
             kwargs={"in_features": IN_FEATURES, "hidden": HIDDEN, "num_classes": case.classes})))
-    fed = FederationConfig(owners=tuple(owners), mode=case.mode,
+    x, querier = queries(case), QuerierConfig()
+    if case.activation_bound is not None:  # a declared input range keeps the bound provable
+        x, querier = np.clip(x, -5.0, 5.0), QuerierConfig(input_range=(-5.0, 5.0))
+    fed = FederationConfig(owners=tuple(owners), querier=querier, mode=case.mode,
                            protocol=ProtocolConfig(name=case.protocol), dealer=case.dealer,
-                           batch_size=case.batch)
-    return Workload(fed, queries(case), models)
+                           batch_size=case.batch, activation_bound=case.activation_bound)
+    return Workload(fed, x, models)
 
 
 def plaintext_labels(case: Case, wl: Workload) -> np.ndarray:
@@ -160,7 +179,7 @@ def plaintext_labels(case: Case, wl: Workload) -> np.ndarray:
 
 
 def _classes(case: Case) -> int:
-    return 10 if case.workload == "digits" else case.classes
+    return 10 if case.workload.startswith("digits") else case.classes
 
 
 # ---------------------------------------------------------------------------------------

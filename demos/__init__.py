@@ -140,10 +140,12 @@ def prepare(workdir: str | Path, *, dataset: str = "digits", num_owners: int = 3
             alpha: float = 0.5, seed: int = 0, arch: str = "mlp", mode: str = "output",
             protocol: str = "soft_vote", protocol_params: dict | None = None, reveal: str = "label",
             dealer: str = "ttp", batch_size: int | None = None, test_fraction: float = 0.3,
-            samples: int | None = None) -> DemoSetup:
+            samples: int | None = None, activation_bound: float | None = None) -> DemoSetup:
     """Split the data, train every owner, save each owner's weights to its own file.
 
-    ``samples``: how many MNIST-1D examples to generate (``dataset="mnist1d"`` only)."""
+    ``samples``: how many MNIST-1D examples to generate (``dataset="mnist1d"`` only).
+    ``activation_bound``: full mode's public bound on every activation (the owners check their
+    trained models against it at set-up)."""
     from sklearn.model_selection import train_test_split  # noqa: PLC0415
 
     workdir = Path(workdir)
@@ -179,7 +181,8 @@ def prepare(workdir: str | Path, *, dataset: str = "digits", num_owners: int = 3
     fed = FederationConfig(owners=tuple(owners),
                            querier=QuerierConfig(name="querier", input_range=input_range), mode=mode,
                            protocol=ProtocolConfig(name=protocol, params=protocol_params or {}),
-                           reveal=reveal, dealer=dealer, batch_size=batch_size)
+                           reveal=reveal, dealer=dealer, batch_size=batch_size,
+                           activation_bound=activation_bound)
     return DemoSetup(fed, x_test, y_test, models, [len(p) for p in parts])
 
 
