@@ -187,7 +187,7 @@ def shift_for_softmax(x: Any) -> Any:
     return crypten.mpc.MPCTensor.from_shares(top.view(*lead, 1), precision=precision)
 
 
-def reciprocal_in(s: Any, high: float) -> Any:
+def reciprocal_in(s: Any, high: float, scale: int = 1) -> Any:
     """``1 / s`` on shares for ``1 <= s <= high`` (public ``high``), to 16-bit accuracy for any
     ``high`` up to ``2**(precision - 2)``.
 
@@ -196,14 +196,20 @@ def reciprocal_in(s: Any, high: float) -> Any:
     linear function of them); then Newton's iteration from the linear start ``2.9142 - 2 s f``
     (:data:`RECIPROCAL_ITERATIONS` steps), and ``1/s = f * (1 / (s f))``. CrypTen's own
     reciprocal starts from ``3 exp(1/2 - s) + 0.003`` and diverges for ``s`` above about 660
-    (a softmax over flat scores of 1,000 classes). Twin: ``1 / s``.
+    (a softmax over flat scores of 1,000 classes). ``scale`` (a power of two): returns
+    ``scale / s``, rounded at the result's own 16 fractional bits (more significant bits when
+    ``1/s`` is small). Twin: ``scale / s``.
     """
+    if scale < 1 or scale & (scale - 1):
+        raise ValueError(f"reciprocal_in: scale must be a power of two, got {scale}")
     crypten = load_crypten()
 
     precision = s.encoder.scale.bit_length() - 1
     levels = _ceil_log2(math.ceil(high))
     if levels == 0:
         scaled, f = s * 0.5, None
+        if (scale << (precision - 1)) >= 1 << 61:
+            raise ValueError(f"reciprocal_in: scale {scale} is too large")
     else:
         if levels > precision - 2:
             raise ValueError(f"reciprocal_in: high={high:g} needs more than {precision} "
@@ -221,13 +227,15 @@ def reciprocal_in(s: Any, high: float) -> Any:
         f_share = (half if rank == 0 else torch.zeros_like(half)) - (bits * coeff).sum(dim=1)
         f = crypten.mpc.MPCTensor.from_shares(f_share.view(s.share.shape), precision=precision)
         scaled = s * f
+        # scale * f: the same public combination of the bits, times scale (exact, local)
+        f = crypten.mpc.MPCTensor.from_shares(f.share * scale, precision=precision)
     y = 2.9142 - 2 * scaled
     for _ in range(RECIPROCAL_ITERATIONS):
         y = y * (2 - scaled * y)
-    return y * 0.5 if f is None else y * f
+    return y * (0.5 * scale) if f is None else y * f
 
 
-def softmax(x: Any, dim: int = -1) -> Any:
+def softmax(x: Any, dim: int = -1, scale: int = 1) -> Any:
     """Softmax on shares, exact (within fixed-point rounding) for any spread of ``x``.
 
     The shift is a value of the row within :data:`MAX_SLACK` of its maximum
@@ -235,18 +243,20 @@ def softmax(x: Any, dim: int = -1) -> Any:
     :func:`mpc_fi.compare.bounded` limit shows it cannot fall below :data:`EXP_SAFE`; the sum of
     the exponentials lies in ``[1, C e**MAX_SLACK]``, inverted by :func:`reciprocal_in`.
     (CrypTen's own ``softmax`` is wrong once two entries differ by more than about 500, and its
-    reciprocal once the sum passes about 660.) Twin: ``torch.softmax``.
+    reciprocal once the sum passes about 660.) ``scale`` (a power of two) returns ``scale``
+    times the distribution, with that many more significant bits in each probability: many
+    classes make every probability small. Twin: ``scale * torch.softmax``.
     """
     dim = dim % x.dim()
     if dim != x.dim() - 1:
-        return softmax(x.transpose(dim, -1), -1).transpose(dim, -1)
+        return softmax(x.transpose(dim, -1), -1, scale).transpose(dim, -1)
     shifted = x - shift_for_softmax(x)
     limit = _limit()
     if limit is None or limit > EXP_SAFE:
         shifted = clamp_exponent(shifted)
     e = shifted.exp()
     high = x.size(-1) * math.exp(MAX_SLACK) * 1.01 + 1
-    return e * reciprocal_in(e.sum(-1, keepdim=True), high)
+    return e * reciprocal_in(e.sum(-1, keepdim=True), high, scale)
 
 
 def _limit() -> float | None:

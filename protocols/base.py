@@ -295,6 +295,7 @@ class VoteWrapper(Protocol):
                 raise self.param_error("inner", "the wrapped protocol was built for another "
                                                 "federation (classes or owners differ)")
             self.inner = inner
+            self._unscaled()
             return
         super().__init__(**common)
         name = self.default_inner if inner is None else inner
@@ -305,6 +306,13 @@ class VoteWrapper(Protocol):
 
         # The wrapper decides what is revealed; the inner protocol only aggregates.
         self.inner = REGISTRY[name](**{**common, "reveal": "label"})
+        self._unscaled()
+
+    def _unscaled(self) -> None:
+        """The wrapper reads the aggregate's values (thresholds, noise): the inner protocol must
+        not rescale them for a label release (:attr:`protocols.soft_vote.SoftVote.label_scale`)."""
+        if hasattr(self.inner, "scale_for_labels"):
+            self.inner.scale_for_labels = False
 
     @property
     def contribution_width(self) -> int:

@@ -47,6 +47,7 @@ class TopK(SoftVote):
     cost = ("label: C < 32: C(C-1)/2 + kC comparisons per query in two layers; C >= 32: k "
             "argmaxes over C in sequence. full mode: + one softmax per owner on shares")
     Params = TopKParams
+    scale_for_labels = False  # its release bounds the aggregate by the number of owners
 
     def __init__(self, *, k: int = 1, method: str = "auto", **common: Any) -> None:
         super().__init__(**common)
