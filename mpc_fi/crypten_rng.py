@@ -44,6 +44,13 @@ _SAMPLER_HOMES = ("crypten.common.rng", "crypten.mpc.primitives.arithmetic",
 #: samplers return zeros and no stream moves. Nothing computed then is ever sent.
 _REHEARSING = False
 
+
+def set_rehearsing(flag: bool) -> None:
+    """Turn the rehearsal mode of the samplers on or off (see :data:`_REHEARSING`)."""
+    global _REHEARSING
+    _REHEARSING = bool(flag)
+
+
 PRZS = "przs"  # the pairwise keys (prev/next), one purpose so that both holders agree
 LOCAL = "local"
 GLOBAL = "global"

@@ -308,14 +308,14 @@ def rehearse(step: Any, crypten: Any) -> list[Key] | None:
     no randomness drawn and no dealer asked; None if it made a request that cannot be prefetched
     or failed. An active wire audit is rolled back to where it stood (nothing was sent)."""
     global _REHEARSAL
-    from . import crypten_rng  # noqa: PLC0415
+    from .crypten_rng import set_rehearsing  # noqa: PLC0415
 
     comm_module = crypten.communicator
     real_get = comm_module.get
     silent = _SilentCommunicator(real_get())
     mark = audit.mark()
     _REHEARSAL = []
-    crypten_rng._REHEARSING = True
+    set_rehearsing(True)
     comm_module.get = lambda: silent
     try:
         step()
@@ -326,7 +326,7 @@ def rehearse(step: Any, crypten: Any) -> list[Key] | None:
         recipe = None
     finally:
         comm_module.get = real_get
-        crypten_rng._REHEARSING = False
+        set_rehearsing(False)
         _REHEARSAL = None
         audit.rollback(mark)
     if recipe is None or any(k is None for k in recipe):
