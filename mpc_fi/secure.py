@@ -235,6 +235,32 @@ def reciprocal_in(s: Any, high: float, scale: int = 1) -> Any:
     return y * (0.5 * scale) if f is None else y * f
 
 
+def max_pool2d(x: Any, kernel_size: tuple[int, int], stride: tuple[int, int],
+               padding: tuple[int, int]) -> Any:
+    """2-D max pooling on shares, exactly ``torch.nn.functional.max_pool2d`` (padding never
+    wins): each window's maximum from a pair tournament (:func:`mpc_fi.compare.max_circuit`),
+    its comparisons on the bits a :func:`mpc_fi.compare.bounded` limit leaves. CrypTen's own
+    pooling reduces each window with 64-bit comparisons and one-hot selections, and pads with
+    zeros."""
+    crypten = load_crypten()
+
+    if x.ptype != crypten.mpc.arithmetic:
+        x = x.to(crypten.mpc.arithmetic)
+    precision = x.encoder.scale.bit_length() - 1
+    limit = bound_range(int(x.encoder.scale))
+    value_range = None if limit is None else ValueRange(-limit.hi, limit.hi)
+    share = x.share
+    (kh, kw), (sh, sw), (ph, pw) = kernel_size, stride, padding
+    if ph or pw:  # padding below every value (public: party 0 holds it)
+        low = -(limit.hi if limit is not None else 1 << 61)
+        rank = crypten.communicator.get().get_rank()
+        share = torch.nn.functional.pad(share, (pw, pw, ph, ph), value=low if rank == 0 else 0)
+    windows = share.unfold(-2, kh, sh).unfold(-2, kw, sw)  # (..., Ho, Wo, kh, kw)
+    lead = windows.shape[:-2]
+    top = approximate_max_shares(windows.reshape(-1, kh * kw), value_range)
+    return crypten.mpc.MPCTensor.from_shares(top.view(lead), precision=precision)
+
+
 def softmax(x: Any, dim: int = -1, scale: int = 1) -> Any:
     """Softmax on shares, exact (within fixed-point rounding) for any spread of ``x``.
 

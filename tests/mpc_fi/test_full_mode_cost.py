@@ -179,3 +179,41 @@ def test_bounded_full_mode_gives_the_twin_labels_for_fewer_bytes(federation_fact
     with pytest.raises(InputError, match=r"\[owner\d\] this model's activations are not within"):
         Federation(dataclasses.replace(fed, activation_bound=min(bounds) / 2),
                    run_dir=tmp_path / "refused").run(x)
+
+
+def _pool_party(rank: int, x: np.ndarray, cases: list) -> list:
+    from mpc_fi import compare, secure  # noqa: PLC0415
+    from mpc_fi._crypten import load_crypten  # noqa: PLC0415
+
+    crypten = load_crypten()
+    shared = crypten.cryptensor(torch.as_tensor(x, dtype=torch.float64), src=0)
+    out = []
+    for kernel, stride, padding, limit in cases:
+        with compare.bounded(limit):
+            out.append(secure.max_pool2d(shared, kernel, stride, padding).get_plain_text().numpy())
+    return out
+
+
+def test_max_pooling_on_shares_is_torchs_with_padding_that_never_wins():
+    x = np.random.default_rng(2).normal(size=(3, 2, 7, 6)) * 5 - 4  # mostly negative
+    x[0, 0, :2, :2] = -30.0  # an all-negative corner: zero padding would win there
+    cases = [((2, 2), (2, 2), (0, 0), None), ((3, 3), (1, 1), (1, 1), None),
+             ((3, 2), (2, 1), (1, 0), 2 * 40.0 + 17), ((2, 2), (2, 2), (1, 1), 2 * 40.0 + 17)]
+    got = run_parties(_pool_party, 3, x, cases)[0]
+    for (kernel, stride, padding, _), pooled in zip(cases, got):
+        ref = torch.nn.functional.max_pool2d(torch.as_tensor(x), kernel, stride, padding).numpy()
+        assert pooled.shape == ref.shape
+        assert np.abs(pooled - ref).max() < 2e-4, (kernel, stride, padding)
+
+
+def test_a_relu_read_only_by_max_pooling_runs_after_it():
+    from mpc_fi.demo import cnn  # noqa: PLC0415
+    from mpc_fi.models import relus_after_max_pooling  # noqa: PLC0415
+
+    arch, _ = extract_architecture(cnn(10).eval(), (1, 8, 8))
+    ops = [layer.op for layer in arch.layers]
+    assert relus_after_max_pooling(arch.layers) == {ops.index("relu"): ops.index("max_pool2d")}
+    plain = extract_architecture(torch.nn.Sequential(
+        torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+        torch.nn.Linear(72, 3)).eval(), (1, 8, 8))[0]
+    assert relus_after_max_pooling(plain.layers) == {}
