@@ -60,7 +60,7 @@ __all__ = [
     "choose_group_size", "plan_argmax", "argmax_circuit", "argmax_bits", "argmax_one_hot_shares",
     "argmax_index_shares", "ge_zero_circuit", "ge_zero_shares", "install_fast_comparisons",
     "uninstall_fast_comparisons", "pack_bits", "unpack_bits", "bounded", "bound_range",
-    "max_circuit", "approximate_max_shares",
+    "max_circuit", "approximate_max_shares", "approximate_ge_zero_circuit",
 ]
 
 _WORD = 64
@@ -763,13 +763,35 @@ def ge_zero_circuit(m: int, t: int) -> Any:
     return circuit
 
 
-def ge_zero_shares(shares: torch.Tensor, value_range: ValueRange | None = None) -> torch.Tensor:
+def approximate_ge_zero_circuit(m: int, drop: int) -> Any:
+    """``[x >= 0]`` judged on the top bits (see :func:`_pair_winners`), ``(backend, shares) ->
+    integer shares``: exact outside ``[0, P * 2**drop)``, either answer inside it."""
+
+    def circuit(be: Any, x: torch.Tensor) -> torch.Tensor:
+        flat = x.flatten()
+        pairs = torch.stack([flat, torch.zeros_like(flat)], dim=1)
+        bits = _pair_winners(be, pairs, m, drop).flatten()
+        return _b2a(be, bits).view(x.shape)
+
+    return circuit
+
+
+def ge_zero_shares(shares: torch.Tensor, value_range: ValueRange | None = None, *,
+                   slack_bits: int = 0) -> torch.Tensor:
     """Integer arithmetic shares of ``[x >= 0]`` for raw shares ``x`` (any shape).
 
     With ``value_range``, ``x`` must lie in ``[-(hi - lo), hi - lo]`` (a difference of two values
-    of the range) and be a multiple of ``2**zero_low_bits``.
+    of the range) and be a multiple of ``2**zero_low_bits``. ``slack_bits > 0`` (with a range):
+    the parties drop that many low bits of their shares, and ``x`` in ``[0, P * 2**slack_bits)``
+    may be judged negative; every other ``x`` is judged exactly.
     """
     m, t = value_range.comparison_bits() if value_range is not None else (64, 0)
+    if slack_bits and m < 64 and not t:
+        world = load_crypten().communicator.get().get_world_size()
+        drop = max(0, min(slack_bits, m - 2 - world.bit_length()))
+        if drop:
+            return _run(approximate_ge_zero_circuit(m, drop),
+                        ("ge0~", tuple(shares.shape), m, drop), shares)
     return _run(ge_zero_circuit(m, t), ("ge0", tuple(shares.shape), m, t), shares)
 
 
