@@ -488,16 +488,18 @@ def load_owner_model(source: ModelSource, *, mode: str = "output") -> nn.Module:
 # ---------------------------------------------------------------------------------------
 # Secure forward pass: the same chain on shares
 # ---------------------------------------------------------------------------------------
-def secure_forward(arch: Architecture, x: Any, params: dict[str, Any]) -> Any:
+def secure_forward(arch: Architecture, x: Any, params: dict[str, Any], first: Any = None) -> Any:
     """Evaluate ``arch`` on the shared input ``x`` with shared ``params`` (CrypTen MPCTensors):
     every layer on the outputs of its inputs, each shared activation dropped after its last
-    reader."""
+    reader. ``first``: the first layer's output, already computed (:func:`fused_first_layers`)."""
     deferred = relus_after_max_pooling(arch.layers)
 
     def step(i: int, layer: LayerSpec, xs: list[Any]) -> Any:
         kind = LAYERS.get(layer.op)
         if kind is None:
             raise UnsupportedModelError(f"{layer.path}: unknown op {layer.op!r} in architecture")
+        if i == 0 and first is not None:
+            return first
         if i in deferred:  # this ReLU runs after the max pooling that alone reads it
             return xs[0]
         out = kind.forward(xs[0] if kind.arity == 1 else xs, layer.args,
@@ -507,6 +509,54 @@ def secure_forward(arch: Architecture, x: Any, params: dict[str, Any]) -> Any:
         return out
 
     return run_graph(arch.layers, x, step)
+
+
+def _fusable_first(arch: Architecture) -> tuple | None:
+    """What must match for owners' first layers to run as one product: the layer reads the
+    input and nothing else does, and is a Linear or an ungrouped Conv2d."""
+    edges = input_indices(arch.layers)
+    if not arch.layers or edges[0] != (-1,) or any(-1 in ins for ins in edges[1:]):
+        return None
+    layer = arch.layers[0]
+    if layer.op not in ("linear", "conv2d") or layer.args.get("groups", 1) != 1:
+        return None
+    weight = layer.params.get("weight")
+    return (layer.op, tuple(sorted(layer.args.items())), tuple(sorted(layer.params)),
+            weight[1:] if weight else None)
+
+
+def fused_first_layers(archs: Sequence[Architecture], x: Any,
+                       params: Sequence[dict[str, Any]]) -> list[Any]:
+    """The first layer's output of every owner's model on the shared input ``x``, with the
+    owners whose first layers are alike (Linear, or Conv2d of the same hyper-parameters, all
+    reading the input) computed as one product of ``x`` with their concatenated weights: the
+    masked query is opened once for all of them instead of once per owner. ``None`` for an
+    owner left to :func:`secure_forward`."""
+    crypten = sys.modules["crypten"]
+    groups: dict[tuple, list[int]] = {}
+    for k, arch in enumerate(archs):
+        key = _fusable_first(arch)
+        if key is not None:
+            groups.setdefault(key, []).append(k)
+    out: list[Any] = [None] * len(archs)
+    for key, members in groups.items():
+        if len(members) < 2:
+            continue
+        layer = archs[members[0]].layers[0]
+        kind = LAYERS[layer.op]
+        names = [f"{archs[k].layers[0].path}/" for k in members]
+        joined = {p: crypten.cat([params[k][n + p] for k, n in zip(members, names)], dim=0)
+                  for p in layer.params}
+        y = kind.forward(x, layer.args, joined)
+        sizes = [archs[k].layers[0].params["weight"][0] for k in members]
+        dim = 1 if layer.op == "conv2d" else -1
+        start = 0
+        for k, size in zip(members, sizes):
+            index = [slice(None)] * y.dim()
+            index[dim] = slice(start, start + size)
+            out[k] = y[tuple(index)]
+            start += size
+    return out
 
 
 def relus_after_max_pooling(layers: Sequence[LayerSpec]) -> dict[int, int]:

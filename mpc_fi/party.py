@@ -45,7 +45,7 @@ from .errors import BudgetExceededError, ConfigError, HandshakeError, InputError
 from .logs import party_logger
 from .memory import auto_limit_mb, plan_rows, refuse_message, row_bytes
 from .models import ARCHITECTURE_WIRE, LOAD_AUDIT, Architecture, extract_architecture, \
-    load_owner_model, output_classes, secure_forward
+    fused_first_layers, load_owner_model, output_classes, secure_forward
 from .plugins import build_protocol
 from .ranges import check_activation_bound, check_model_ranges, comparison_limit
 from .result import PartyCost
@@ -397,9 +397,10 @@ class _Party:
         else:
             x_enc = cryptensor(inputs.to(torch.float64), src=self.q)
             with compare.bounded(comparison_limit(self.fed.activation_bound)):
+                firsts = fused_first_layers(self.archs, x_enc, self.shared_params)
                 shares = self._secure_contributions(
-                    [secure_forward(arch, x_enc, params)
-                     for arch, params in zip(self.archs, self.shared_params)])
+                    [secure_forward(arch, x_enc, params, first)
+                     for arch, params, first in zip(self.archs, self.shared_params, firsts)])
         aggregate = self.protocol.combine(shares)
         if self.aggregate_range is not None:
             secure.annotate(aggregate, value_range=self.aggregate_range)
