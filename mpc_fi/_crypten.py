@@ -75,7 +75,8 @@ class Patches:
     One handle per process (:func:`patches`). :func:`load_crypten` installs what every process
     that touches CrypTen needs (the import alias, exact decoding, CSPRNG randomness); a computing
     party or dealer then calls :func:`configure`, which adds the rest (the cheaper comparison
-    circuit, CrypTen's object messages as checked JSON, the dealer's prefetched packages) and
+    circuit, CrypTen's object messages as checked JSON, the dealer's prefetched packages, the
+    truncations' rotating gather) and
     sets CrypTen's configuration. :meth:`installed` reads the live state, so a test can check
     inside each party that nothing was left out or undone.
     """
@@ -94,7 +95,7 @@ class Patches:
         crypten = sys.modules.get("crypten")
         if crypten is None:
             return {}
-        from . import compare, crypten_rng, prefetch, wire  # noqa: PLC0415
+        from . import compare, crypten_rng, prefetch, truncation, wire  # noqa: PLC0415
 
         rng = crypten.common.rng
         ttp = crypten.mpc.provider.ttp_provider
@@ -109,6 +110,7 @@ class Patches:
             "fast-comparisons": crypten.mpc.MPCTensor.__dict__.get("_ltz") is compare._ltz,
             "object-channel": wire.object_channel_installed(crypten),
             "dealer-prefetch": prefetch.installed(crypten),
+            "rotating-wraps": truncation.installed(crypten),
         }
 
 
@@ -140,6 +142,11 @@ def load_crypten() -> types.ModuleType:
         crypten.encoder.FixedPointEncoder.decode = _exact_decode
     _PATCHES.add("exact-decode", {"FixedPointEncoder.decode": CRYPTEN_DECODE})
     _PATCHES.add("csprng", crypten_rng.install(crypten))
+    # Truncations gather the masked shares at each party in turn, not always at party 0
+    # (installed here, before a wire audit wraps the same function).
+    from . import truncation  # noqa: PLC0415
+
+    _PATCHES.add("rotating-wraps", truncation.install(crypten))
     return crypten
 
 

@@ -42,6 +42,7 @@ from __future__ import annotations
 import collections
 import logging
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -108,10 +109,25 @@ def _result_elements(key: Key) -> int:
     return math.prod(wire.result_size(function, args, dict(kwargs)))
 
 
+def holders(recipe: list[Key], parties: int) -> list[int]:
+    """Which computing party receives the dealer's correction for each entry of a package
+    (the others draw their shares from their streams): each entry goes to the party with the
+    least material so far (lowest rank on ties), so every party receives about ``1/P`` of it.
+    The parties and the dealer compute it alike from the recipe."""
+    loads = [0] * parties
+    out = []
+    for key in recipe:
+        h = min(range(parties), key=lambda r: (loads[r], r))
+        loads[h] += _result_elements(key)
+        out.append(h)
+    return out
+
+
 @dataclass
 class _Package:
     number: int
     recipe: list[Key]
+    holders: list[int] = field(default_factory=list)
     at: int = 0  # entries of the recipe used so far in this call
     main_offset: int = 0  # where this party's dealer stream stood when the call began
 
@@ -147,6 +163,8 @@ class Prefetcher:
         package.main_offset = stream.offset
         stream.seek(package.number << REGION_BITS)
         self.active = package
+        if self.rank != 0:
+            self._receive_portion(package)
 
     def before(self, key: Key | None) -> None:
         """A provider request is about to draw: from the package if it is the recipe's next."""
@@ -159,7 +177,7 @@ class Prefetcher:
         if package is not None:
             if key is not None and package.at < len(package.recipe) \
                     and package.recipe[package.at] == key:
-                self.hit = (package.number, package.at)
+                self.hit = (package.number, package.at, package.holders[package.at])
                 package.at += 1
                 self.from_package += 1
                 return
@@ -194,7 +212,7 @@ class Prefetcher:
                 or sum(_result_elements(k) for k in recipe) > MAX_PACKAGE_ELEMENTS:
             return False
         self.issued += 1
-        self.ready = _Package(self.issued, recipe)
+        self.ready = _Package(self.issued, recipe, holders(recipe, self.comm.get_world_size()))
         if self.rank == 0:
             self._ask(self.ready)
         return True
@@ -221,18 +239,44 @@ class Prefetcher:
             size = self.comm.recv_obj(ttp, self.client.ttp_group)
             flat = torch.empty(size, dtype=torch.long)
             self.comm.broadcast(flat, ttp, self.client.comm_group)
-            sizes = [wire.result_size(k[0], k[1], dict(k[2])) for k in package.recipe]
-            if flat.numel() != sum(math.prod(s) for s in sizes):
+            if flat.numel() != self._portion_elements(package):
                 raise ProtocolError(f"the dealer's package {package.number} holds {flat.numel()} "
                                     "elements, not what its recipe needs")
             wanted = self.active is not None and self.active.number == package.number \
                 or self.ready is not None and self.ready.number == package.number
             if wanted:
-                parts = torch.split(flat, [math.prod(s) for s in sizes])
-                self.received[package.number] = [p.view(s) for p, s in zip(parts, sizes)]
+                self.received[package.number] = self._split(package, flat)
+
+    def _mine(self, package: _Package) -> list[int]:
+        return [i for i, h in enumerate(package.holders) if h == self.rank]
+
+    def _portion_elements(self, package: _Package) -> int:
+        return sum(_result_elements(package.recipe[i]) for i in self._mine(package))
+
+    def _split(self, package: _Package, flat: torch.Tensor) -> dict[int, torch.Tensor]:
+        mine = self._mine(package)
+        sizes = [wire.result_size(*(lambda k: (k[0], k[1], dict(k[2])))(package.recipe[i]))
+                 for i in mine]
+        parts = torch.split(flat, [math.prod(s) for s in sizes])
+        return {i: p.view(s) for i, p, s in zip(mine, parts, sizes)}
+
+    def _receive_portion(self, package: _Package) -> None:
+        """Parties other than 0: the corrections this party holds in the package, sent by the
+        dealer when party 0 asked for it (one message; none when it holds nothing)."""
+        n = self._portion_elements(package)
+        if not n:
+            self.received[package.number] = {}
+            return
+        flat = torch.empty(n, dtype=torch.long)
+        ttp = self.comm.get_ttp_rank()
+        torch.distributed.recv(flat, src=ttp, group=self.client.ttp_group)
+        crypten = sys.modules.get("crypten")
+        if crypten is not None and crypten.cfg.communicator.verbose:
+            self.comm._log_communication(n)  # counted like any tensor this party receives
+        self.received[package.number] = self._split(package, flat)
 
     def take(self) -> torch.Tensor:
-        number, entry = self.hit
+        number, entry, _ = self.hit
         self.hit = None
         return self.received[number][entry]
 
@@ -352,6 +396,8 @@ def _provider_wrapper(function: str, original: Any) -> Any:
         state = _CURRENT
         if state is not None:
             state.before(request_key(function, args, kwargs))
+            if state.hit is not None:
+                return _from_package(function, state, args, kwargs)
         return original(self, *args, **kwargs)
 
     wrapper.__name__ = original.__name__
@@ -368,17 +414,120 @@ def _request_wrapper(original: Any) -> Any:
         if state is None:
             return original(self, func_name, device, *args, **kwargs)
         state.drain()  # the dealer's answers come in order: packages first
-        if state.hit is not None:
-            return state.take()
         return original(self, func_name, device, *args, **kwargs)
 
     ttp_request.mpc_fi_prefetch = original  # type: ignore[attr-defined]
     return ttp_request
 
 
+def _from_package(function: str, state: Prefetcher, args: tuple, kwargs: dict) -> Any:
+    """A provider request answered from the package: this party draws its shares of ``a``,
+    ``b`` (or ``r``) from its dealer stream as CrypTen's TTP provider does, and its share of
+    the product (or square, wraps, arithmetic bit) from the stream too, unless it is the
+    entry's holder: then the dealer's correction from its portion."""
+    crypten = sys.modules["crypten"]
+    primitives = crypten.mpc.primitives
+    arith, binary = primitives.ArithmeticSharedTensor, primitives.BinarySharedTensor
+    gen = state.client.generator
+    holder = state.hit[2]
+    if state.rank == 0:
+        state.drain()  # the dealer's answers come in order: packages first
+    held = state.take() if holder == state.rank else None
+    state.hit = None
+    size = wire.result_size(function, args, kwargs)
+
+    def ring(shape):  # what CrypTen's samplers draw (mpc_fi.crypten_rng)
+        return gen.ring(shape)
+
+    def bits(shape, bitlength=None):
+        return gen.kbits(shape, 64 if bitlength is None else bitlength)
+
+    if function == "additive":
+        a, b = ring(args[0]), ring(args[1])
+        c = held if held is not None else ring(size)
+        return (arith.from_shares(a, precision=0), arith.from_shares(b, precision=0),
+                arith.from_shares(c, precision=0))
+    if function == "square":
+        r = ring(args[0])
+        r2 = held if held is not None else ring(size)
+        return arith.from_shares(r, precision=0), arith.from_shares(r2, precision=0)
+    if function == "binary":
+        a, b = bits(args[0]), bits(args[1])
+        c = held if held is not None else bits(size)
+        return binary.from_shares(a), binary.from_shares(b), binary.from_shares(c)
+    if function == "wraps":
+        r = ring(args[0])
+        theta = held if held is not None else ring(size)
+        return arith.from_shares(r, precision=0), arith.from_shares(theta, precision=0)
+    r_b = bits(args[0], bitlength=1)  # B2A
+    r_a = held if held is not None else ring(size)
+    return arith.from_shares(r_a, precision=0), binary.from_shares(r_b)
+
+
+def _holder_share(server: Any, function: str, args: tuple, kwargs: dict, holder: int
+                  ) -> torch.Tensor:
+    """TTPServer: the correction of ``holder`` for one request, every other party's share of
+    the product drawn from its stream in the order :func:`_from_package` draws it."""
+    gens = list(server.generators)
+
+    def generate_random_ring_element(shape, generator):
+        return generator.ring(shape)
+
+    def generate_kbit_random_tensor(shape, generator, bitlength=None):
+        return generator.kbits(shape, 64 if bitlength is None else bitlength)
+
+    if function in ("additive", "binary", "square"):
+        # per stream: a then b (r for square), then the product share if not the holder
+        firsts, seconds, rest = [], [], []
+        for i, g in enumerate(gens):
+            if function == "binary":
+                firsts.append(generate_kbit_random_tensor(args[0], generator=g))
+                seconds.append(generate_kbit_random_tensor(args[1], generator=g))
+            elif function == "additive":
+                firsts.append(generate_random_ring_element(args[0], generator=g))
+                seconds.append(generate_random_ring_element(args[1], generator=g))
+            else:
+                firsts.append(generate_random_ring_element(args[0], generator=g))
+            if i != holder:
+                size = wire.result_size(function, args, kwargs)
+                rest.append(generate_kbit_random_tensor(size, generator=g) if function == "binary"
+                            else generate_random_ring_element(size, generator=g))
+        if function == "binary":
+            a, b = firsts[0].clone(), seconds[0].clone()
+            for x, y in zip(firsts[1:], seconds[1:]):
+                a ^= x
+                b ^= y
+            c = a & b
+            for x in rest:
+                c = c ^ x
+            return c
+        a = sum(firsts)
+        if function == "square":
+            return a * a - sum(rest)
+        b = sum(seconds)
+        extra = args[3:] if len(args) > 3 else ()
+        return getattr(torch, args[2])(a, b, *extra, **kwargs) - sum(rest)
+    if function == "wraps":
+        shares, rest = [], []
+        for i, g in enumerate(gens):
+            shares.append(generate_random_ring_element(args[0], generator=g))
+            if i != holder:
+                rest.append(generate_random_ring_element(args[0], generator=g))
+        count_wraps = sys.modules["crypten"].common.util.count_wraps
+        return count_wraps(shares) - sum(rest)
+    # B2A: per stream the bit, then the arithmetic share if not the holder
+    r_b, rest = torch.zeros(tuple(args[0]), dtype=torch.long), []
+    for i, g in enumerate(gens):
+        r_b ^= generate_kbit_random_tensor(args[0], bitlength=1, generator=g)
+        if i != holder:
+            rest.append(generate_random_ring_element(args[0], generator=g))
+    return r_b - sum(rest)
+
+
 def _server_prefetch(self: Any, number: int, kinds: tuple[dict[str, Any], ...],
                      order: tuple[int, ...]) -> torch.Tensor:
-    """TTPServer: party 0's shares of a whole recipe, drawn from package ``number``'s region."""
+    """TTPServer: every party's corrections for a whole recipe, drawn from package ``number``'s
+    region; each party's portion goes to it (party 0's is the answer)."""
     last = getattr(self, "_mpc_fi_prefetched", 0)
     if number <= last:
         raise ProtocolError(f"party 0 asked for package {number} after package {last}: a region "
@@ -391,13 +540,33 @@ def _server_prefetch(self: Any, number: int, kinds: tuple[dict[str, Any], ...],
     for s in streams:
         s.seek(number << REGION_BITS)
     self.device = "cpu"
+    recipe = [_key_of(kinds[i]) for i in order]
+    owner = holders(recipe, len(streams))
+    portions: list[list[torch.Tensor]] = [[] for _ in streams]
     try:
-        parts = [getattr(self, kinds[i]["function"])(*kinds[i]["args"], **kinds[i]["kwargs"])
-                 .reshape(-1) for i in order]
+        for i, h in zip(order, owner):
+            k = kinds[i]
+            portions[h].append(_holder_share(self, k["function"], tuple(k["args"]),
+                                             dict(k["kwargs"]), h).reshape(-1))
     finally:
         for s, offset in zip(streams, main):
             s.seek(offset)
-    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
+    for r in range(1, len(streams)):
+        if portions[r]:
+            _send_portion(torch.cat(portions[r]), r)
+    return torch.cat(portions[0]) if portions[0] else torch.empty(0, dtype=torch.long)
+
+
+def _send_portion(portion: torch.Tensor, rank: int) -> None:
+    """TTPServer: a party's part of a package, straight to it (party 0's is the answer)."""
+    group = sys.modules["crypten"].communicator.get().ttp_group
+    torch.distributed.send(portion, dst=rank, group=group)
+
+
+def _key_of(kind: dict[str, Any]) -> Key:
+    """A checked request as :func:`request_key` writes it (sizes as tuples)."""
+    return (kind["function"], _freeze(tuple(kind["args"])),
+            tuple(sorted((k, _freeze(v)) for k, v in dict(kind["kwargs"]).items())))
 
 
 def install(crypten: Any) -> dict[str, Any]:

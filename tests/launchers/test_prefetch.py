@@ -70,7 +70,8 @@ def test_a_one_shot_run_rehearses_each_batch_shape_and_asks_the_dealer_once_per_
         federation, request, tmp_path):
     """Batches of 6, 6 and 4 rows: the first and the last are rehearsed, the second reuses the
     first's recipe; every request comes from a package, answers equal the twin, the audit
-    regenerates every mask, and party 0 makes far fewer rounds than when it asks online."""
+    regenerates every mask (the dealer's corrections went to every party in turn), and party 0
+    makes far fewer rounds than when it asks online."""
     path, twin = request.getfixturevalue(federation)
     x = np.load(Path(path).parent / "queries.npy")[:16]
     fed = dataclasses.replace(FederationConfig.load(path), batch_size=6)
@@ -93,7 +94,8 @@ def test_a_one_shot_run_rehearses_each_batch_shape_and_asks_the_dealer_once_per_
     assert _counts(logs[False]) == []
     rounds = {on: results[on][0]["cost"]["rounds"] for on in (True, False)}
     others = results[True][1]["cost"]["rounds"]
-    assert results[False][1]["cost"]["rounds"] == others  # only party 0 talks to the dealer
+    # the other parties receive their part of each batch's package: one message per batch
+    assert results[False][1]["cost"]["rounds"] <= others <= results[False][1]["cost"]["rounds"] + 3
     assert rounds[True] <= others + 12 < rounds[False]
 
 
@@ -168,7 +170,10 @@ def test_the_dealer_checks_a_prefetch_request_like_any_other():
         pytest.fail(f"accepted a prefetch request with {why}")
 
 
-def test_a_region_of_the_dealer_streams_serves_one_package_only():
+def test_a_region_of_the_dealer_streams_serves_one_package_only(monkeypatch):
+    """The dealer draws a package from its own region of every stream, restores the main
+    positions, hands each party the corrections it holds, and refuses a region twice. Every
+    entry adds up: the holder's correction plus the other parties' draws is the product."""
     from mpc_fi.csprng import CSPRNG
 
     class Server:  # the part of CrypTen's TTPServer that prefetch uses
@@ -176,17 +181,22 @@ def test_a_region_of_the_dealer_streams_serves_one_package_only():
                                                                    purpose="dealer")]
         device = "cpu"
 
-        def square(self, size):
-            return sum(g.ring(size) for g in self.generators)
-
+    sent = {}
+    monkeypatch.setattr(prefetch, "_send_portion", lambda t, rank: sent.setdefault(rank, t))
     server = Server()
     server.generators[0].ring((5,))
-    first = prefetch._server_prefetch(server, 2, ({"function": "square", "args": ((3,),),
-                                                   "kwargs": {}},), (0, 0))
-    assert first.shape == (6,)
+    kinds = ({"function": "square", "args": ((3,),), "kwargs": {}},)
+    first = prefetch._server_prefetch(server, 2, kinds, (0, 0))
     assert [g.offset for g in server.generators] == [40, 0]  # main positions restored
-    expected = sum(g.at(2 << prefetch.REGION_BITS).ring((6,)) for g in server.generators)
-    assert torch.equal(first, expected)
+    recipe = [("square", ((3,),), ())] * 2
+    assert prefetch.holders(recipe, 2) == [0, 1]  # one entry each
+    assert first.shape == (3,) and sent[1].shape == (3,)
+    region = [g.at(2 << prefetch.REGION_BITS) for g in server.generators]
+    # entry 0 (held by party 0): both draw r; party 1 also draws its r2 share
+    r = region[0].ring((3,)) + region[1].ring((3,))
+    assert torch.equal(first + region[1].ring((3,)), r * r)
+    # entry 1 (held by party 1): both draw r; party 0 draws its r2 share
+    r = region[0].ring((3,)) + region[1].ring((3,))
+    assert torch.equal(sent[1] + region[0].ring((3,)), r * r)
     with pytest.raises(ProtocolError, match="used once"):
-        prefetch._server_prefetch(server, 2, ({"function": "square", "args": ((3,),),
-                                               "kwargs": {}},), (0,))
+        prefetch._server_prefetch(server, 2, kinds, (0,))
