@@ -20,7 +20,8 @@ The secure side is the engine itself: a federation with ``public_backbone`` (ful
 (:mod:`mpc_fi.audit`), answering the auxiliary digits and then the queries in one run. From the
 audit logs the study takes owner 0's view of every query's features: its own share (recorded by
 the audit as its part of the features' masked openings) and the openings of the features it
-receives (the sum of every party's masked message, one per head's Beaver product); the decoded
+receives (the sum of every party's masked message: one, since the heads' first products run as
+one product with their weights concatenated; one per head before that); the decoded
 sum of all parties' recorded shares is checked to be the features. :func:`mpc_fi.audit.verify`
 must find no problem (every message belongs to a declared site, every opening equals the
 sender's share masked by dealer material regenerated from the dealer's keys, no material masks
@@ -341,7 +342,7 @@ def _secure(cfg: SplitConfig, seed: int, base: Row, backbone: nn.Module, heads: 
     labels = np.asarray(results[fed.querier_rank]["labels"])
     words = shares.reshape(-1).view(np.uint64).astype(np.float64) / 2.0 ** 64
     # owner 0's whole view of each query's features: its share and the openings of them it
-    # receives (one per head's multiplication, each masked by fresh dealer material)
+    # receives (one for all heads' first products, masked by fresh dealer material)
     z = encode_shares(np.concatenate([shares, *opened_x], axis=1))
     inv = train_inverter(z[:n_aux], x_aux, seed=seed, hidden=cfg.inverter_hidden,
                          epochs=cfg.inverter_epochs)
