@@ -65,7 +65,8 @@ def test_prefetched_calls_answer_like_online_ones_and_every_mask_is_fresh(federa
     assert all(len(logs[r].relocations) == 2 for r in range(fed.querier_rank + 1))
 
 
-@pytest.mark.parametrize("federation", ["full_federation", "small_federation"])
+@pytest.mark.parametrize("federation", ["full_federation",
+                                        pytest.param("small_federation", marks=pytest.mark.slow)])
 def test_a_one_shot_run_rehearses_each_batch_shape_and_asks_the_dealer_once_per_batch(
         federation, request, tmp_path):
     """Batches of 6, 6 and 4 rows: the first and the last are rehearsed, the second reuses the
