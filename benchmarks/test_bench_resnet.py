@@ -25,9 +25,11 @@ party, label agreement with the plaintext ensemble. One warm-up run and ``ROUNDS
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 import mpcfi_bench as mb
@@ -35,7 +37,7 @@ import mpcfi_bench as mb
 OWNERS, CLASSES, ROUNDS = 2, 10, 1
 
 
-def _federation(folder: Path, smoke: bool):
+def _federation(folder: Path, smoke: bool, batch: int = 1, bounded: bool = False):
     from mpc_fi import FederationConfig, ModelSource, OwnerConfig, ProtocolConfig, QuerierConfig
     from mpc_fi.demo import resnet, resnet18
 
@@ -56,33 +58,49 @@ def _federation(folder: Path, smoke: bool):
                     m.weight.div_(m.weight.abs().sum((1, 2, 3)).max())
         torch.save(model.state_dict(), folder / f"owner{k}.pt")
         models.append(model.eval())
+    bound = None
+    if bounded:  # the federation's public bound: the next power of two above every owner's
+        from mpc_fi.models import extract_architecture  # noqa: PLC0415
+        from mpc_fi.ranges import activation_ranges  # noqa: PLC0415
+
+        top = max(r.magnitude for m in models
+                  for r in activation_ranges(*extract_architecture(m, shape), (0.0, 1.0)))
+        bound = float(2 ** math.ceil(math.log2(top)))
     fed = FederationConfig(
         owners=tuple(OwnerConfig(name=f"owner{k}", model=ModelSource(
             factory=factory, weights=str(folder / f"owner{k}.pt"),
             kwargs={**kwargs, "num_classes": CLASSES})) for k in range(OWNERS)),
-        mode="full", protocol=ProtocolConfig(name="soft_vote"), batch_size=1,
-        querier=QuerierConfig(input_range=(0.0, 1.0)))
-    x = np.random.default_rng(31).uniform(0, 1, size=(1, *shape)).astype(np.float32)
+        mode="full", protocol=ProtocolConfig(name="soft_vote"), batch_size=batch,
+        querier=QuerierConfig(input_range=(0.0, 1.0)), activation_bound=bound)
+    x = np.random.default_rng(31).uniform(0, 1, size=(batch, *shape)).astype(np.float32)
     with torch.no_grad():
         logits = [m(torch.from_numpy(x)).double() for m in models]
     return fed, x, logits
 
 
-def test_resnet_full_mode_one_query(benchmark, bench_dir: Path, bench_timeout, bench_grid):
+@pytest.mark.parametrize("batch, bounded", [(1, False), (8, False), (8, True)],
+                         ids=["B1", "B8", "B8-bounded"])
+def test_resnet_full_mode_one_query(benchmark, bench_dir: Path, bench_timeout, bench_grid,
+                                    batch, bounded):
     from mpc_fi.plugins import build_protocol
 
     smoke = bench_grid == "smoke"
-    fed, x, logits = _federation(bench_dir / "resnet", smoke)
+    if smoke and (batch, bounded) != (1, False):
+        pytest.skip("the smoke grid runs one query of a small ResNet")
+    fed, x, logits = _federation(bench_dir / f"resnet-{batch}-{bounded}", smoke, batch, bounded)
     out = mb.timed_federation_runs(benchmark, fed, x, timeout_s=bench_timeout, rounds=ROUNDS)
     twin = build_protocol(fed, num_classes=CLASSES).plaintext(logits).labels
     agree = float((out["labels"] == np.asarray(twin)).mean())
     cost = out["cost"]
     model = "resnet8-w4-3x16x16" if smoke else "resnet18-w64-3x32x32"
-    benchmark.extra_info.update({"model": model, "inference_wall_s_median": out["inference_s"],
+    benchmark.extra_info.update({"model": model, "batch": batch,
+                                 "activation_bound": fed.activation_bound,
+                                 "inference_wall_s_median": out["inference_s"],
                                  "per_party": cost["per_party"], "max_rounds": cost["max_rounds"],
                                  "max_bytes": cost["max_bytes"], "max_rss_mb": cost["max_rss_mb"],
                                  "agreement": agree})
-    print(f"\n{model}, B=1, {OWNERS} owners: inference {out['inference_s']:.2f} s, whole call "
+    print(f"\n{model}, B={batch}, activation_bound={fed.activation_bound}, {OWNERS} owners: "
+          f"inference {out['inference_s']:.2f} s, whole call "
           f"{out['call_s']:.2f} s, agreement with the plaintext ensemble {agree:.0%}")
     for c in cost["per_party"]:
         print(f"  {c['party']:<8} {c['role']:<8} wall {c['wall_s']:8.2f} s  rounds "

@@ -337,7 +337,7 @@ class NetworkConfig:
 
     ``prefetch`` (with the TTP dealer, :mod:`mpc_fi.prefetch`): party 0 receives a batch's
     dealer material in one answer instead of a round trip per request. A served session's
-    dealer prepares the next call's material between calls (party 0 holds up to 128 MiB of it);
+    dealer prepares the next call's material between calls (the parties hold up to 512 MiB of it);
     a one-shot run rehearses each batch shape locally (no message) to learn what to ask for.
     ``false``: every request goes to the dealer as the computation reaches it.
     """

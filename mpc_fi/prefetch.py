@@ -1,30 +1,36 @@
-"""The dealer's correlated randomness, prepared before a served call needs it.
+"""The dealer's correlated randomness for a whole batch at once, spread over the parties.
 
 With CrypTen's trusted dealer (TTP), every Beaver triple, square pair, binary triple, wrap pair
 or daBit a computing party uses costs party 0 a round trip to the dealer at the moment the
 circuit needs it: the other parties draw their shares from the streams they share with the
 dealer, and party 0 waits for the dealer to compute its share (``c0 = a*b - sum(c_i, i>0)``).
-In a served session those requests sit on the critical path of every call, one after another.
+Those requests sit on the critical path one after another, and party 0 alone receives all the
+dealer's material.
 
-A served session asks for the same sequence of requests call after call (the same protocol
-and models on the same query shape). So, at the end of a call, every computing party records
-that call's sequence (the *recipe*), and party 0 asks the dealer, without waiting for the
-answer, to compute its shares for the whole recipe at once (a *package*). The next call
-takes its material from the package while the requests match the recipe, and asks online
-from the first request that does not (another batch size, a protocol whose shape depends on
-an opened value), for the rest of that call. Every party sees the same requests, so all of
-them decide alike with no message.
+A batch asks for the same sequence of requests whenever its shape is the same (the same protocol
+and models). Every computing party records that sequence (the *recipe*), and party 0 asks the
+dealer, without waiting for the answer, for the whole recipe at once (a *package*). The batch
+takes its material from the package while its requests match the recipe, and asks online from
+the first request that does not (a protocol whose shape depends on an opened value), for the
+rest of that batch. Every party sees the same requests, so all of them decide alike with no
+message.
+
+In a package, the party that receives the dealer's correction changes from entry to entry
+(:func:`holders`: the party with the least material so far), and every other party draws its
+share of that entry from its stream; the dealer sends each party its part in one message. So
+every party receives about ``1/P`` of the material instead of party 0 all of it.
 
 No randomness is used twice. Package ``p`` is drawn from the region starting at byte
 ``p << 48`` of every party's dealer stream (AES-CTR, seekable), which the online requests,
 drawing from the stream's start, never reach (they would need 256 TiB); a package's entries
-that a call does not use are dropped with their region, never regenerated. Party 0 receives
-only its own shares of the package's material, as it would online. The dealer learns the
-request sizes, as it does online. An audited run (:mod:`mpc_fi.audit`) records, for the one
-request that leaves a package, where its material really came from
-(:func:`mpc_fi.audit.relocated`), so the audit still regenerates every mask.
+that a batch does not use are dropped with their region, never regenerated. A party receives
+only the corrections it holds. The dealer learns the request sizes, as it does online. An
+audited run (:mod:`mpc_fi.audit`) records, for the one request that leaves a package, where its
+material really came from (:func:`mpc_fi.audit.relocated`), so the audit still regenerates
+every mask.
 
-A one-shot run has no previous call to learn its recipe from, so every computing party
+A served session asks, at the end of each call, for the next call's package (the dealer works
+between calls). A one-shot run has no previous call to learn its recipe from, so every computing party
 *rehearses* the batch first (:func:`rehearse`): it runs the same computation on zeros with a
 communicator that sends nothing and samplers and a dealer that return zeros, recording the
 requests. The computation on shares does not branch on secret values, so the rehearsal asks for
@@ -56,9 +62,10 @@ __all__ = ["REGION_BITS", "MAX_PACKAGE_ELEMENTS", "Prefetcher", "install", "star
 
 #: Package ``p`` starts at byte ``p << REGION_BITS`` of each dealer stream.
 REGION_BITS = 48
-#: The largest package (elements of party 0's shares, int64): 128 MiB at party 0. A call that
+#: The largest package (elements of all parties' corrections, int64): 512 MiB in all, about
+#: ``512/P`` MiB held by each party between asking and use. A batch that
 #: needs more asks online.
-MAX_PACKAGE_ELEMENTS = 1 << 24
+MAX_PACKAGE_ELEMENTS = 1 << 26
 
 #: CrypTen's provider methods and the dealer function each one asks for.
 _METHODS = {"generate_additive_triple": "additive", "square": "square",
@@ -146,8 +153,8 @@ class Prefetcher:
     ready: _Package | None = None  # the package the next call draws from
     active: _Package | None = None  # the package this call draws from
     hit: tuple[int, int] | None = None  # party 0: (package, entry) the next dealer request takes
-    pending: collections.deque = field(default_factory=collections.deque)  # party 0: asked for
-    received: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # party 0
+    pending: collections.deque = field(default_factory=collections.deque)  # asked, not received
+    received: dict[int, dict[int, torch.Tensor]] = field(default_factory=dict)  # entry -> part
     from_package: int = 0
     online: int = 0
 
@@ -163,8 +170,9 @@ class Prefetcher:
         package.main_offset = stream.offset
         stream.seek(package.number << REGION_BITS)
         self.active = package
-        if self.rank != 0:
-            self._receive_portion(package)
+        if self.rank != 0:  # this party's part of the package (party 0's: at its first take)
+            self.drain()
+            self.received.setdefault(package.number, {})
 
     def before(self, key: Key | None) -> None:
         """A provider request is about to draw: from the package if it is the recipe's next."""
@@ -215,6 +223,8 @@ class Prefetcher:
         self.ready = _Package(self.issued, recipe, holders(recipe, self.comm.get_world_size()))
         if self.rank == 0:
             self._ask(self.ready)
+        elif self._portion_elements(self.ready):  # the dealer will send this party its part
+            self.pending.append(self.ready)
         return True
 
     # -- party 0 and the dealer ---------------------------------------------------------------
@@ -231,14 +241,22 @@ class Prefetcher:
         self.pending.append(package)
 
     def drain(self) -> None:
-        """Receive every package asked for (the dealer answers in order, before any later
-        request): party 0 calls it before it takes material or asks online."""
+        """Receive this party's part of every package asked for, in order (the dealer answers
+        in order, before any later request): party 0 before it takes material or asks online,
+        the others when a batch starts."""
         ttp = self.comm.get_ttp_rank()
         while self.pending:
             package = self.pending.popleft()
-            size = self.comm.recv_obj(ttp, self.client.ttp_group)
-            flat = torch.empty(size, dtype=torch.long)
-            self.comm.broadcast(flat, ttp, self.client.comm_group)
+            if self.rank == 0:
+                size = self.comm.recv_obj(ttp, self.client.ttp_group)
+                flat = torch.empty(size, dtype=torch.long)
+                self.comm.broadcast(flat, ttp, self.client.comm_group)
+            else:
+                flat = torch.empty(self._portion_elements(package), dtype=torch.long)
+                torch.distributed.recv(flat, src=ttp, group=self.client.ttp_group)
+                crypten = sys.modules.get("crypten")
+                if crypten is not None and crypten.cfg.communicator.verbose:
+                    self.comm._log_communication(flat.numel())  # like any tensor it receives
             if flat.numel() != self._portion_elements(package):
                 raise ProtocolError(f"the dealer's package {package.number} holds {flat.numel()} "
                                     "elements, not what its recipe needs")
@@ -255,25 +273,12 @@ class Prefetcher:
 
     def _split(self, package: _Package, flat: torch.Tensor) -> dict[int, torch.Tensor]:
         mine = self._mine(package)
-        sizes = [wire.result_size(*(lambda k: (k[0], k[1], dict(k[2])))(package.recipe[i]))
-                 for i in mine]
+        sizes = []
+        for i in mine:
+            function, args, kwargs = package.recipe[i]
+            sizes.append(wire.result_size(function, args, dict(kwargs)))
         parts = torch.split(flat, [math.prod(s) for s in sizes])
         return {i: p.view(s) for i, p, s in zip(mine, parts, sizes)}
-
-    def _receive_portion(self, package: _Package) -> None:
-        """Parties other than 0: the corrections this party holds in the package, sent by the
-        dealer when party 0 asked for it (one message; none when it holds nothing)."""
-        n = self._portion_elements(package)
-        if not n:
-            self.received[package.number] = {}
-            return
-        flat = torch.empty(n, dtype=torch.long)
-        ttp = self.comm.get_ttp_rank()
-        torch.distributed.recv(flat, src=ttp, group=self.client.ttp_group)
-        crypten = sys.modules.get("crypten")
-        if crypten is not None and crypten.cfg.communicator.verbose:
-            self.comm._log_communication(n)  # counted like any tensor this party receives
-        self.received[package.number] = self._split(package, flat)
 
     def take(self) -> torch.Tensor:
         number, entry, _ = self.hit
@@ -293,11 +298,11 @@ def start(session: Any) -> Prefetcher | None:
 
 
 def stop() -> None:
-    """End prefetching (party 0 first receives what it asked for: the dealer answers it before
-    it reads the goodbye)."""
+    """End prefetching (every party first receives what the dealer sent it: the dealer answers
+    party 0 before it reads the goodbye)."""
     global _CURRENT
     state, _CURRENT = _CURRENT, None
-    if state is not None and state.rank == 0:
+    if state is not None:
         state.drain()
 
 
