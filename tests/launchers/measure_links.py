@@ -193,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--served", type=int, default=0, metavar="K",
                         help="measure warm calls of a served session instead (K timed calls "
                              "per size; --queries must be at least 32)")
+    parser.add_argument("--activation-bound", type=float, default=None, metavar="A",
+                        help="full mode: the federation's activation_bound (default: none)")
     parser.add_argument("--prefetch", default="on",
                         help="with --served: on, off or on,off (network.prefetch; default on)")
     args = parser.parse_args(argv)
@@ -204,6 +206,12 @@ def main(argv: list[str] | None = None) -> int:
     federation, twin = make_federation(workdir / "fed", num_owners=args.owners,
                                        queries=args.queries, mode=args.mode,
                                        batch_size=args.batch_size)
+    if args.activation_bound is not None:
+        import yaml  # noqa: PLC0415
+
+        data = yaml.safe_load(federation.read_text())
+        data["activation_bound"] = args.activation_bound
+        federation.write_text(yaml.safe_dump(data, sort_keys=False))
     print(f"{args.owners} owners + querier + dealer, {args.queries} queries, batch "
           f"{args.batch_size}, mode {args.mode}, soft_vote; one namespace per party; "
           f"netem available: {netem_available()}", flush=True)
