@@ -20,7 +20,9 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["install", "installed", "wraps"]
+__all__ = ["install", "installed", "uninstall", "wraps"]
+
+_ORIGINAL: Any = None
 
 #: tensors of at least this many elements are gathered in ``P`` parts, at ``P`` parties
 SPLIT_ELEMENTS = 1 << 14
@@ -65,12 +67,19 @@ def wraps(x: Any) -> Any:
 
 def install(crypten: Any) -> dict[str, Any]:
     """Replace ``beaver.wraps`` in this process (CrypTen's ``truncate`` looks it up per call)."""
+    global _ORIGINAL
     beaver = crypten.mpc.primitives.beaver
     saved: dict[str, Any] = {}
     if not installed(crypten):
-        saved["beaver.wraps"] = beaver.wraps
+        saved["beaver.wraps"] = _ORIGINAL = beaver.wraps
         beaver.wraps = wraps
     return saved
+
+
+def uninstall(crypten: Any) -> None:
+    """Give CrypTen its own ``beaver.wraps`` back (a baseline that measures CrypTen itself)."""
+    if _ORIGINAL is not None and crypten.mpc.primitives.beaver.wraps is wraps:
+        crypten.mpc.primitives.beaver.wraps = _ORIGINAL
 
 
 def installed(crypten: Any) -> bool:
