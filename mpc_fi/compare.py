@@ -59,8 +59,9 @@ __all__ = [
     "ValueRange", "NetworkProfile", "LAN", "WAN", "NETWORKS", "ArgmaxPlan",
     "choose_group_size", "plan_argmax", "argmax_circuit", "argmax_bits", "argmax_one_hot_shares",
     "argmax_index_shares", "ge_zero_circuit", "ge_zero_shares", "install_fast_comparisons",
-    "uninstall_fast_comparisons", "pack_bits", "unpack_bits", "bounded", "bound_range",
-    "max_circuit", "approximate_max_shares", "approximate_ge_zero_circuit",
+    "uninstall_fast_comparisons", "pack_bits", "unpack_bits", "bounded", "bound_range", "relu_bound_range",
+    "max_circuit", "approximate_max_shares", "approximate_ge_zero_circuit", "relu_circuit",
+    "relu_shares",
 ]
 
 _WORD = 64
@@ -196,6 +197,7 @@ class _Needs:
     and_words: int = 0
     dabits: int = 0
     mul: int = 0
+    bitmul: int = 0  # products of a binary-shared bit with an arithmetic value
 
 
 class _Counting:
@@ -221,6 +223,10 @@ class _Counting:
     def open_carry(self, words: torch.Tensor, shares: torch.Tensor, t: int) -> torch.Tensor:
         return torch.zeros_like(words)
 
+    def bit_mul(self, bits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        self.needs.bitmul += x.numel()
+        return torch.zeros_like(x)
+
 
 class _Mpc:
     """Raw-share operations over CrypTen's communicator, with pooled correlated randomness.
@@ -237,10 +243,10 @@ class _Mpc:
         self.comm = crypten.communicator.get()
         self.rank, self.world = self.comm.get_rank(), self.comm.get_world_size()
         provider = crypten.mpc.get_default_provider()
-        self._and = self._mul = self._dab = None
-        self._and_at = self._mul_at = self._dab_at = 0
+        self._and = self._mul = self._dab = self._bm = None
+        self._and_at = self._mul_at = self._dab_at = self._bm_at = 0
         # Where each pool starts in this party's dealer stream (audits only; None otherwise).
-        self._and_off = self._mul_off = self._dab_off = None
+        self._and_off = self._mul_off = self._dab_off = self._bm_off = None
         if needs.and_words:
             self._and_off = audit.dealer_offset()
             a, b, c = provider.generate_binary_triple((needs.and_words,), (needs.and_words,))
@@ -253,11 +259,15 @@ class _Mpc:
             self._mul_off = audit.dealer_offset()
             a, b, c = provider.generate_additive_triple((needs.mul,), (needs.mul,), "mul")
             self._mul = (a.share, b.share, c.share)
+        if needs.bitmul:
+            self._bm_off = audit.dealer_offset()
+            r_a, r_b, a, ar = provider.B2A_mul_rng((needs.bitmul,))
+            self._bm = (r_a.share, r_b.share & 1, a.share, ar.share)
         self.needs = needs
 
     def exhausted(self) -> bool:
         return (self._and_at == self.needs.and_words and self._dab_at == self.needs.dabits
-                and self._mul_at == self.needs.mul)
+                and self._mul_at == self.needs.mul and self._bm_at == self.needs.bitmul)
 
     @staticmethod
     def _at(base: int | None, index: int, pool: int = 0) -> int | None:
@@ -309,6 +319,29 @@ class _Mpc:
             masked = self.comm.all_reduce(torch.cat([x - a, y - b]))
         eps, dlt = masked[:n], masked[n:]
         return c + eps * b + a * dlt + _public(self, eps * dlt)
+
+    def bit_mul(self, bits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Integer shares of ``bit * x`` for binary-shared bits and integer-shared ``x``
+        (``(n,)`` each), from one masked bit and one masked value per element.
+
+        The dealer's ``B2A_mul`` gives a random bit ``r`` (binary and arithmetic shares), a mask
+        ``a`` and ``a * r``. The parties open ``o = bit ^ r`` and ``e = x - a``; then
+        ``x * r = e * r + a * r`` and ``bit * x = o * x + (1 - 2 o) * x * r`` are local. A
+        Beaver product of the converted bit with ``x`` opens two values, not one."""
+        n = x.numel()
+        start = self._bm_at
+        r_a, r_b, a, ar = (t[start:start + n] for t in self._bm)
+        self._bm_at += n
+        total = self.needs.bitmul
+        # the pool's stream layout, per element: the bit, then the mask (then the rest)
+        with audit.opening("masked", "compare.bitmul", lambda: [
+                audit.part(bits, self._at(self._bm_off, start), kind="bit", combine="xor",
+                           pack=True),
+                audit.part(x, self._at(self._bm_off, start, total), combine="sub")]):
+            o = unpack_bits(self._xor_reduce(pack_bits((bits ^ r_b).unsqueeze(0))), n)[0]
+            e = self.comm.all_reduce(x - a)
+        x_r = e * r_a + ar
+        return o * x + (1 - 2 * o) * x_r
 
     def open_carry(self, words: torch.Tensor, shares: torch.Tensor, t: int) -> torch.Tensor:
         """The sum of packed low-bit fields of the shares of values whose low ``t`` bits are 0."""
@@ -478,12 +511,9 @@ def _max_circuit(be: Any, values: torch.Tensor, m: int, drop: int) -> torch.Tens
         odd = k % 2
         pairs = current[:, :k - odd]
         won = _pair_winners(be, pairs, m, drop).flatten()  # x[2i] >= x[2i+1]
-        # winner = second + won * (first - second): one daBit and one product per pair
+        # winner = second + won * (first - second): one bit product per pair
         first, second = pairs[:, 0::2].flatten(), pairs[:, 1::2].flatten()
-        gap = first - second
-        opened, r_a = be.open_bits(won)
-        r_gap = be.mul(r_a, gap)
-        chosen = second + opened * gap + (1 - 2 * opened) * r_gap
+        chosen = second + be.bit_mul(won, first - second)
         current = torch.cat([chosen.view(rows, -1), current[:, k - odd:]], dim=1)
     return current
 
@@ -491,14 +521,9 @@ def _max_circuit(be: Any, values: torch.Tensor, m: int, drop: int) -> torch.Tens
 def _select(be: Any, won: torch.Tensor, values: torch.Tensor, g: int) -> torch.Tensor:
     """Sum over each group of ``won * value`` (the group winner's value), on arithmetic shares.
 
-    One daBit per entry turns ``won`` arithmetic; its product with the value is a Beaver
-    multiplication whose opening does not wait for ``won`` (two independent collectives).
-    """
+    One bit product per entry (:meth:`_Mpc.bit_mul`: a masked bit and a masked value)."""
     rows, k = values.shape
-    v = values.flatten()
-    opened, r_a = be.open_bits(won.flatten())
-    r_times_v = be.mul(r_a, v)
-    chosen = opened * v + (1 - 2 * opened) * r_times_v
+    chosen = be.bit_mul(won.flatten(), values.flatten())
     groups = -(-k // g)
     padded = torch.zeros(rows, groups * g, dtype=torch.int64)
     padded[:, :k] = chosen.view(rows, k)
@@ -597,7 +622,7 @@ def _estimate(rows: int, classes: int, m: int, t: int, parties: int, g: int,
         if k <= g:
             break
         rounds += 2
-        opened_words += 2 * rows * k + rows * k / 64
+        opened_words += rows * k + rows * k / 64
         selects += rows * k
         k = len(sizes)
     if levels > 1:
@@ -752,6 +777,35 @@ def approximate_max_shares(shares: torch.Tensor, value_range: ValueRange | None,
     return _run(max_circuit(m, drop), ("max", rows, classes, m, drop), shares)
 
 
+def relu_circuit(m: int, drop: int = 0) -> Any:
+    """``max(x, 0)`` as a function ``(backend, shares of x) -> shares`` (any shape): the sign
+    bit on ``m`` bits (see :func:`_pair_winners` for ``drop``), times ``x`` by one bit product."""
+
+    def circuit(be: Any, x: torch.Tensor) -> torch.Tensor:
+        flat = x.flatten()
+        pairs = torch.stack([flat, torch.zeros_like(flat)], dim=1)
+        bits = _pair_winners(be, pairs, m, drop).flatten()
+        return be.bit_mul(bits, flat).view(x.shape)
+
+    return circuit
+
+
+def relu_shares(shares: torch.Tensor, value_range: ValueRange | None = None, *,
+                slack_bits: int = 0) -> torch.Tensor:
+    """Integer shares of ``max(x, 0)`` for raw shares ``x`` (any shape, any scale).
+
+    With ``value_range``, ``x`` lies in ``[-(hi - lo), hi - lo]``; ``slack_bits`` as in
+    :func:`ge_zero_shares` (an ``x`` in ``[0, P * 2**slack_bits)`` may come out as 0)."""
+    m, t = value_range.comparison_bits() if value_range is not None else (64, 0)
+    if t:
+        m, _ = ValueRange(value_range.lo, value_range.hi).comparison_bits()
+    drop = 0
+    if slack_bits and m < 64:
+        world = load_crypten().communicator.get().get_world_size()
+        drop = max(0, min(slack_bits, m - 2 - world.bit_length()))
+    return _run(relu_circuit(m, drop), ("relu", tuple(shares.shape), m, drop), shares)
+
+
 def ge_zero_circuit(m: int, t: int) -> Any:
     """``[x >= 0]`` as a function ``(backend, shares of x) -> integer shares`` (any shape)."""
 
@@ -799,32 +853,45 @@ def ge_zero_shares(shares: torch.Tensor, value_range: ValueRange | None = None, 
 # CrypTen's comparison primitive, replaced by an output-identical cheaper one
 # ---------------------------------------------------------------------------------------
 _CRYPTEN_LTZ: Any = None
-#: The public bound of :func:`bounded` in force (a magnitude in real units), or None.
+_CRYPTEN_RELU: Any = None
+#: The public bounds of :func:`bounded` in force (magnitudes in real units), or None.
 _BOUND: float | None = None
+_RELU_BOUND: float | None = None
 
 
 @contextlib.contextmanager
-def bounded(limit: float | None) -> Iterator[None]:
+def bounded(limit: float | None, relu_limit: float | None = None) -> Iterator[None]:
     """Inside the block, every value CrypTen compares with zero (a ReLU's input, a difference
     inside ``max`` or max pooling, a clamp's argument) has magnitude at most ``limit`` (public,
-    real units): the comparisons carry only the bits that bound needs. Every party must use
-    the same limit; a value outside it gives a wrong comparison, never an error. ``None``:
-    full 64-bit comparisons."""
-    global _BOUND
-    saved, _BOUND = _BOUND, limit
+    real units), and a ReLU's input at most ``relu_limit`` (default: ``limit``): the
+    comparisons carry only the bits those bounds need. Every party must use the same limits;
+    a value outside them gives a wrong comparison, never an error. ``None``: full 64-bit
+    comparisons."""
+    global _BOUND, _RELU_BOUND
+    saved = _BOUND, _RELU_BOUND
+    _BOUND, _RELU_BOUND = limit, (relu_limit if limit is not None else None)
     try:
         yield
     finally:
-        _BOUND = saved
+        _BOUND, _RELU_BOUND = saved
+
+
+def _as_range(limit: float | None, scale: int) -> ValueRange | None:
+    if limit is None:
+        return None
+    top = math.ceil(limit * scale)
+    return ValueRange(0, top) if top < 1 << 61 else None
 
 
 def bound_range(scale: int) -> ValueRange | None:
     """The :func:`bounded` limit in force as a range of values encoded at ``scale`` (None
     outside a block): differences of two such values lie within ``±limit``."""
-    if _BOUND is None:
-        return None
-    top = math.ceil(_BOUND * scale)
-    return ValueRange(0, top) if top < 1 << 61 else None
+    return _as_range(_BOUND, scale)
+
+
+def relu_bound_range(scale: int) -> ValueRange | None:
+    """The range of a ReLU's input inside :func:`bounded` (see :func:`bound_range`)."""
+    return _as_range(_RELU_BOUND if _RELU_BOUND is not None else _BOUND, scale)
 
 
 def _ltz(self: Any) -> Any:
@@ -843,6 +910,71 @@ def _ltz(self: Any) -> Any:
     return crypten.mpc.MPCTensor.from_shares(below, precision=0)
 
 
+def _relu(self: Any) -> Any:
+    """``MPCTensor.relu``: CrypTen's ``x * (x >= 0)`` with the comparison of :func:`_ltz` and
+    the product as one bit product (:meth:`_Mpc.bit_mul`): one masked value per element
+    instead of a Beaver multiplication's two."""
+    crypten = load_crypten()
+
+    x = self if self.ptype == crypten.mpc.arithmetic else self.to(crypten.mpc.arithmetic)
+    out = relu_shares(x.share, relu_bound_range(int(x.encoder.scale)))
+    return crypten.mpc.MPCTensor.from_shares(out, precision=x.encoder.scale.bit_length() - 1)
+
+
+def _b2a_mul_rng(self: Any, size: Any, device: Any = None) -> tuple[Any, Any, Any, Any]:
+    """``TrustedThirdParty.B2A_mul_rng``: shares of a random bit ``r`` (arithmetic, binary), a
+    mask ``a`` and ``a * r``. Every party draws its ``r`` and ``a`` shares from its dealer
+    stream; party 0 gets its shares of ``r`` and ``a * r`` from the dealer, the others draw
+    them (the layout of CrypTen's ``B2A_rng``, with the mask and product after the bit)."""
+    crypten = load_crypten()
+    ttp = crypten.mpc.provider.ttp_provider
+    rng = crypten.common.rng
+    arith = crypten.mpc.primitives.ArithmeticSharedTensor
+    gen = ttp.TTPClient.get().get_generator(device=device)
+    r_b = rng.generate_kbit_random_tensor(size, bitlength=1, generator=gen, device=device)
+    a = rng.generate_random_ring_element(size, generator=gen, device=device)
+    if crypten.communicator.get().get_rank() == 0:
+        both = ttp.TTPClient.get().ttp_request("B2A_mul", device, size)
+        r_a, ar = both[0], both[1]
+    else:
+        r_a = rng.generate_random_ring_element(size, generator=gen, device=device)
+        ar = rng.generate_random_ring_element(size, generator=gen, device=device)
+    return (arith.from_shares(r_a, precision=0),
+            crypten.mpc.primitives.BinarySharedTensor.from_shares(r_b),
+            arith.from_shares(a, precision=0), arith.from_shares(ar, precision=0))
+
+
+def _b2a_mul_server(self: Any, size: Any) -> torch.Tensor:
+    """``TTPServer.B2A_mul``: party 0's shares of ``r`` and ``a * r``, stacked."""
+    crypten = load_crypten()
+    rng = crypten.common.rng
+    r_b = a = None
+    rest_r = rest_ar = 0
+    for i, g in enumerate(self._get_generators(device=self.device)):
+        bit = rng.generate_kbit_random_tensor(size, bitlength=1, generator=g, device=g.device)
+        mask = rng.generate_random_ring_element(size, generator=g, device=g.device)
+        r_b = bit if r_b is None else r_b ^ bit
+        a = mask if a is None else a + mask
+        if i:
+            rest_r = rest_r + rng.generate_random_ring_element(size, generator=g, device=g.device)
+            rest_ar = rest_ar + rng.generate_random_ring_element(size, generator=g,
+                                                                 device=g.device)
+    return torch.stack([r_b - rest_r, a * r_b - rest_ar])
+
+
+def _b2a_mul_tfp(self: Any, size: Any, device: Any = None) -> tuple[Any, Any, Any, Any]:
+    """``TrustedFirstParty.B2A_mul_rng``: party 0 makes the bit, mask and product and shares
+    them (the insecure development dealer, like CrypTen's other TFP functions)."""
+    crypten = load_crypten()
+    rng = crypten.common.rng
+    prim = crypten.mpc.primitives
+    r = rng.generate_kbit_random_tensor(size, bitlength=1, device=device)
+    a = rng.generate_random_ring_element(size, device=device)
+    return (prim.ArithmeticSharedTensor(r, precision=0, src=0), prim.BinarySharedTensor(r, src=0),
+            prim.ArithmeticSharedTensor(a, precision=0, src=0),
+            prim.ArithmeticSharedTensor(a * r, precision=0, src=0))
+
+
 def install_fast_comparisons(crypten: Any) -> None:
     """Make every CrypTen comparison of this process (``lt``, ``ge``, ``relu``, ``max``,
     ``argmax``, ``softmax``'s max, pooling, ...) use the carry-save circuit.
@@ -855,13 +987,23 @@ def install_fast_comparisons(crypten: Any) -> None:
     :func:`mpc_fi._crypten.configure`. Idempotent; :func:`uninstall_fast_comparisons`
     restores CrypTen's method.
     """
-    global _CRYPTEN_LTZ
+    global _CRYPTEN_LTZ, _CRYPTEN_RELU
     cls = crypten.mpc.MPCTensor
     if cls.__dict__.get("_ltz") is not _ltz:
         _CRYPTEN_LTZ = cls.__dict__.get("_ltz")
         cls._ltz = _ltz
+    if cls.__dict__.get("relu") is not _relu:
+        _CRYPTEN_RELU = cls.__dict__.get("relu")
+        cls.relu = _relu
+    provider = crypten.mpc.provider
+    if "B2A_mul_rng" not in provider.ttp_provider.TrustedThirdParty.__dict__:
+        provider.ttp_provider.TrustedThirdParty.B2A_mul_rng = _b2a_mul_rng
+    provider.ttp_provider.TTPServer.B2A_mul = _b2a_mul_server
+    provider.tfp_provider.TrustedFirstParty.B2A_mul_rng = _b2a_mul_tfp
 
 
 def uninstall_fast_comparisons(crypten: Any) -> None:
     if _CRYPTEN_LTZ is not None and crypten.mpc.MPCTensor.__dict__.get("_ltz") is _ltz:
         crypten.mpc.MPCTensor._ltz = _CRYPTEN_LTZ
+    if _CRYPTEN_RELU is not None and crypten.mpc.MPCTensor.__dict__.get("relu") is _relu:
+        crypten.mpc.MPCTensor.relu = _CRYPTEN_RELU

@@ -396,7 +396,8 @@ class _Party:
             shares = [cryptensor(inputs, src=r) for r in self.owner_ranks]
         else:
             x_enc = cryptensor(inputs.to(torch.float64), src=self.q)
-            with compare.bounded(comparison_limit(self.fed.activation_bound)):
+            bound = self.fed.activation_bound
+            with compare.bounded(comparison_limit(bound), None if bound is None else bound + 1):
                 firsts = fused_first_layers(self.archs, x_enc, self.shared_params)
                 shares = self._secure_contributions(
                     [secure_forward(arch, x_enc, params, first)
@@ -410,12 +411,13 @@ class _Party:
         """One-shot runs: rehearse a batch of this shape (no message, no randomness), compare
         recipe digests, and let party 0 ask the dealer for the whole batch's material."""
         pf = self.prefetcher
-        recipe = prefetch.rehearse(lambda: self._release(torch.zeros_like(inputs)), self.crypten)
+        recipe, gathers = prefetch.rehearse(lambda: self._release(torch.zeros_like(inputs)),
+                                            self.crypten)
         digests = self._gather(prefetch.recipe_digest(recipe), wire.RECIPE_DIGEST,
                                "dealer recipe digest")
         self._package_rows = None
         if recipe is not None and all(d == digests[0] for d in digests) \
-                and pf.prepare(recipe):
+                and pf.prepare(recipe, gathers):
             self._package_rows = int(inputs.shape[0])
 
     def infer(self) -> tuple[np.ndarray, np.ndarray | None]:

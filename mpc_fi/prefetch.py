@@ -54,7 +54,7 @@ from typing import Any
 
 import torch
 
-from . import audit, wire
+from . import audit, truncation, wire
 from .errors import ProtocolError
 
 __all__ = ["REGION_BITS", "MAX_PACKAGE_ELEMENTS", "Prefetcher", "install", "start", "stop",
@@ -69,8 +69,9 @@ MAX_PACKAGE_ELEMENTS = 1 << 26
 
 #: CrypTen's provider methods and the dealer function each one asks for.
 _METHODS = {"generate_additive_triple": "additive", "square": "square",
-            "generate_binary_triple": "binary", "wrap_rng": "wraps", "B2A_rng": "B2A"}
-_POSITIONAL = {"additive": 3, "binary": 2, "square": 1, "wraps": 1, "B2A": 1}
+            "generate_binary_triple": "binary", "wrap_rng": "wraps", "B2A_rng": "B2A",
+            "B2A_mul_rng": "B2A_mul"}
+_POSITIONAL = {"additive": 3, "binary": 2, "square": 1, "wraps": 1, "B2A": 1, "B2A_mul": 1}
 
 Key = tuple  # (function, args, kwargs) with every size a tuple of ints
 
@@ -116,15 +117,17 @@ def _result_elements(key: Key) -> int:
     return math.prod(wire.result_size(function, args, dict(kwargs)))
 
 
-def holders(recipe: list[Key], parties: int) -> list[int]:
+def holders(recipe: list[Key], parties: int, initial: list[int] | None = None) -> list[int]:
     """Which computing party receives the dealer's correction for each entry of a package
     (the others draw their shares from their streams): each entry goes to the party with the
-    least material so far (lowest rank on ties), so every party receives about ``1/P`` of it.
-    The parties and the dealer compute it alike from the recipe."""
-    loads = [0] * parties
+    least material so far (highest rank on ties: party 0 also reads the dealer's answers),
+    counting from ``initial`` (what each party receives beyond the others in the batch's
+    truncations, :mod:`mpc_fi.truncation`), so every party receives about as much. Every party
+    computes it alike; party 0 sends it to the dealer with the recipe."""
+    loads = list(initial) if initial is not None else [0] * parties
     out = []
     for key in recipe:
-        h = min(range(parties), key=lambda r: (loads[r], r))
+        h = min(range(parties), key=lambda r: (loads[r], -r))
         loads[h] += _result_elements(key)
         out.append(h)
     return out
@@ -161,6 +164,7 @@ class Prefetcher:
     # -- per call ---------------------------------------------------------------------------
     def begin_call(self) -> None:
         self.recording, self.from_package, self.online, self.hit = [], 0, 0, None
+        self.gathers_before = truncation.tally(self.comm.get_world_size())
         package, self.ready = self.ready, None
         if package is None:
             return
@@ -211,16 +215,22 @@ class Prefetcher:
             self.log.info("dealer material: %d request(s) from the prefetched package, %d online",
                           self.from_package, self.online)
         if ok and ask:
-            self.prepare(recipe)
+            world = self.comm.get_world_size()
+            after = truncation.tally(world)
+            before = getattr(self, "gathers_before", None) or [0] * world
+            self.prepare(recipe, [a - b for a, b in zip(after, before)])
 
-    def prepare(self, recipe: list[Key] | None) -> bool:
+    def prepare(self, recipe: list[Key] | None, gathers: list[int] | None = None) -> bool:
         """Make ``recipe`` (the same at every party) the next call's package: party 0 asks the
-        dealer for it now. False (and nothing asked) if it cannot be prefetched."""
+        dealer for it now. ``gathers``: what each party gathers in the call's truncations, so
+        that the dealer's material evens the parties out. False (and nothing asked) if it
+        cannot be prefetched."""
         if not recipe or len(recipe) > wire.MAX_PREFETCH_REQUESTS \
                 or sum(_result_elements(k) for k in recipe) > MAX_PACKAGE_ELEMENTS:
             return False
         self.issued += 1
-        self.ready = _Package(self.issued, recipe, holders(recipe, self.comm.get_world_size()))
+        self.ready = _Package(self.issued, recipe,
+                              holders(recipe, self.comm.get_world_size(), gathers))
         if self.rank == 0:
             self._ask(self.ready)
         elif self._portion_elements(self.ready):  # the dealer will send this party its part
@@ -233,7 +243,7 @@ class Prefetcher:
         index = {k: i for i, k in enumerate(kinds)}
         message = {"function": "prefetch", "device": "cpu",
                    "args": [package.number, [_message(k) for k in kinds],
-                            [index[k] for k in package.recipe]],
+                            [index[k] for k in package.recipe], list(package.holders)],
                    "kwargs": {}}
         ttp = self.comm.get_ttp_rank()
         with audit.opening("dealer", "prefetch"):
@@ -352,16 +362,20 @@ class _RehearsalStopped(RuntimeError):
     pass
 
 
-def rehearse(step: Any, crypten: Any) -> list[Key] | None:
+def rehearse(step: Any, crypten: Any) -> tuple[list[Key] | None, list[int]]:
     """The dealer requests ``step()`` makes, found by running it here on zeros with no messages,
-    no randomness drawn and no dealer asked; None if it made a request that cannot be prefetched
-    or failed. An active wire audit is rolled back to where it stood (nothing was sent)."""
+    no randomness drawn and no dealer asked (None if it made a request that cannot be
+    prefetched, or failed), and what each party will gather in its truncations
+    (:func:`mpc_fi.truncation.tally`, put back as it was). An active wire audit is rolled back
+    to where it stood (nothing was sent)."""
     global _REHEARSAL
     from .crypten_rng import set_rehearsing  # noqa: PLC0415
 
     comm_module = crypten.communicator
     real_get = comm_module.get
     silent = _SilentCommunicator(real_get())
+    world = silent.get_world_size()
+    tally = truncation.tally(world)
     mark = audit.mark()
     _REHEARSAL = []
     set_rehearsing(True)
@@ -378,9 +392,11 @@ def rehearse(step: Any, crypten: Any) -> list[Key] | None:
         set_rehearsing(False)
         _REHEARSAL = None
         audit.rollback(mark)
+        gathers = [a - b for a, b in zip(truncation.tally(world), tally)]
+        truncation.set_tally(world, tally)
     if recipe is None or any(k is None for k in recipe):
-        return None
-    return recipe
+        return None, gathers
+    return recipe, gathers
 
 
 def recipe_digest(recipe: list[Key] | None) -> str:
@@ -464,6 +480,11 @@ def _from_package(function: str, state: Prefetcher, args: tuple, kwargs: dict) -
         r = ring(args[0])
         theta = held if held is not None else ring(size)
         return arith.from_shares(r, precision=0), arith.from_shares(theta, precision=0)
+    if function == "B2A_mul":  # the bit and the mask, then (not held) the two shares
+        r_b, a = bits(args[0], bitlength=1), ring(args[0])
+        pair = held if held is not None else torch.stack([ring(args[0]), ring(args[0])])
+        return (arith.from_shares(pair[0], precision=0), binary.from_shares(r_b),
+                arith.from_shares(a, precision=0), arith.from_shares(pair[1], precision=0))
     r_b = bits(args[0], bitlength=1)  # B2A
     r_a = held if held is not None else ring(size)
     return arith.from_shares(r_a, precision=0), binary.from_shares(r_b)
@@ -520,6 +541,16 @@ def _holder_share(server: Any, function: str, args: tuple, kwargs: dict, holder:
                 rest.append(generate_random_ring_element(args[0], generator=g))
         count_wraps = sys.modules["crypten"].common.util.count_wraps
         return count_wraps(shares) - sum(rest)
+    if function == "B2A_mul":  # per stream: bit, mask, then (not the holder) r and a*r shares
+        r_b, a = torch.zeros(tuple(args[0]), dtype=torch.long), 0
+        rest_r, rest_ar = [], []
+        for i, g in enumerate(gens):
+            r_b ^= generate_kbit_random_tensor(args[0], bitlength=1, generator=g)
+            a = a + generate_random_ring_element(args[0], generator=g)
+            if i != holder:
+                rest_r.append(generate_random_ring_element(args[0], generator=g))
+                rest_ar.append(generate_random_ring_element(args[0], generator=g))
+        return torch.stack([r_b - sum(rest_r), a * r_b - sum(rest_ar)])
     # B2A: per stream the bit, then the arithmetic share if not the holder
     r_b, rest = torch.zeros(tuple(args[0]), dtype=torch.long), []
     for i, g in enumerate(gens):
@@ -530,7 +561,7 @@ def _holder_share(server: Any, function: str, args: tuple, kwargs: dict, holder:
 
 
 def _server_prefetch(self: Any, number: int, kinds: tuple[dict[str, Any], ...],
-                     order: tuple[int, ...]) -> torch.Tensor:
+                     order: tuple[int, ...], owners: tuple[int, ...]) -> torch.Tensor:
     """TTPServer: every party's corrections for a whole recipe, drawn from package ``number``'s
     region; each party's portion goes to it (party 0's is the answer)."""
     last = getattr(self, "_mpc_fi_prefetched", 0)
@@ -539,17 +570,17 @@ def _server_prefetch(self: Any, number: int, kinds: tuple[dict[str, Any], ...],
                             "of the dealer streams is used once")
     self._mpc_fi_prefetched = number
     streams = list(self.generators)
+    if len(owners) != len(order) or max(owners) >= len(streams):
+        raise ProtocolError(f"party 0 named holders outside the {len(streams)} parties")
     main = [s.offset for s in streams]
     if max(main) >= 1 << REGION_BITS:
         raise ProtocolError("the dealer streams reached the prefetch regions (2**48 bytes)")
     for s in streams:
         s.seek(number << REGION_BITS)
     self.device = "cpu"
-    recipe = [_key_of(kinds[i]) for i in order]
-    owner = holders(recipe, len(streams))
     portions: list[list[torch.Tensor]] = [[] for _ in streams]
     try:
-        for i, h in zip(order, owner):
+        for i, h in zip(order, owners):
             k = kinds[i]
             portions[h].append(_holder_share(self, k["function"], tuple(k["args"]),
                                              dict(k["kwargs"]), h).reshape(-1))
@@ -567,11 +598,6 @@ def _send_portion(portion: torch.Tensor, rank: int) -> None:
     group = sys.modules["crypten"].communicator.get().ttp_group
     torch.distributed.send(portion, dst=rank, group=group)
 
-
-def _key_of(kind: dict[str, Any]) -> Key:
-    """A checked request as :func:`request_key` writes it (sizes as tuples)."""
-    return (kind["function"], _freeze(tuple(kind["args"])),
-            tuple(sorted((k, _freeze(v)) for k, v in dict(kind["kwargs"]).items())))
 
 
 def install(crypten: Any) -> dict[str, Any]:

@@ -25,7 +25,7 @@ import torch
 
 from ._crypten import load_crypten
 from .compare import (LAN, NETWORKS, NetworkProfile, ValueRange, approximate_max_shares, argmax_bits,
-                      bound_range, ge_zero_shares)
+                      bound_range, ge_zero_shares, relu_shares)
 
 __all__ = ["ValueRange", "Hint", "annotate", "hint_of", "distinct", "argmax_one_hot",
            "one_hot_to_index", "argmax_index", "EXP_FLOOR", "clamp_exponent", "softmax",
@@ -154,7 +154,7 @@ EXP_FLOOR = -16.0
 MAX_SLACK = 1 / 16
 #: Newton iterations of the normalised reciprocal (:func:`reciprocal_in`): the linear start on
 #: ``[1/2, 1]`` is within 0.0858, then 7.4e-3, 5.4e-5, 2.9e-9 (below one unit at 16 bits).
-RECIPROCAL_ITERATIONS = 3
+RECIPROCAL_ITERATIONS = 2
 
 
 def clamp_exponent(shifted: Any) -> Any:
@@ -174,9 +174,8 @@ def clamp_exponent(shifted: Any) -> Any:
     precision = z.encoder.scale.bit_length() - 1
     world = crypten.communicator.get().get_world_size()
     slack = max(0, precision - 2 - world.bit_length())  # P * 2**slack <= 1/4
-    above = ge_zero_shares(z.share, limit, slack_bits=slack)
-    bit = crypten.mpc.MPCTensor.from_shares(above, precision=0)
-    return z * bit + EXP_FLOOR
+    above = relu_shares(z.share, limit, slack_bits=slack)
+    return crypten.mpc.MPCTensor.from_shares(above, precision=precision) + EXP_FLOOR
 
 
 def _ceil_log2(n: int) -> int:

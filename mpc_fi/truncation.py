@@ -20,13 +20,14 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["install", "installed", "uninstall", "wraps"]
+__all__ = ["install", "installed", "uninstall", "wraps", "tally", "set_tally"]
 
 _ORIGINAL: Any = None
 
 #: tensors of at least this many elements are gathered in ``P`` parts, at ``P`` parties
 SPLIT_ELEMENTS = 1 << 14
-#: elements each party has gathered so far, per world size (the same at every party)
+#: elements each party has gathered so far beyond its own part, per world size (the same at
+#: every party)
 _LOADS: dict[int, list[int]] = {}
 
 
@@ -58,11 +59,22 @@ def wraps(x: Any) -> Any:
     bounds = [n * i // parts for i in range(parts + 1)]
     for lo, hi in zip(bounds, bounds[1:]):
         root = min(range(world), key=lambda q: (loads[q], q))
-        loads[root] += (hi - lo) * (world - 1)
+        loads[root] += (hi - lo) * (world - 2)  # what the root counts beyond every party's part
         theta_z = comm.gather(flat_z[lo:hi].contiguous(), root)
         if x.rank == root:
             flat_theta[lo:hi] += beaver.count_wraps(theta_z)
     return theta_x
+
+
+def tally(world: int) -> list[int]:
+    """Elements each party has gathered beyond its own part so far (a copy)."""
+    return list(_LOADS.get(world, [0] * world))
+
+
+def set_tally(world: int, loads: list[int]) -> None:
+    """Put the tally back (a rehearsal runs the truncations of a batch without sending them:
+    the real batch then makes the same choices, which the rehearsal has measured)."""
+    _LOADS[world] = list(loads)
 
 
 def install(crypten: Any) -> dict[str, Any]:

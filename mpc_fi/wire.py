@@ -21,8 +21,8 @@ lengths, so all of them refuse together, before the payload exchange.
 
 :func:`gather_json` / :func:`broadcast_json` replace ``all_gather_object`` /
 ``broadcast_object_list``; :func:`install_object_channel` replaces CrypTen's object channel and
-holds the trusted dealer to the five request kinds CrypTen's TTP client sends
-(:data:`TTP_REQUEST`).
+holds the trusted dealer to the five request kinds CrypTen's TTP client sends and mpc-fi's
+sixth (a bit with a multiplication mask, :mod:`mpc_fi.compare`) (:data:`TTP_REQUEST`).
 
 A peer that sends *different* well-formed messages to different parties is not detected here
 (no broadcast agreement); such a peer can only make the honest parties disagree and stop.
@@ -46,7 +46,8 @@ from .errors import PEER_ERRORS, MpcFiError, PartyFailedError, WireFormatError
 #: Largest handshake / agreement message (bytes of JSON): hello, failures, shapes, architectures.
 AGREEMENT_LIMIT = 1 << 20
 #: Largest CrypTen object message: TTP requests and sizes (well under 1 KiB), and the recipe of
-#: a prefetched package (its distinct requests, then up to MAX_PREFETCH_REQUESTS indices).
+#: a prefetched package (its distinct requests, then up to MAX_PREFETCH_REQUESTS indices and as
+#: many holders).
 OBJECT_LIMIT = 256 << 10
 #: Most requests in one prefetched package (:mod:`mpc_fi.prefetch`).
 MAX_PREFETCH_REQUESTS = 1 << 14
@@ -543,9 +544,9 @@ SERVED_STEP = Record({"op": Enum("batch", "stop"), "n": Int(0, 1 << 40),
 # ---------------------------------------------------------------------------------------
 # CrypTen's object channel, and the trusted dealer's requests
 # ---------------------------------------------------------------------------------------
-TTP_FUNCTIONS = ("additive", "square", "binary", "wraps", "B2A")
-#: What party 0 may ask the dealer: CrypTen's five functions, or a package of them for a later
-#: call (:mod:`mpc_fi.prefetch`).
+TTP_FUNCTIONS = ("additive", "square", "binary", "wraps", "B2A", "B2A_mul")
+#: What party 0 may ask the dealer: CrypTen's five functions and ``B2A_mul``, or a package of
+#: them for a later call (:mod:`mpc_fi.prefetch`).
 DEALER_FUNCTIONS = (*TTP_FUNCTIONS, "prefetch")
 BEAVER_OPS = ("mul", "matmul", "conv1d", "conv2d", "conv_transpose1d", "conv_transpose2d")
 _SIZE = Shape(size=True)
@@ -563,6 +564,9 @@ _TTP_ARGS: dict[str, Schema] = {
     "additive": Tuple(_SIZE, _SIZE, Enum(*BEAVER_OPS)),
     "square": Tuple(_SIZE), "binary": Tuple(_SIZE, _SIZE), "wraps": Tuple(_SIZE),
     "B2A": Tuple(_SIZE),
+    # a random bit (arithmetic and binary shares) with a mask ``a`` and the product ``a * bit``
+    # (mpc_fi.compare): the dealer answers party 0's shares of the bit and of the product
+    "B2A_mul": Tuple(_SIZE),
 }
 
 
@@ -648,11 +652,13 @@ def result_size(function: str, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
         return _conv_shape(a, b, dims, op.startswith("conv_transpose"), kwargs)
     if function == "binary":
         return _broadcast(tuple(args[0]), tuple(args[1]))
+    if function == "B2A_mul":
+        return (2, *tuple(args[0]))
     return tuple(args[0])
 
 
 def _one_request(message: dict[str, Any]) -> tuple[dict[str, Any], int]:
-    """A checked request of one of CrypTen's five functions, and its answer's element count."""
+    """A checked request of one of the dealer's functions, and its answer's element count."""
     function = message["function"]
     args = _TTP_ARGS[function].check(message["args"], "$.args")
     if function == "additive":
@@ -673,22 +679,26 @@ def _one_request(message: dict[str, Any]) -> tuple[dict[str, Any], int]:
 _PREFETCH_KIND = Convert(Record({"function": Enum(*TTP_FUNCTIONS), "args": Any_,
                                  "kwargs": Any_}), lambda m: _one_request(m)[0])
 _PREFETCH_ARGS = Tuple(Int(1, 1 << 40), Array(_PREFETCH_KIND, MAX_PREFETCH_REQUESTS, min_len=1),
-                       Array(Int(0, MAX_PREFETCH_REQUESTS - 1), MAX_PREFETCH_REQUESTS, min_len=1))
+                       Array(Int(0, MAX_PREFETCH_REQUESTS - 1), MAX_PREFETCH_REQUESTS, min_len=1),
+                       Array(Int(0, 1023), MAX_PREFETCH_REQUESTS, min_len=1))
 
 
 def _ttp_request(message: dict[str, Any]) -> dict[str, Any]:
     if message["function"] != "prefetch":
         checked, _ = _one_request(message)
         return {**checked, "device": message["device"]}
-    number, kinds, order = _PREFETCH_ARGS.check(message["args"], "$.args")
+    number, kinds, order, holders = _PREFETCH_ARGS.check(message["args"], "$.args")
     Record({}).check(message["kwargs"], "$.kwargs")
     if max(order) >= len(kinds):
         raise ValueError(f"the recipe names request {max(order)} of {len(kinds)}")
+    if len(holders) != len(order):
+        raise ValueError(f"{len(holders)} holders for a recipe of {len(order)} requests")
     sizes = [math.prod(result_size(k["function"], k["args"], k["kwargs"])) for k in kinds]
     total = sum(sizes[i] for i in order)
     if total > MAX_ELEMENTS:
         raise ValueError(f"the package would have {total} elements (at most {MAX_ELEMENTS})")
-    return {"function": "prefetch", "device": message["device"], "args": (number, kinds, order),
+    return {"function": "prefetch", "device": message["device"],
+            "args": (number, kinds, order, holders),
             "kwargs": {}}
 
 
@@ -705,7 +715,7 @@ class _TTPMessage(Schema):
         return self.request.check(value, path)
 
 
-#: What party 0 may send the dealer: one of CrypTen's five requests, a prefetch, or "terminate".
+#: What party 0 may send the dealer: one of its six requests, a prefetch, or "terminate".
 TTP_REQUEST = _TTPMessage()
 #: What the dealer answers party 0: the size of the tensor it broadcasts next.
 TTP_REPLY = _SIZE
@@ -796,7 +806,8 @@ def install_object_channel(crypten: Any) -> bool:
 
     Every party **and the dealer** must do it (the framing differs from CrypTen's, so a party
     without it fails at its first object message). Afterwards the dealer accepts only
-    :data:`TTP_REQUEST` from party 0: one of the five functions CrypTen's TTP client calls, known
+    :data:`TTP_REQUEST` from party 0: one of the five functions CrypTen's TTP client calls or
+    ``B2A_mul``, known
     Beaver ops and their integer keyword arguments, at most :data:`MAX_ELEMENTS` elements per
     tensor; anything else stops it with :class:`~mpc_fi.errors.WireFormatError` (which CrypTen's
     server loop does not swallow: only its RuntimeError is). Idempotent; returns True once

@@ -128,13 +128,13 @@ def _rehearse_in_party(rank, _):
         x = crypten.cryptensor(torch.ones(4, 3, dtype=torch.float64), src=0)
         return ((x * x).relu().sum().get_plain_text(dst=1))
 
-    recipe = prefetch.rehearse(step, crypten)
+    recipe, _ = prefetch.rehearse(step, crypten)
     moved = [k for k, g in generators.items() if g.offset != before[k]]
 
     def talks():
         crypten.communicator.get().send(torch.zeros(1), 1 - rank)
 
-    return {"recipe": len(recipe), "refused": prefetch.rehearse(talks, crypten),
+    return {"recipe": len(recipe), "refused": prefetch.rehearse(talks, crypten)[0],
             "moved": moved, "rounds": comm.get_communication_stats()["rounds"] - stats,
             "audit_same": audit.mark() == mark}
 
@@ -144,13 +144,16 @@ def _request(function="additive", args=((4, 3), (3, 2), "matmul"), kwargs=None):
             "kwargs": kwargs or {}}
 
 
-def _prefetch(number, kinds, order):
-    return {"function": "prefetch", "device": "cpu", "args": [number, kinds, order], "kwargs": {}}
+def _prefetch(number, kinds, order, holders=None):
+    return {"function": "prefetch", "device": "cpu",
+            "args": [number, kinds, order, [0] * len(order) if holders is None else holders],
+            "kwargs": {}}
 
 
 def test_the_dealer_checks_a_prefetch_request_like_any_other():
-    ok = wire.TTP_REQUEST.check(_prefetch(3, [_request(), _request("B2A", ((7,),))], [0, 1, 1, 0]))
-    assert ok["args"][0] == 3 and ok["args"][2] == (0, 1, 1, 0)
+    ok = wire.TTP_REQUEST.check(_prefetch(3, [_request(), _request("B2A", ((7,),))], [0, 1, 1, 0],
+                                          [0, 1, 2, 0]))
+    assert ok["args"][0] == 3 and ok["args"][2] == (0, 1, 1, 0) and ok["args"][3] == (0, 1, 2, 0)
     assert wire.result_size(*(ok["args"][1][0][k] for k in ("function", "args", "kwargs"))) \
         == (4, 2)
     bad = {
@@ -162,6 +165,8 @@ def test_the_dealer_checks_a_prefetch_request_like_any_other():
         "more than MAX_ELEMENTS": _prefetch(1, [_request("square", ((1 << 14, 1 << 14),))],
                                             [0, 0]),
         "keyword arguments": {**_prefetch(1, [_request()], [0]), "kwargs": {"x": 1}},
+        "fewer holders than requests": _prefetch(1, [_request()], [0, 0], [0]),
+        "a holder past any party": _prefetch(1, [_request()], [0], [5000]),
     }
     for why, message in bad.items():
         try:
@@ -187,17 +192,20 @@ def test_a_region_of_the_dealer_streams_serves_one_package_only(monkeypatch):
     server = Server()
     server.generators[0].ring((5,))
     kinds = ({"function": "square", "args": ((3,),), "kwargs": {}},)
-    first = prefetch._server_prefetch(server, 2, kinds, (0, 0))
-    assert [g.offset for g in server.generators] == [40, 0]  # main positions restored
     recipe = [("square", ((3,),), ())] * 2
-    assert prefetch.holders(recipe, 2) == [0, 1]  # one entry each
+    assert prefetch.holders(recipe, 2) == [1, 0]  # one entry each, the last rank first
+    assert prefetch.holders(recipe, 2, initial=[0, 7]) == [0, 0]  # party 1 gathers more
+    first = prefetch._server_prefetch(server, 2, kinds, (0, 0), (1, 0))
+    assert [g.offset for g in server.generators] == [40, 0]  # main positions restored
     assert first.shape == (3,) and sent[1].shape == (3,)
     region = [g.at(2 << prefetch.REGION_BITS) for g in server.generators]
-    # entry 0 (held by party 0): both draw r; party 1 also draws its r2 share
-    r = region[0].ring((3,)) + region[1].ring((3,))
-    assert torch.equal(first + region[1].ring((3,)), r * r)
-    # entry 1 (held by party 1): both draw r; party 0 draws its r2 share
+    # entry 0 (held by party 1): both draw r; party 0 also draws its r2 share
     r = region[0].ring((3,)) + region[1].ring((3,))
     assert torch.equal(sent[1] + region[0].ring((3,)), r * r)
+    # entry 1 (held by party 0): both draw r; party 1 draws its r2 share
+    r = region[0].ring((3,)) + region[1].ring((3,))
+    assert torch.equal(first + region[1].ring((3,)), r * r)
     with pytest.raises(ProtocolError, match="used once"):
-        prefetch._server_prefetch(server, 2, kinds, (0,))
+        prefetch._server_prefetch(server, 2, kinds, (0,), (0,))
+    with pytest.raises(ProtocolError, match="holders outside"):
+        prefetch._server_prefetch(server, 3, kinds, (0,), (2,))

@@ -137,7 +137,9 @@ def test_full_mode_aggregate_ranges_come_from_what_the_protocol_computes_on_shar
 
     assert ranged("hard_vote") == ValueRange(0, 3 << 16, 16)  # exact one-hot rows
     soft = ranged("soft_vote")
-    assert soft.lo <= -(3 << 16) and soft.hi >= 6 << 16 and soft.comparison_bits()[0] < 24
+    # probabilities in [0, 1] widened by a quarter on each side, summed over 3 owners
+    assert soft == ValueRange(-3 * (1 << 16) // 4, 15 * (1 << 16) // 4)
+    assert soft.comparison_bits()[0] == 20
     assert ranged("logit_average") is None and ranged("logit_average", 8.0).hi >= 3 * 8 << 16
     assert ranged("top_k") == soft  # soft voting's contributions, ranked differently
 

@@ -83,6 +83,14 @@ class _Hub:
                     for r, parts in enumerate(zip(self._add_split(a), self._add_split(b),
                                                   self._add_split(a * b))):
                         per_party[r]["mul"] = parts
+                if needs.bitmul:  # a bit (arithmetic, binary), a mask and their product
+                    bits = torch.randint(0, 2, (needs.bitmul,), generator=self.gen)
+                    mask = self._rand(needs.bitmul)
+                    for r, parts in enumerate(zip(self._add_split(bits),
+                                                  [x & 1 for x in self._xor_split(bits)],
+                                                  self._add_split(mask),
+                                                  self._add_split(mask * bits))):
+                        per_party[r]["bm"] = parts
                 self.dealt[call] = per_party
             return self.dealt[call]
 
@@ -106,7 +114,9 @@ class _SimMpc(compare._Mpc):
         self.comm, self.rank, self.world = _Comm(hub, rank), rank, hub.world
         mine = hub.deal(call, needs)[rank]
         self._and, self._dab, self._mul = mine.get("and"), mine.get("dab"), mine.get("mul")
-        self._and_at = self._mul_at = self._dab_at = 0
+        self._bm = mine.get("bm")
+        self._and_at = self._mul_at = self._dab_at = self._bm_at = 0
+        self._and_off = self._mul_off = self._dab_off = self._bm_off = None
         self.needs = needs
 
 
@@ -406,3 +416,25 @@ def test_tournament_max_is_a_row_value_within_its_slack(world, classes):
             assert torch.equal(got, top)
         else:
             assert torch.all(got <= top) and torch.all(top - got < levels * world << drop)
+
+
+@pytest.mark.parametrize("world", [2, 3, 4, 5])
+def test_relu_circuit_is_exact_on_the_bits_of_its_bound_with_one_bit_product(world):
+    """max(x, 0) from the sign bit and one bit product (a masked bit and a masked value per
+    element): exact for values of both signs anywhere in the bound, zero included; with
+    dropped low bits only values in [0, P * 2**drop) may come out as 0."""
+    gen = torch.Generator().manual_seed(world + 40)
+    bound = 64 << 16
+    x = torch.randint(-bound, bound, (300,), generator=gen, dtype=torch.int64)
+    x[:6] = torch.tensor([0, 1, -1, bound - 1, -bound + 1, 5])
+    m, _ = ValueRange(0, bound).comparison_bits()
+    got = _open(_simulate(world, compare.relu_circuit(m), _share(x, world, gen))[:world])
+    assert torch.equal(got, x.clamp(min=0))
+    drop = 5
+    got = _open(_simulate(world, compare.relu_circuit(m, drop), _share(x, world, gen))[:world])
+    exact = (x < 0) | (x >= world << drop)
+    assert torch.equal(got[exact], x.clamp(min=0)[exact])
+    assert torch.all((got[~exact] == 0) | (got[~exact] == x[~exact]))
+    counter = compare._Counting(0, world)
+    compare.relu_circuit(m)(counter, torch.zeros_like(x))
+    assert counter.needs.bitmul == x.numel() and counter.needs.mul == 0
