@@ -438,3 +438,25 @@ def test_relu_circuit_is_exact_on_the_bits_of_its_bound_with_one_bit_product(wor
     counter = compare._Counting(0, world)
     compare.relu_circuit(m)(counter, torch.zeros_like(x))
     assert counter.needs.bitmul == x.numel() and counter.needs.mul == 0
+
+
+def _relu_party(rank: int, values: np.ndarray) -> list:
+    from mpc_fi import compare
+    from mpc_fi._crypten import load_crypten
+
+    crypten = load_crypten()
+    x = crypten.cryptensor(torch.as_tensor(values), src=0)
+    with compare.bounded(40.0):
+        bounded = x.relu().get_plain_text().numpy()
+    return [x.relu().get_plain_text().numpy(), bounded]
+
+
+@pytest.mark.parametrize("world, dealer", [(3, "ttp"), (2, "insecure-party-dealer")])
+def test_relu_on_shares_with_either_dealer(mpc, world, dealer):
+    """MPCTensor.relu (the sign bit and one bit product, B2A_mul from the TTP dealer or from
+    party 0) equals max(x, 0), with 64-bit comparisons and inside a bound."""
+    values = np.random.default_rng(world).uniform(-30, 30, size=(5, 7))
+    values[0, :3] = [0.0, 1e-4, -1e-4]
+    full, bounded = mpc(_relu_party, world, values, dealer=dealer)[0]
+    for got in (full, bounded):
+        assert np.abs(got - np.maximum(values, 0)).max() < 1e-4
