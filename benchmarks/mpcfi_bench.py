@@ -212,12 +212,13 @@ def _crypten_mlp(crypten: Any, model: torch.nn.Module) -> Any:
 def direct_party(rank: int, case: Case, variant: str, x: np.ndarray, weight_files: list[str]
                  ) -> dict[str, Any]:
     """One party of the direct CrypTen path; returns its cost (and the querier's labels)."""
-    from mpc_fi import truncation
+    from mpc_fi import compare, truncation
     from mpc_fi._crypten import load_crypten
     from mpc_fi.demo import mlp
 
     crypten = load_crypten()
     truncation.uninstall(crypten)  # CrypTen's own truncation (party 0 gathers every time)
+    compare.use_crypten_relu(crypten)  # and its ReLU (a Beaver product with the sign)
     comm = crypten.communicator.get()
     n, q, classes = case.owners, case.owners, _classes(case)
     in_features = x.shape[1]

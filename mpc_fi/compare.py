@@ -61,7 +61,7 @@ __all__ = [
     "argmax_index_shares", "ge_zero_circuit", "ge_zero_shares", "install_fast_comparisons",
     "uninstall_fast_comparisons", "pack_bits", "unpack_bits", "bounded", "bound_range", "relu_bound_range",
     "max_circuit", "approximate_max_shares", "approximate_ge_zero_circuit", "relu_circuit",
-    "relu_shares",
+    "relu_shares", "use_crypten_relu",
 ]
 
 _WORD = 64
@@ -1000,6 +1000,13 @@ def install_fast_comparisons(crypten: Any) -> None:
         provider.ttp_provider.TrustedThirdParty.B2A_mul_rng = _b2a_mul_rng
     provider.ttp_provider.TTPServer.B2A_mul = _b2a_mul_server
     provider.tfp_provider.TrustedFirstParty.B2A_mul_rng = _b2a_mul_tfp
+
+
+def use_crypten_relu(crypten: Any) -> None:
+    """Give ``MPCTensor.relu`` CrypTen's own ``x * (x >= 0)`` back (a baseline that measures
+    CrypTen's algorithms on mpc-fi's comparison primitive)."""
+    if _CRYPTEN_RELU is not None and crypten.mpc.MPCTensor.__dict__.get("relu") is _relu:
+        crypten.mpc.MPCTensor.relu = _CRYPTEN_RELU
 
 
 def uninstall_fast_comparisons(crypten: Any) -> None:
