@@ -94,13 +94,18 @@ def check_files(federation: FederationConfig, *, parties: Sequence[str] | None =
                 classes[owner.name] = output_classes(model, shape)
                 what += f", {classes[owner.name]} classes"
                 if federation.mode == "full":
-                    from .ranges import check_model_ranges  # noqa: PLC0415
+                    from .ranges import check_activation_bound, check_model_ranges  # noqa: PLC0415
 
                     arch, params = extract_architecture(model, shape)
-                    check_model_ranges(arch, params, federation.shared_input_range,
-                                       federation.precision_bits,
-                                       range_key=federation.shared_input_key)
+                    ranges = check_model_ranges(arch, params, federation.shared_input_range,
+                                                federation.precision_bits,
+                                                range_key=federation.shared_input_key)
                     what += ", supported on shares, fixed-point range ok"
+                    if federation.activation_bound is not None:
+                        check_activation_bound(ranges, federation.shared_input_range,
+                                               federation.activation_bound,
+                                               range_key=federation.shared_input_key)
+                        what += f", within activation_bound {federation.activation_bound:g}"
         except MpcFiError as exc:
             raise _named(owner.name, exc) from None
         lines.append(f"{owner.name}: model loads ({what})")

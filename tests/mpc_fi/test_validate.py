@@ -55,7 +55,7 @@ def _base(tmp: Path) -> dict:
 def _write(tmp: Path, parts: dict, extra: str = "") -> Path:
     owners = "\n".join(f"  - {o}" for o in parts["owners"])
     text = (f"mode: {parts['mode']}\nprotocol: {parts['protocol']}\nowners:\n{owners}\n"
-            f"querier: {parts['querier']}\n{extra}")
+            f"querier: {parts['querier']}\n{parts.get('extra', '')}{extra}")
     path = tmp / "federation.yaml"
     path.write_text(textwrap.dedent(text))
     return path
@@ -101,6 +101,11 @@ def _case_full_mode_overflow(tmp, p):
     p["mode"] = "full"
 
 
+def _case_past_activation_bound(tmp, p):
+    p["mode"] = "full"
+    p["extra"] = "activation_bound: 0.01\n"
+
+
 def _case_unknown_protocol(tmp, p):
     p["protocol"] = "sof_vote"
 
@@ -123,6 +128,7 @@ CASES = {
     "query of the wrong shape": (_case_query_wrong_shape, InputError),
     "owners disagree on the class count": (_case_class_counts_differ, InputError),
     "full mode: model could overflow": (_case_full_mode_overflow, InputError),
+    "full mode: activations past activation_bound": (_case_past_activation_bound, InputError),
     "unknown protocol": (_case_unknown_protocol, ConfigError),
     "top_k with k: 0": (_case_protocol_parameter, MpcFiError),
     "duplicate party names": (_case_duplicate_names, ConfigError),
