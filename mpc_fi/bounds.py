@@ -166,6 +166,16 @@ def _defined_in(cls: type, name: str) -> type | None:
     return next((k for k in cls.__mro__ if name in k.__dict__), None)
 
 
+def states_secure_range(protocol: Any) -> bool:
+    """Whether ``protocol`` vouches for what its ``secure_contribution`` computes: it defines
+    ``full_mode_contribution_range`` in the same class (then its comparisons on an owner's
+    logits may use the federation's activation bound too)."""
+    cls = type(protocol)
+    return getattr(protocol, "full_mode_contribution_range", None) is not None \
+        and _defined_in(cls, "full_mode_contribution_range") is _defined_in(
+            cls, "secure_contribution")
+
+
 def full_mode_aggregate_range(protocol: Any, *, num_owners: int, num_classes: int,
                               precision_bits: int, activation_bound: float | None
                               ) -> ValueRange | None:
@@ -180,13 +190,10 @@ def full_mode_aggregate_range(protocol: Any, *, num_owners: int, num_classes: in
     within the bound each owner checked, up to rounding), and no low bits are assumed
     zero unless the contribution is an exact integer.
     """
-    cls = type(protocol)
-    state = getattr(protocol, "full_mode_contribution_range", None)
-    if state is None or _defined_in(cls, "full_mode_contribution_range") is not \
-            _defined_in(cls, "secure_contribution"):
+    if not states_secure_range(protocol):
         return None
     try:
-        contrib = state(activation_bound)
+        contrib = protocol.full_mode_contribution_range(activation_bound)
     except Exception:  # noqa: BLE001 - a failing statement just gives no range
         return None
     weights = _integer_weights(protocol, num_owners, num_classes) if contrib else None

@@ -563,13 +563,14 @@ def relus_after_max_pooling(layers: Sequence[LayerSpec]) -> dict[int, int]:
     """``{relu index: max pooling index}`` for every ReLU whose only reader is the max pooling
     right after it. ``maxpool(relu(x)) = relu(maxpool(x))`` exactly (padding never wins a
     window), so on shares the ReLU runs on the pooled values: ``k*k`` times fewer comparisons."""
+    edges = input_indices(layers)
     readers: dict[int, list[int]] = {}
-    for i, ins in enumerate(input_indices(layers)):
+    for i, ins in enumerate(edges):
         for j in ins:
             readers.setdefault(j, []).append(i)
     return {i: i + 1 for i, layer in enumerate(layers[:-1])
             if layer.op == "relu" and layers[i + 1].op == "max_pool2d"
-            and readers.get(i) == [i + 1] and input_indices(layers)[i + 1] == (i,)}
+            and readers.get(i) == [i + 1] and edges[i + 1] == (i,)}
 
 
 def param_count(arch: Architecture) -> int:

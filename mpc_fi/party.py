@@ -37,7 +37,8 @@ import numpy as np
 import torch
 
 from . import audit, compare, prefetch, runtime, secure, wire
-from .bounds import AGGREGATE_RANGE_WIRE, aggregate_range, full_mode_aggregate_range
+from .bounds import AGGREGATE_RANGE_WIRE, aggregate_range, full_mode_aggregate_range, \
+    states_secure_range
 from .config import MAX_QUERY_VALUE, FederationConfig
 from .data import validate_queries
 from .errors import BudgetExceededError, ConfigError, HandshakeError, InputError, MpcFiError, \
@@ -397,11 +398,15 @@ class _Party:
         else:
             x_enc = cryptensor(inputs.to(torch.float64), src=self.q)
             bound = self.fed.activation_bound
-            with compare.bounded(comparison_limit(bound), None if bound is None else bound + 1):
+            limits = (comparison_limit(bound), None if bound is None else bound + 1)
+            with compare.bounded(*limits):  # every owner checked its activations against it
                 firsts = fused_first_layers(self.archs, x_enc, self.shared_params)
-                shares = self._secure_contributions(
-                    [secure_forward(arch, x_enc, params, first)
-                     for arch, params, first in zip(self.archs, self.shared_params, firsts)])
+                logits = [secure_forward(arch, x_enc, params, first)
+                          for arch, params, first in zip(self.archs, self.shared_params, firsts)]
+            # The protocol's own steps on the logits compare only within the bound if it
+            # vouches for what they compute (bounds.states_secure_range).
+            with compare.bounded(*(limits if states_secure_range(self.protocol) else (None,))):
+                shares = self._secure_contributions(logits)
         aggregate = self.protocol.combine(shares)
         if self.aggregate_range is not None:
             secure.annotate(aggregate, value_range=self.aggregate_range)

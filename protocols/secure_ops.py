@@ -155,15 +155,14 @@ def softmax_confidence(logits: Any, num_classes: int, *,
     is fine). ``power`` is a positive integer: ``exp(-power * H)`` is a power of ``exp(-H)`` by
     repeated multiplication.
     """
-    crypten = load_crypten()
     one_hot = secure.argmax_one_hot(logits, num_classes)
     top = (one_hot * logits).sum(-1, keepdim=True)
     shifted = secure.clamp_exponent(logits - top)
-    e = shifted.exp()
-    with crypten.cfg.temp_override({"functions.reciprocal_all_pos": True}):
-        inverse = e.sum(-1, keepdim=True).reciprocal()
+    e = secure.exp_clamped(shifted)
+    # the row's maximum gives e = 1, so the sum lies in [1, C] (up to exp's error)
+    inverse = secure.reciprocal_in(e.sum(-1, keepdim=True), num_classes * 1.01 + 1)
     p = e * inverse
-    base = (p * shifted).sum(-1, keepdim=True).exp() * inverse  # exp(-H)
+    base = secure.exp_clamped((p * shifted).sum(-1, keepdim=True)) * inverse  # exp(-H)
     confidence = base
     for _ in range(power - 1):
         confidence = confidence * base

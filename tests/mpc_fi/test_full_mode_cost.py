@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from mpc_fi import ConfigError, Federation, FederationConfig, InputError
-from mpc_fi.bounds import full_mode_aggregate_range
+from mpc_fi.bounds import full_mode_aggregate_range, states_secure_range
 from mpc_fi.compare import ValueRange
 from mpc_fi.config import QuerierConfig
 from mpc_fi.demo import mlp
@@ -152,6 +152,9 @@ def test_full_mode_aggregate_ranges_come_from_what_the_protocol_computes_on_shar
     proto = Doubled(num_classes=10, num_owners=3, reveal="label", precision_bits=16)
     assert full_mode_aggregate_range(proto, num_owners=3, num_classes=10, precision_bits=16,
                                      activation_bound=None) is None
+    # nor do its steps on the owners' logits compare within the activation bound
+    assert not states_secure_range(proto)
+    assert states_secure_range(SoftVote(num_classes=10, num_owners=3, precision_bits=16))
 
 
 def test_bounded_full_mode_gives_the_twin_labels_for_fewer_bytes(federation_factory, tmp_path):
