@@ -63,8 +63,8 @@ __all__ = ["REGION_BITS", "MAX_PACKAGE_ELEMENTS", "Prefetcher", "install", "star
 #: Package ``p`` starts at byte ``p << REGION_BITS`` of each dealer stream.
 REGION_BITS = 48
 #: The largest package (elements of all parties' corrections, int64): 512 MiB in all, about
-#: ``512/P`` MiB held by each party between asking and use. A batch that
-#: needs more asks online.
+#: ``512/P`` MiB held by each party between asking and use. A batch that needs more takes its
+#: first requests from the package and asks online for the rest.
 MAX_PACKAGE_ELEMENTS = 1 << 26
 
 #: CrypTen's provider methods and the dealer function each one asks for.
@@ -223,10 +223,18 @@ class Prefetcher:
     def prepare(self, recipe: list[Key] | None, gathers: list[int] | None = None) -> bool:
         """Make ``recipe`` (the same at every party) the next call's package: party 0 asks the
         dealer for it now. ``gathers``: what each party gathers in the call's truncations, so
-        that the dealer's material evens the parties out. False (and nothing asked) if it
-        cannot be prefetched."""
-        if not recipe or len(recipe) > wire.MAX_PREFETCH_REQUESTS \
-                or sum(_result_elements(k) for k in recipe) > MAX_PACKAGE_ELEMENTS:
+        that the dealer's material evens the parties out. A recipe larger than one package
+        (:data:`MAX_PACKAGE_ELEMENTS`, ``wire.MAX_PREFETCH_REQUESTS``) is prefetched up to
+        there; the requests after it go online. False (and nothing asked) if nothing can be
+        prefetched."""
+        recipe = list(recipe or [])[:wire.MAX_PREFETCH_REQUESTS]
+        total = 0
+        for n, key in enumerate(recipe):
+            total += _result_elements(key)
+            if total > MAX_PACKAGE_ELEMENTS:
+                recipe = recipe[:n]
+                break
+        if not recipe:
             return False
         self.issued += 1
         self.ready = _Package(self.issued, recipe,

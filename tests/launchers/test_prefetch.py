@@ -209,3 +209,19 @@ def test_a_region_of_the_dealer_streams_serves_one_package_only(monkeypatch):
         prefetch._server_prefetch(server, 2, kinds, (0,), (0,))
     with pytest.raises(ProtocolError, match="holders outside"):
         prefetch._server_prefetch(server, 3, kinds, (0,), (2,))
+
+def test_a_recipe_larger_than_a_package_is_prefetched_up_to_the_limit(monkeypatch):
+    """The first requests that fit one package are prefetched; the rest go online."""
+
+    class Comm:
+        @staticmethod
+        def get_world_size():
+            return 3
+
+    monkeypatch.setattr(prefetch, "MAX_PACKAGE_ELEMENTS", 100)
+    state = prefetch.Prefetcher(rank=1, client=None, comm=Comm())
+    recipe = [("wraps", ((30,),), ())] * 5  # 150 elements in all
+    assert state.prepare(recipe)
+    assert state.ready.recipe == recipe[:3] and len(state.ready.holders) == 3
+    assert not prefetch.Prefetcher(rank=1, client=None, comm=Comm()).prepare(
+        [("wraps", ((200,),), ())])
