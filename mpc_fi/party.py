@@ -465,8 +465,7 @@ class _Party:
             if pf is not None:
                 following = min(rows, self.num_queries - start - size)
                 pf.end_call(ok=True, ask=following == size)
-                self._package_rows = size if following == size and pf.ready is not None \
-                    else None
+                self._package_rows = size if following == size and pf.queued else None
             if self.role == "querier":
                 pred = self.protocol.decode(opened)
                 labels.append(pred.labels)

@@ -57,15 +57,18 @@ import torch
 from . import audit, truncation, wire
 from .errors import ProtocolError
 
-__all__ = ["REGION_BITS", "MAX_PACKAGE_ELEMENTS", "Prefetcher", "install", "start", "stop",
+__all__ = ["REGION_BITS", "MAX_PACKAGE_ELEMENTS", "CHUNK_ELEMENTS", "Prefetcher", "install", "start", "stop",
            "installed", "rehearse", "recipe_digest"]
 
 #: Package ``p`` starts at byte ``p << REGION_BITS`` of each dealer stream.
 REGION_BITS = 48
 #: The largest package (elements of all parties' corrections, int64): 512 MiB in all, about
 #: ``512/P`` MiB held by each party between asking and use. A batch that needs more takes its
-#: first requests from the package and asks online for the rest.
+#: first requests from packages and asks online for the rest.
 MAX_PACKAGE_ELEMENTS = 1 << 26
+#: One package's elements at most: a batch's material comes in packages of this size, so the
+#: first one arrives while the dealer computes the next.
+CHUNK_ELEMENTS = 1 << 22
 
 #: CrypTen's provider methods and the dealer function each one asks for.
 _METHODS = {"generate_additive_triple": "additive", "square": "square",
@@ -153,9 +156,10 @@ class Prefetcher:
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("mpc_fi"))
     issued: int = 0  # packages asked for so far (the next one is number issued + 1)
     recording: list[Key] | None = field(default_factory=list)  # None: not prefetchable
-    ready: _Package | None = None  # the package the next call draws from
-    active: _Package | None = None  # the package this call draws from
-    hit: tuple[int, int] | None = None  # party 0: (package, entry) the next dealer request takes
+    queued: list[_Package] = field(default_factory=list)  # the next call's packages, in order
+    active: _Package | None = None  # the package this call draws from now
+    upcoming: list[_Package] = field(default_factory=list)  # this call's later packages
+    hit: tuple[int, int, int] | None = None  # (package, entry, holder) of the next request
     pending: collections.deque = field(default_factory=collections.deque)  # asked, not received
     received: dict[int, dict[int, torch.Tensor]] = field(default_factory=dict)  # entry -> part
     from_package: int = 0
@@ -165,17 +169,23 @@ class Prefetcher:
     def begin_call(self) -> None:
         self.recording, self.from_package, self.online, self.hit = [], 0, 0, None
         self.gathers_before = truncation.tally(self.comm.get_world_size())
-        package, self.ready = self.ready, None
-        if package is None:
+        chunks, self.queued = self.queued, []
+        if not chunks:
             return
         stream = self.client.generator
         if stream.offset >= 1 << REGION_BITS:
             raise ProtocolError("the dealer stream reached the prefetch regions (2**48 bytes)")
-        package.main_offset = stream.offset
-        stream.seek(package.number << REGION_BITS)
+        for package in chunks:
+            package.main_offset = stream.offset
+        self.upcoming = chunks[1:]
+        self._activate(chunks[0])
+
+    def _activate(self, package: _Package) -> None:
+        """Draw from ``package`` (its own region of the dealer stream) from now on."""
+        self.client.generator.seek(package.number << REGION_BITS)
         self.active = package
         if self.rank != 0:  # this party's part of the package (party 0's: at its first take)
-            self.drain()
+            self.drain(upto=package.number)
             self.received.setdefault(package.number, {})
 
     def before(self, key: Key | None) -> None:
@@ -186,6 +196,14 @@ class Prefetcher:
             else:
                 self.recording.append(key)
         package = self.active
+        if package is not None and package.at == len(package.recipe) and self.upcoming:
+            # the recipe goes on in the next package; the audit read this request's position
+            # in the last one's region before the switch
+            told = self.client.generator.offset
+            self.received.pop(package.number, None)
+            self._activate(self.upcoming.pop(0))
+            audit.relocated(told, self.client.generator.offset)
+            package = self.active
         if package is not None:
             if key is not None and package.at < len(package.recipe) \
                     and package.recipe[package.at] == key:
@@ -199,6 +217,9 @@ class Prefetcher:
 
     def _leave(self, *, relocate: bool) -> None:
         package, self.active = self.active, None
+        for later in self.upcoming:  # never drawn from: dropped with their regions
+            self.received.pop(later.number, None)
+        self.upcoming = []
         stream = self.client.generator
         if relocate:  # the audit read this request's position before the decision
             audit.relocated(stream.offset, package.main_offset)
@@ -221,28 +242,41 @@ class Prefetcher:
             self.prepare(recipe, [a - b for a, b in zip(after, before)])
 
     def prepare(self, recipe: list[Key] | None, gathers: list[int] | None = None) -> bool:
-        """Make ``recipe`` (the same at every party) the next call's package: party 0 asks the
-        dealer for it now. ``gathers``: what each party gathers in the call's truncations, so
-        that the dealer's material evens the parties out. A recipe larger than one package
-        (:data:`MAX_PACKAGE_ELEMENTS`, ``wire.MAX_PREFETCH_REQUESTS``) is prefetched up to
-        there; the requests after it go online. False (and nothing asked) if nothing can be
-        prefetched."""
-        recipe = list(recipe or [])[:wire.MAX_PREFETCH_REQUESTS]
-        total = 0
+        """Make ``recipe`` (the same at every party) the next call's material: party 0 asks the
+        dealer for it now, in packages of at most :data:`CHUNK_ELEMENTS` (the dealer answers
+        the first while it computes the next, so the call waits for the first only).
+        ``gathers``: what each party gathers in the call's truncations, so that the dealer's
+        material evens the parties out. Up to :data:`MAX_PACKAGE_ELEMENTS` in all (and
+        ``wire.MAX_PREFETCH_REQUESTS`` requests per package); the requests after that go
+        online. False (and nothing asked) if nothing can be prefetched."""
+        recipe = list(recipe or [])
+        total, end = 0, len(recipe)
         for n, key in enumerate(recipe):
             total += _result_elements(key)
             if total > MAX_PACKAGE_ELEMENTS:
-                recipe = recipe[:n]
+                end = n
                 break
+        recipe = recipe[:end]
         if not recipe:
             return False
-        self.issued += 1
-        self.ready = _Package(self.issued, recipe,
-                              holders(recipe, self.comm.get_world_size(), gathers))
-        if self.rank == 0:
-            self._ask(self.ready)
-        elif self._portion_elements(self.ready):  # the dealer will send this party its part
-            self.pending.append(self.ready)
+        owners = holders(recipe, self.comm.get_world_size(), gathers)
+        chunks, start, size = [], 0, 0
+        for n, key in enumerate(recipe):
+            size += _result_elements(key)
+            last = n + 1 == len(recipe)
+            if last or n + 1 - start >= wire.MAX_PREFETCH_REQUESTS \
+                    or size + _result_elements(recipe[n + 1]) > CHUNK_ELEMENTS:
+                chunks.append((start, n + 1))
+                start, size = n + 1, 0
+        self.queued = []
+        for lo, hi in chunks:
+            self.issued += 1
+            package = _Package(self.issued, recipe[lo:hi], owners[lo:hi])
+            self.queued.append(package)
+            if self.rank == 0:
+                self._ask(package)
+            elif self._portion_elements(package):  # the dealer will send this party its part
+                self.pending.append(package)
         return True
 
     # -- party 0 and the dealer ---------------------------------------------------------------
@@ -258,12 +292,13 @@ class Prefetcher:
             self.comm.send_obj(message, ttp, self.client.ttp_group)
         self.pending.append(package)
 
-    def drain(self) -> None:
-        """Receive this party's part of every package asked for, in order (the dealer answers
-        in order, before any later request): party 0 before it takes material or asks online,
-        the others when a batch starts."""
+    def drain(self, upto: int | None = None) -> None:
+        """Receive this party's part of the packages asked for, in order (the dealer answers
+        in order, before any later request), up to package ``upto`` (None: all): party 0 before
+        it takes material from a package or asks online, the others when they start drawing
+        from a package."""
         ttp = self.comm.get_ttp_rank()
-        while self.pending:
+        while self.pending and (upto is None or self.pending[0].number <= upto):
             package = self.pending.popleft()
             if self.rank == 0:
                 size = self.comm.recv_obj(ttp, self.client.ttp_group)
@@ -278,8 +313,8 @@ class Prefetcher:
             if flat.numel() != self._portion_elements(package):
                 raise ProtocolError(f"the dealer's package {package.number} holds {flat.numel()} "
                                     "elements, not what its recipe needs")
-            wanted = self.active is not None and self.active.number == package.number \
-                or self.ready is not None and self.ready.number == package.number
+            wanted = package.number in {p.number for p in (self.active, *self.upcoming,
+                                                             *self.queued) if p is not None}
             if wanted:
                 self.received[package.number] = self._split(package, flat)
 
@@ -460,7 +495,7 @@ def _from_package(function: str, state: Prefetcher, args: tuple, kwargs: dict) -
     gen = state.client.generator
     holder = state.hit[2]
     if state.rank == 0:
-        state.drain()  # the dealer's answers come in order: packages first
+        state.drain(upto=state.hit[0])  # the dealer's answers come in order
     held = state.take() if holder == state.rank else None
     state.hit = None
     size = wire.result_size(function, args, kwargs)

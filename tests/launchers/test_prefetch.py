@@ -219,9 +219,59 @@ def test_a_recipe_larger_than_a_package_is_prefetched_up_to_the_limit(monkeypatc
             return 3
 
     monkeypatch.setattr(prefetch, "MAX_PACKAGE_ELEMENTS", 100)
+    monkeypatch.setattr(prefetch, "CHUNK_ELEMENTS", 60)
     state = prefetch.Prefetcher(rank=1, client=None, comm=Comm())
     recipe = [("wraps", ((30,),), ())] * 5  # 150 elements in all
     assert state.prepare(recipe)
-    assert state.ready.recipe == recipe[:3] and len(state.ready.holders) == 3
+    # 90 elements prefetched, in packages of at most 60: numbered in order, holders spread
+    assert [p.recipe for p in state.queued] == [recipe[:2], recipe[2:3]]
+    assert [p.number for p in state.queued] == [1, 2]
+    assert sorted(h for p in state.queued for h in p.holders) == [0, 1, 2]
     assert not prefetch.Prefetcher(rank=1, client=None, comm=Comm()).prepare(
         [("wraps", ((200,),), ())])
+
+
+def _chunked_party(rank, chunk):
+    """One batch of a small softmax-and-argmax on shares, its dealer material prefetched in
+    packages of at most ``chunk`` elements (several of them), then the same batch online."""
+    from mpc_fi import secure  # noqa: PLC0415
+    from mpc_fi._crypten import load_crypten  # noqa: PLC0415
+
+    crypten = load_crypten()
+    prefetch.CHUNK_ELEMENTS = chunk
+    x = torch.from_numpy(np.random.default_rng(3).normal(size=(6, 10)) * 3)
+
+    def step():
+        shared = crypten.cryptensor(x, src=0)
+        return secure.argmax_index(secure.softmax(shared, -1), 10).get_plain_text(dst=2)
+
+    client = crypten.mpc.provider.ttp_provider.TTPClient.get()
+    state = prefetch.Prefetcher(rank, client, crypten.communicator.get())
+    prefetch._CURRENT = state
+    recipe, gathers = prefetch.rehearse(step, crypten)
+    assert state.prepare(recipe, gathers)
+    packages = len(state.queued)
+    state.begin_call()
+    labels = step()
+    state.end_call(ok=True, ask=False)
+    used, online = state.from_package, state.online
+    prefetch.stop()
+    again = step()
+    return {"labels": None if labels is None else labels.numpy(),
+            "again": None if again is None else again.numpy(), "packages": packages,
+            "used": used, "online": online, "recipe": len(recipe)}
+
+
+def test_a_batch_draws_from_several_packages_in_turn(mpc, tmp_path):
+    """With small packages the batch's material comes in several, one after another (each from
+    its own region); labels are right, nothing goes online, and the wire audit still
+    regenerates every mask (the switch from one package to the next is recorded)."""
+    out = mpc(_chunked_party, 3, 500, audit_dir=tmp_path)
+    want = np.argmax(np.random.default_rng(3).normal(size=(6, 10)), axis=1)
+    for r in out:
+        assert r["packages"] > 2 and r["online"] == 0 and r["used"] == r["recipe"]
+    np.testing.assert_array_equal(out[2]["labels"], want)  # opened at the querier (rank 2)
+    np.testing.assert_array_equal(out[2]["again"], want)
+    logs = {r: audit.load(str(tmp_path / f"audit-{r}.npz")) for r in range(4)}
+    assert audit.verify(logs, querier=2, dealer=3) == []
+    assert all(len(logs[r].relocations) >= out[r]["packages"] - 1 for r in range(3))
