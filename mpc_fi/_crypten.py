@@ -107,7 +107,8 @@ class Patches:
                        and crypten._setup_prng is crypten_rng.setup_prng
                        and ttp.TTPServer._setup_generators
                        is crypten_rng._server_setup_generators),
-            "fast-comparisons": crypten.mpc.MPCTensor.__dict__.get("_ltz") is compare._ltz,
+            "fast-comparisons": (crypten.mpc.MPCTensor.__dict__.get("_ltz") is compare._ltz
+                                 and crypten.mpc.MPCTensor.__dict__.get("relu") is compare._relu),
             "object-channel": wire.object_channel_installed(crypten),
             "dealer-prefetch": prefetch.installed(crypten),
             "rotating-wraps": truncation.installed(crypten),

@@ -979,13 +979,15 @@ def install_fast_comparisons(crypten: Any) -> None:
     """Make every CrypTen comparison of this process (``lt``, ``ge``, ``relu``, ``max``,
     ``argmax``, ``softmax``'s max, pooling, ...) use the carry-save circuit.
 
-    CrypTen routes all of them through ``MPCTensor._ltz``; this replaces that one method with
+    CrypTen routes all of them through ``MPCTensor._ltz``; this replaces that method with
     :func:`_ltz`, which returns the same values (exactly) for ~8x fewer bytes and far fewer
     rounds, and never changes its communication pattern on a local error (CrypTen's A2B retries
-    a different circuit after a local out-of-memory error, desynchronising the parties). Every
-    party of a federation must call it alike: the engine does, in
-    :func:`mpc_fi._crypten.configure`. Idempotent; :func:`uninstall_fast_comparisons`
-    restores CrypTen's method.
+    a different circuit after a local out-of-memory error, desynchronising the parties). It
+    also replaces ``MPCTensor.relu`` with :func:`_relu` (the same values, one opened value per
+    element fewer) and gives CrypTen's TTP and TFP providers and the TTP server the ``B2A_mul``
+    material it needs. Every party of a federation, and the dealer, must call it alike: the
+    engine does, in :func:`mpc_fi._crypten.configure`. Idempotent;
+    :func:`uninstall_fast_comparisons` restores CrypTen's methods.
     """
     global _CRYPTEN_LTZ, _CRYPTEN_RELU
     cls = crypten.mpc.MPCTensor
