@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from fedkit import wait_for_line
-from measure_links import measure
+from measure_links import PROFILES, measure
 from multihost import federation_for, party_names, querier_labels, start_parties
 from netns import Topology, shaper_unavailable_reason, unavailable_reason
 
@@ -132,4 +132,8 @@ def test_an_emulated_wan_link_costs_time_not_rounds(small_federation, tmp_path):
     native = measure("native", path, list(twin), tmp_path)
     wan = measure("wan-10", path, list(twin), tmp_path)  # 10 ms RTT, 100 Mbit/s
     assert wan["rounds"] == native["rounds"] and wan["bytes"] == native["bytes"]
-    assert wan["infer_s"] > native["infer_s"]
+    # A lower bound only (load can only add time): each of the querier's collectives waits for
+    # its peers' data of that round, which crosses an emulated link (5 ms one way) after they
+    # finished the round before; half of that is counted.
+    one_way_s = PROFILES["wan-10"].rtt_ms / 2 / 1000
+    assert wan["infer_s"] >= 0.5 * wan["rounds"]["querier"] * one_way_s
