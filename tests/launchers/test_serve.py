@@ -99,18 +99,9 @@ def test_an_owner_that_stops_ends_the_session_with_its_name(small_federation, tm
     assert not any(p.is_alive() for p in fed.launcher.procs)
 
 
-def _ready(fed, wait_s: float = 300.0) -> None:
+def _ready(fed) -> None:
     """Wait until the served federation has re-formed (every party joined)."""
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            if fed.health()["status"] == "ready":
-                return
-        except PartyFailedError:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError("the session did not re-form")
-        time.sleep(0.2)
+    _wait_until(lambda: _health_or_none(fed) == "ready")
 
 
 def test_a_killed_owner_is_named_until_it_is_restarted_and_rejoins(small_federation, tmp_path):
