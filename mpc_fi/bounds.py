@@ -156,10 +156,16 @@ def aggregate_range(protocol: Any, *, num_owners: int, num_classes: int, precisi
         return None, None
     scale = 1 << precision_bits
     lo_enc, hi_enc = int(contrib.lo * scale), int(contrib.hi * scale)
+    zero_bits = precision_bits if contrib.integer else 0
+    return _weighted_sum_range(weights, lo_enc, hi_enc, zero_bits), contrib
+
+
+def _weighted_sum_range(weights: list[int], lo_enc: int, hi_enc: int, zero_bits: int
+                        ) -> ValueRange:
+    """The range of ``sum(w * c)`` for contributions ``c`` encoded in ``[lo_enc, hi_enc]``."""
     lo = sum(min(w * lo_enc, w * hi_enc) for w in weights)
     hi = sum(max(w * lo_enc, w * hi_enc) for w in weights)
-    zero_bits = precision_bits if contrib.integer else 0
-    return ValueRange(lo, hi, zero_bits), contrib
+    return ValueRange(lo, hi, zero_bits)
 
 
 def _defined_in(cls: type, name: str) -> type | None:
@@ -203,8 +209,5 @@ def full_mode_aggregate_range(protocol: Any, *, num_owners: int, num_classes: in
     margin = 0 if contrib.integer else (contrib.hi - contrib.lo) / 4
     lo_enc = math.floor((contrib.lo - margin) * scale)
     hi_enc = math.ceil((contrib.hi + margin) * scale)
-    lo = sum(min(w * lo_enc, w * hi_enc) for w in weights)
-    hi = sum(max(w * lo_enc, w * hi_enc) for w in weights)
-    if max(abs(lo), abs(hi)) >= 1 << 60:
-        return None
-    return ValueRange(lo, hi, precision_bits if contrib.integer else 0)
+    found = _weighted_sum_range(weights, lo_enc, hi_enc, precision_bits if contrib.integer else 0)
+    return None if max(abs(found.lo), abs(found.hi)) >= 1 << 60 else found

@@ -60,7 +60,7 @@ __all__ = [
     "choose_group_size", "plan_argmax", "argmax_circuit", "argmax_bits", "argmax_one_hot_shares",
     "argmax_index_shares", "ge_zero_circuit", "ge_zero_shares", "install_fast_comparisons",
     "uninstall_fast_comparisons", "pack_bits", "unpack_bits", "bounded", "bound_range", "relu_bound_range",
-    "max_circuit", "approximate_max_shares", "approximate_ge_zero_circuit", "relu_circuit",
+    "max_circuit", "approximate_max_shares", "relu_circuit",
     "relu_shares", "use_crypten_relu",
 ]
 
@@ -760,19 +760,25 @@ def max_circuit(m: int, drop: int) -> Any:
     return circuit
 
 
+def _width_and_drop(value_range: ValueRange | None, slack_bits: int) -> tuple[int, int]:
+    """``(m, drop)`` for comparisons of values in ``value_range`` that may drop up to
+    ``slack_bits`` low bits: as many as leave room for the parties' carries (none at 64 bits)."""
+    if value_range is None:
+        return 64, 0
+    m = ValueRange(value_range.lo, value_range.hi).comparison_bits()[0]
+    if m == 64 or not slack_bits:
+        return m, 0
+    world = load_crypten().communicator.get().get_world_size()
+    return m, max(0, min(slack_bits, m - 2 - world.bit_length()))
+
+
 def approximate_max_shares(shares: torch.Tensor, value_range: ValueRange | None, *,
                            slack_bits: int = 0) -> torch.Tensor:
     """Shares ``(rows, 1)`` of a value of each row of ``shares`` (``(rows, C)``) at most
     ``ceil(log2 C) * P * 2**slack_bits`` below the row's maximum (encoded units): a pair
     tournament whose comparisons drop ``slack_bits`` low bits (``slack_bits=0``: the maximum,
     exactly). The result is always one of the row's values. Collective."""
-    crypten = load_crypten()
-
-    world = crypten.communicator.get().get_world_size()
-    m = 64 if value_range is None else value_range.comparison_bits()[0]
-    if value_range is not None and value_range.zero_low_bits:
-        m = (ValueRange(value_range.lo, value_range.hi)).comparison_bits()[0]
-    drop = 0 if m == 64 else max(0, min(slack_bits, m - 2 - world.bit_length()))
+    m, drop = _width_and_drop(value_range, slack_bits)
     rows, classes = shares.shape
     return _run(max_circuit(m, drop), ("max", rows, classes, m, drop), shares)
 
@@ -794,15 +800,10 @@ def relu_shares(shares: torch.Tensor, value_range: ValueRange | None = None, *,
                 slack_bits: int = 0) -> torch.Tensor:
     """Integer shares of ``max(x, 0)`` for raw shares ``x`` (any shape, any scale).
 
-    With ``value_range``, ``x`` lies in ``[-(hi - lo), hi - lo]``; ``slack_bits`` as in
-    :func:`ge_zero_shares` (an ``x`` in ``[0, P * 2**slack_bits)`` may come out as 0)."""
-    m, t = value_range.comparison_bits() if value_range is not None else (64, 0)
-    if t:
-        m, _ = ValueRange(value_range.lo, value_range.hi).comparison_bits()
-    drop = 0
-    if slack_bits and m < 64:
-        world = load_crypten().communicator.get().get_world_size()
-        drop = max(0, min(slack_bits, m - 2 - world.bit_length()))
+    With ``value_range``, ``x`` lies in ``[-(hi - lo), hi - lo]``. ``slack_bits``: the parties
+    may drop that many low bits of their shares, and an ``x`` in ``[0, P * 2**slack_bits)`` may
+    come out as 0; every other ``x`` exactly."""
+    m, drop = _width_and_drop(value_range, slack_bits)
     return _run(relu_circuit(m, drop), ("relu", tuple(shares.shape), m, drop), shares)
 
 
@@ -817,35 +818,13 @@ def ge_zero_circuit(m: int, t: int) -> Any:
     return circuit
 
 
-def approximate_ge_zero_circuit(m: int, drop: int) -> Any:
-    """``[x >= 0]`` judged on the top bits (see :func:`_pair_winners`), ``(backend, shares) ->
-    integer shares``: exact outside ``[0, P * 2**drop)``, either answer inside it."""
-
-    def circuit(be: Any, x: torch.Tensor) -> torch.Tensor:
-        flat = x.flatten()
-        pairs = torch.stack([flat, torch.zeros_like(flat)], dim=1)
-        bits = _pair_winners(be, pairs, m, drop).flatten()
-        return _b2a(be, bits).view(x.shape)
-
-    return circuit
-
-
-def ge_zero_shares(shares: torch.Tensor, value_range: ValueRange | None = None, *,
-                   slack_bits: int = 0) -> torch.Tensor:
+def ge_zero_shares(shares: torch.Tensor, value_range: ValueRange | None = None) -> torch.Tensor:
     """Integer arithmetic shares of ``[x >= 0]`` for raw shares ``x`` (any shape).
 
     With ``value_range``, ``x`` must lie in ``[-(hi - lo), hi - lo]`` (a difference of two values
-    of the range) and be a multiple of ``2**zero_low_bits``. ``slack_bits > 0`` (with a range):
-    the parties drop that many low bits of their shares, and ``x`` in ``[0, P * 2**slack_bits)``
-    may be judged negative; every other ``x`` is judged exactly.
+    of the range) and be a multiple of ``2**zero_low_bits``.
     """
     m, t = value_range.comparison_bits() if value_range is not None else (64, 0)
-    if slack_bits and m < 64 and not t:
-        world = load_crypten().communicator.get().get_world_size()
-        drop = max(0, min(slack_bits, m - 2 - world.bit_length()))
-        if drop:
-            return _run(approximate_ge_zero_circuit(m, drop),
-                        ("ge0~", tuple(shares.shape), m, drop), shares)
     return _run(ge_zero_circuit(m, t), ("ge0", tuple(shares.shape), m, t), shares)
 
 
@@ -945,21 +924,11 @@ def _b2a_mul_rng(self: Any, size: Any, device: Any = None) -> tuple[Any, Any, An
 
 
 def _b2a_mul_server(self: Any, size: Any) -> torch.Tensor:
-    """``TTPServer.B2A_mul``: party 0's shares of ``r`` and ``a * r``, stacked."""
-    crypten = load_crypten()
-    rng = crypten.common.rng
-    r_b = a = None
-    rest_r = rest_ar = 0
-    for i, g in enumerate(self._get_generators(device=self.device)):
-        bit = rng.generate_kbit_random_tensor(size, bitlength=1, generator=g, device=g.device)
-        mask = rng.generate_random_ring_element(size, generator=g, device=g.device)
-        r_b = bit if r_b is None else r_b ^ bit
-        a = mask if a is None else a + mask
-        if i:
-            rest_r = rest_r + rng.generate_random_ring_element(size, generator=g, device=g.device)
-            rest_ar = rest_ar + rng.generate_random_ring_element(size, generator=g,
-                                                                 device=g.device)
-    return torch.stack([r_b - rest_r, a * r_b - rest_ar])
+    """``TTPServer.B2A_mul``: party 0's shares of ``r`` and ``a * r``, stacked (what a
+    prefetched package holds for an entry party 0 holds)."""
+    from .prefetch import holder_share  # noqa: PLC0415 - prefetch needs the dealer wire
+
+    return holder_share(self, "B2A_mul", (tuple(size),), {}, 0)
 
 
 def _b2a_mul_tfp(self: Any, size: Any, device: Any = None) -> tuple[Any, Any, Any, Any]:

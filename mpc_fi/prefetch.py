@@ -57,8 +57,8 @@ import torch
 from . import audit, truncation, wire
 from .errors import ProtocolError
 
-__all__ = ["REGION_BITS", "MAX_PACKAGE_ELEMENTS", "CHUNK_ELEMENTS", "Prefetcher", "install", "start", "stop",
-           "installed", "rehearse", "recipe_digest"]
+__all__ = ["REGION_BITS", "MAX_PACKAGE_ELEMENTS", "CHUNK_ELEMENTS", "Prefetcher", "install",
+           "start", "stop", "installed", "rehearse", "recipe_digest", "holders", "holder_share"]
 
 #: Package ``p`` starts at byte ``p << REGION_BITS`` of each dealer stream.
 REGION_BITS = 48
@@ -427,8 +427,9 @@ def rehearse(step: Any, crypten: Any) -> tuple[list[Key] | None, list[int]]:
         step()
         recipe = _REHEARSAL
     except Exception as exc:  # noqa: BLE001 - any failure: no package, the real run decides
+        # the type only: the rehearsal ran on this party's own shares of the weights
         logging.getLogger("mpc_fi").info("no dealer package for this batch: its rehearsal "
-                                         "stopped (%s: %s)", type(exc).__name__, exc)
+                                         "stopped (%s)", type(exc).__name__)
         recipe = None
     finally:
         comm_module.get = real_get
@@ -533,7 +534,7 @@ def _from_package(function: str, state: Prefetcher, args: tuple, kwargs: dict) -
     return arith.from_shares(r_a, precision=0), binary.from_shares(r_b)
 
 
-def _holder_share(server: Any, function: str, args: tuple, kwargs: dict, holder: int
+def holder_share(server: Any, function: str, args: tuple, kwargs: dict, holder: int
                   ) -> torch.Tensor:
     """TTPServer: the correction of ``holder`` for one request, every other party's share of
     the product drawn from its stream in the order :func:`_from_package` draws it."""
@@ -625,7 +626,7 @@ def _server_prefetch(self: Any, number: int, kinds: tuple[dict[str, Any], ...],
     try:
         for i, h in zip(order, owners):
             k = kinds[i]
-            portions[h].append(_holder_share(self, k["function"], tuple(k["args"]),
+            portions[h].append(holder_share(self, k["function"], tuple(k["args"]),
                                              dict(k["kwargs"]), h).reshape(-1))
     finally:
         for s, offset in zip(streams, main):
