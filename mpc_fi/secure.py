@@ -203,8 +203,8 @@ def shift_for_softmax(x: Any) -> Any:
 
 
 def reciprocal_in(s: Any, high: float, scale: int = 1) -> Any:
-    """``1 / s`` on shares for ``1 <= s <= high`` (public ``high``), within a few units of 2**-16 for any
-    ``high`` up to ``2**(precision - 2)``.
+    """``1 / s`` on shares for ``1 <= s <= high`` (public ``high``), within a few units of
+    ``2**-16`` for any ``high`` up to ``2**(precision - 2)``.
 
     ``s`` is first brought into ``[1/2, 1]`` by a power of two ``f = 2**-(n+1)``, found by
     comparing ``s`` with ``2, 4, ..., 2**J`` at once (the bits are monotone, so ``f`` is a public
