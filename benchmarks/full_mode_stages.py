@@ -14,6 +14,7 @@ values, and this script checks no label (the benchmarks do).
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -31,7 +32,8 @@ def _party(rank: int, payload: dict) -> dict:
 
     from mpc_fi import compare, secure
     from mpc_fi._crypten import load_crypten
-    from mpc_fi.compare import ValueRange
+    from mpc_fi.bounds import full_mode_aggregate_range
+    from protocols.soft_vote import SoftVote
     from mpc_fi.models import extract_architecture, fused_first_layers, secure_forward
     from mpc_fi.ranges import comparison_limit
 
@@ -70,13 +72,18 @@ def _party(rank: int, payload: dict) -> dict:
         stage("clamp")
         e = secure.exp_clamped(clamped)
         stage("exp")
-        inverse = secure.reciprocal_in(e.sum(-1, keepdim=True), classes * 1.07 + 1)
+        # the bound secure.softmax uses, and soft voting's scale for a label release
+        high = classes * math.exp(secure.MAX_SLACK) * 1.01 + 1
+        scale = SoftVote(num_classes=classes, num_owners=owners, precision_bits=16).label_scale
+        inverse = secure.reciprocal_in(e.sum(-1, keepdim=True), high, scale)
         stage("reciprocal")
         p = e * inverse
         stage("product")
     total = p[:batch] + p[batch:2 * batch] + p[2 * batch:]
-    label = secure.argmax_index(total, classes,
-                                value_range=ValueRange(-(2 * owners << 16), 3 * owners << 16))
+    protocol = SoftVote(num_classes=classes, num_owners=owners, precision_bits=16)
+    label = secure.argmax_index(total, classes, value_range=full_mode_aggregate_range(
+        protocol, num_owners=owners, num_classes=classes, precision_bits=16,
+        activation_bound=payload["bound"]))
     stage("argmax")
     label.get_plain_text(dst=owners)
     stage("open")
